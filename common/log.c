@@ -32,7 +32,10 @@ tdm_log_level_t tdm_log_get_level(void)
     return (tdm_log_level_t)level;
 }
 
-void tdm_log_set_level(tdm_log_level_t level) { atomic_store(&log_level, (int)level); }
+void tdm_log_set_level(tdm_log_level_t level)
+{
+    atomic_store(&log_level, (int)level);
+}
 
 void tdm_log_write(tdm_log_level_t level, const char *module, const char *fmt, ...)
 {

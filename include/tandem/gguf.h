@@ -39,7 +39,7 @@
 extern "C" {
 #endif
 
-#define TDM_GGUF_MAX_DIMS 4
+#define TDM_GGUF_MAX_DIMS          4
 #define TDM_GGUF_DEFAULT_ALIGNMENT 32
 
 typedef enum tdm_gguf_type {
@@ -81,7 +81,7 @@ typedef struct tdm_gguf_tensor {
     uint32_t type;                  /* tdm_dtype_t */
     uint64_t offset;                /* relative to the data section */
     uint64_t nbytes;
-    const void *data;    /* into the map */
+    const void *data;     /* into the map */
     uint64_t info_offset; /* byte offset of the tensor info in the file */
 } tdm_gguf_tensor_t;
 

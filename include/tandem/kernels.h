@@ -39,12 +39,12 @@ typedef struct tdm_backend tdm_backend_t;
 typedef struct tdm_bweight tdm_bweight_t;
 
 typedef struct tdm_attn_params {
-    int64_t n;            /* query rows */
-    int32_t n_heads;      /* query heads */
-    int32_t n_kv_heads;   /* n_heads % n_kv_heads == 0 (grouped-query) */
+    int64_t n;          /* query rows */
+    int32_t n_heads;    /* query heads */
+    int32_t n_kv_heads; /* n_heads % n_kv_heads == 0 (grouped-query) */
     int32_t head_dim;
-    int32_t block_size;   /* tokens per KV block */
-    float scale;          /* usually 1/sqrt(head_dim) */
+    int32_t block_size;          /* tokens per KV block */
+    float scale;                 /* usually 1/sqrt(head_dim) */
     const int32_t *ctx_len;      /* [n]: positions 0..ctx_len-1 are attended */
     const int32_t *block_tables; /* [n_tables][bt_stride] block ids */
     const int32_t *table_of_row; /* [n]: which table each row reads */

@@ -28,8 +28,8 @@ void tdm_log_write(tdm_log_level_t level, const char *module, const char *fmt, .
     __attribute__((format(printf, 3, 4)));
 
 #define tdm_log_error(mod, ...) tdm_log_write(TDM_LOG_LEVEL_ERROR, mod, __VA_ARGS__)
-#define tdm_log_warn(mod, ...) tdm_log_write(TDM_LOG_LEVEL_WARN, mod, __VA_ARGS__)
-#define tdm_log_info(mod, ...) tdm_log_write(TDM_LOG_LEVEL_INFO, mod, __VA_ARGS__)
+#define tdm_log_warn(mod, ...)  tdm_log_write(TDM_LOG_LEVEL_WARN, mod, __VA_ARGS__)
+#define tdm_log_info(mod, ...)  tdm_log_write(TDM_LOG_LEVEL_INFO, mod, __VA_ARGS__)
 #define tdm_log_debug(mod, ...)                                                                    \
     do {                                                                                           \
         if (tdm_log_get_level() >= TDM_LOG_LEVEL_DEBUG)                                            \

@@ -50,8 +50,7 @@ void tdm_tokenizer_destroy(tdm_tokenizer_t *t);
  * tokens and the total count to *n_out; returns TDM_ERR_NOMEM (with *n_out
  * set to the count needed) when cap is too small. */
 tdm_status_t tdm_tokenizer_encode(const tdm_tokenizer_t *t, const char *text, size_t len,
-                                  bool parse_special, int32_t *tokens, size_t cap,
-                                  size_t *n_out);
+                                  bool parse_special, int32_t *tokens, size_t cap, size_t *n_out);
 
 /* The bytes of one token (byte alphabet mapped back). Control tokens give
  * their text only if render_special. Returns the byte count, which may be
