@@ -65,8 +65,8 @@ void tdm_sampler_destroy(tdm_sampler_t *s);
 
 /* Samples one token. logits[n_vocab] is modified (penalties, temperature).
  * prompt[n_prompt] and output[n_output] are the request's tokens so far.
- * If top_logprobs is not NULL, the log-probabilities (of the distribution
- * after penalties, before temperature, as OpenAI reports them) of the
+ * If logprob is not NULL, the log-probability (under the distribution
+ * after penalties, before temperature) of the
  * sampled token go to *logprob. */
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
                            float *logits, const int32_t *prompt, size_t n_prompt,
