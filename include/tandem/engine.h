@@ -1,0 +1,168 @@
+/* tandem: the inference engine shared by prefill and decode nodes.
+ *
+ *   tdm_model_t   a Llama-architecture GGUF model: hyper-parameters, weights
+ *                 loaded into a backend, tokenizer, fingerprint.
+ *   tdm_engine_t  the paged KV cache, the prefix index, the scheduler
+ *                 (continuous batching with chunked prefill) and sampling.
+ *
+ * Threads: the engine's steps run on one thread (the caller of
+ * tdm_engine_step, or the thread started by tdm_engine_start). Requests may
+ * be added and cancelled from any thread; events are delivered on the
+ * stepping thread through the request's callback, which must not block and
+ * must not call back into the engine except tdm_engine_cancel. */
+#ifndef TANDEM_ENGINE_H
+#define TANDEM_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tandem/gguf.h"
+#include "tandem/hash.h"
+#include "tandem/kernels.h"
+#include "tandem/sampler.h"
+#include "tandem/status.h"
+#include "tandem/tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- model */
+
+typedef struct tdm_model_hparams {
+    int32_t n_vocab;
+    int32_t n_embd; /* hidden size */
+    int32_t n_ff;   /* feed-forward size */
+    int32_t n_layer;
+    int32_t n_head;    /* query heads */
+    int32_t n_head_kv; /* key/value heads */
+    int32_t head_dim;  /* n_embd / n_head */
+    int32_t n_rot;     /* rotated dims per head */
+    float rope_theta;
+    float norm_eps;
+    int32_t n_ctx_train; /* context length the model was trained for */
+} tdm_model_hparams_t;
+
+typedef struct tdm_model tdm_model_t;
+
+/* Loads a model. Errors (bad file: TDM_ERR_FORMAT / TDM_ERR_UNSUPPORTED /
+ * TDM_ERR_IO) get a message in err naming the cause. */
+tdm_status_t tdm_model_load(const char *path, tdm_backend_t *be, char *err, size_t err_len,
+                            tdm_model_t **out);
+void tdm_model_destroy(tdm_model_t *m);
+const tdm_model_hparams_t *tdm_model_hparams(const tdm_model_t *m);
+const tdm_tokenizer_t *tdm_model_tokenizer(const tdm_model_t *m);
+const tdm_gguf_t *tdm_model_gguf(const tdm_model_t *m);
+tdm_backend_t *tdm_model_backend(const tdm_model_t *m);
+/* Hash of the GGUF header, metadata and tensor table. */
+tdm_hash128_t tdm_model_fingerprint(const tdm_model_t *m);
+const char *tdm_model_name(const tdm_model_t *m); /* general.name or the file name */
+/* Bytes of weights read per decoded token. */
+uint64_t tdm_model_weight_bytes(const tdm_model_t *m);
+
+/* --------------------------------------------------------------- engine */
+
+typedef struct tdm_engine_config {
+    const char *model_path;
+    int threads;                    /* <= 0: all available CPUs */
+    int32_t max_num_seqs;           /* running sequences per step (256) */
+    int32_t max_num_batched_tokens; /* tokens per step (2048) */
+    int32_t max_model_len;          /* prompt + output (0: min(trained, 8192)) */
+    int32_t block_size;             /* tokens per KV block (16) */
+    uint64_t kv_cache_bytes;        /* KV pool (0: 1 GiB) */
+    int32_t num_blocks;             /* overrides kv_cache_bytes when > 0 */
+    bool enable_prefix_caching;
+    tdm_cpu_isa_t isa;
+} tdm_engine_config_t;
+
+void tdm_engine_config_default(tdm_engine_config_t *c);
+
+typedef enum tdm_finish_reason {
+    TDM_FINISH_NONE = 0,      /* not finished: more tokens will come */
+    TDM_FINISH_STOP = 1,      /* end-of-generation token or a stop string/token */
+    TDM_FINISH_LENGTH = 2,    /* max_tokens or the model length */
+    TDM_FINISH_CANCELLED = 3, /* tdm_engine_cancel */
+    TDM_FINISH_ERROR = 4,     /* could not be served (e.g. prompt too long) */
+} tdm_finish_reason_t;
+
+const char *tdm_finish_reason_str(tdm_finish_reason_t r); /* "stop", "length", ... */
+
+typedef struct tdm_request_event {
+    uint64_t id;
+    int32_t token;    /* the new token, or -1 with a final event without one */
+    float logprob;    /* of the token (0 unless asked for) */
+    const char *text; /* bytes ready to show: complete UTF-8, stop strings cut */
+    size_t text_len;
+    tdm_finish_reason_t finish; /* != NONE on the last event of a request */
+    int32_t n_prompt;           /* prompt tokens */
+    int32_t n_output;           /* output tokens so far */
+    int32_t n_cached;           /* prompt tokens served from the prefix cache */
+    const char *error;          /* with TDM_FINISH_ERROR: why */
+} tdm_request_event_t;
+
+typedef void (*tdm_request_cb_t)(void *user, const tdm_request_event_t *ev);
+
+typedef struct tdm_request_params {
+    const int32_t *prompt; /* copied */
+    size_t n_prompt;
+    tdm_sampling_params_t sampling;
+    int32_t max_tokens;      /* <= 0: up to the model length */
+    const char *const *stop; /* stop strings (copied); the match is cut from the text */
+    size_t n_stop;
+    const int32_t *stop_token_ids; /* copied */
+    size_t n_stop_token_ids;
+    bool ignore_eos; /* keep going past end-of-generation tokens */
+    bool logprobs;   /* fill ev->logprob */
+    tdm_request_cb_t cb;
+    void *user;
+} tdm_request_params_t;
+
+typedef struct tdm_engine tdm_engine_t;
+
+typedef struct tdm_engine_stats {
+    int32_t num_running;
+    int32_t num_waiting;
+    int32_t num_blocks;
+    int32_t num_free_blocks;   /* free, including cached-prefix blocks */
+    int32_t num_cached_blocks; /* free blocks that still hold a cached prefix */
+    uint64_t prompt_tokens;    /* totals since start */
+    uint64_t generation_tokens;
+    uint64_t prefix_queries; /* prompt tokens looked up */
+    uint64_t prefix_hits;    /* prompt tokens found */
+    uint64_t preemptions;
+    uint64_t steps;
+} tdm_engine_stats_t;
+
+tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,
+                               tdm_engine_t **out);
+void tdm_engine_destroy(tdm_engine_t *e); /* stops the thread; cancels requests */
+const tdm_model_t *tdm_engine_model(const tdm_engine_t *e);
+
+/* Queues a request (any thread). TDM_ERR_INVALID if the prompt is empty,
+ * longer than the model length, or the sampling parameters are bad. */
+tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint64_t *id_out);
+/* Cancels (any thread); its callback gets a final CANCELLED event. */
+tdm_status_t tdm_engine_cancel(tdm_engine_t *e, uint64_t id);
+
+/* One scheduler step: admits queued requests, runs one forward over the
+ * batch, samples, delivers events. *did_work is false when idle. */
+tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work);
+/* Steps until no request is left. */
+tdm_status_t tdm_engine_run_until_idle(tdm_engine_t *e);
+/* A thread that steps while there is work and sleeps otherwise. */
+tdm_status_t tdm_engine_start(tdm_engine_t *e);
+void tdm_engine_stop(tdm_engine_t *e);
+
+void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s);
+
+/* Forward over a whole token sequence without the scheduler: logits of
+ * every position into logits[n][n_vocab] (for perplexity and tests). Uses
+ * a private sequence of the cache; chunked by max_num_batched_tokens. */
+tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
