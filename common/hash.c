@@ -2,6 +2,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
 #include <xxhash.h>
 
 tdm_hash128_t tdm_hash128(const void *data, size_t len, uint64_t seed)

@@ -69,8 +69,9 @@ typedef struct tdm_gguf_kv {
     tdm_gguf_type_t type;     /* the value's type */
     tdm_gguf_type_t arr_type; /* element type when type == ARRAY */
     uint64_t arr_len;         /* element count when type == ARRAY */
-    const void *data;         /* scalar value, string header, or first element */
-    const tdm_str_t *strs;    /* when an array of strings: arr_len entries */
+    const void *data;         /* scalar value, string's u64 length, or first
+                                 element; little endian, maybe unaligned */
+    const tdm_str_t *strs;    /* array of strings: arr_len entries; string: 1 */
     uint64_t file_offset;     /* byte offset of the key in the file */
 } tdm_gguf_kv_t;
 
@@ -147,7 +148,13 @@ tdm_status_t tdm_gguf_writer_set_array(tdm_gguf_writer_t *w, const char *key,
 /* Adds a tensor; data (nbytes = row bytes * rows) is copied. */
 tdm_status_t tdm_gguf_writer_add_tensor(tdm_gguf_writer_t *w, const char *name, uint32_t n_dims,
                                         const uint64_t *ne, uint32_t type, const void *data);
+/* Writes the file to path (through a temporary file beside it, renamed at
+ * the end). The alignment is general.alignment when set (a u32 power of
+ * two), else 32. */
 tdm_status_t tdm_gguf_writer_write(const tdm_gguf_writer_t *w, const char *path);
+/* The same file into a buffer: *out (malloc'd, the caller frees it) of
+ * *out_len bytes. */
+tdm_status_t tdm_gguf_writer_write_memory(const tdm_gguf_writer_t *w, void **out, size_t *out_len);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,50 @@
+# tandem: a thin wrapper over CMake and the set-up scripts.
+#   make deps    Debian packages and the Python venv for tests (idempotent)
+#   make         Release build; binaries in build/bin/
+#   make model   fetch and verify the default model into $TANDEM_HOME/models
+#   make demo    set-up, build, model, then one chat answer
+#   make test    set-up, Release and ASan+UBSan builds, every test on both
+#   make bench   tandem bench engine against llama.cpp on this machine
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+BUILD ?= build
+ASAN_BUILD ?= build-asan
+TANDEM_HOME ?= $(HOME)/.cache/tandem
+export TANDEM_HOME
+FUZZ_SECONDS ?= 60
+
+.PHONY: all build deps model demo test test-release test-asan test-python fuzz bench clean format
+
+all: build
+
+build:
+	@scripts/check-deps.sh
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(BUILD) -j $(JOBS)
+
+deps:
+	scripts/deps.sh
+
+model: deps
+	scripts/fetch-model.sh
+
+demo: deps model build
+	scripts/demo.sh
+
+$(ASAN_BUILD)/CMakeCache.txt:
+	CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON
+
+test: deps model build
+	CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	scripts/run-tests.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_SECONDS)
+
+bench: deps model build
+	scripts/bench.sh $(BUILD)
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,0 +1,1013 @@
+/* The engine: request intake, the scheduler (continuous batching with
+ * chunked prefill, prefix caching, preemption by recompute), sampling and
+ * the delivery of events.
+ *
+ * A step:
+ *   1. take ops queued by other threads (new requests, cancels);
+ *   2. give every running sequence its next tokens, oldest first: one token
+ *      for a decoding sequence, a chunk of its prompt for one still in
+ *      prefill, all under max_num_batched_tokens; when the pool has no block
+ *      for a sequence, the newest running sequence is preempted (its blocks
+ *      freed, it goes back to the head of the waiting queue and is later
+ *      recomputed, from the prefix cache where its blocks survive);
+ *   3. admit waiting sequences in arrival order while the token budget,
+ *      max_num_seqs and free blocks allow, reusing cached prefix blocks;
+ *   4. one forward over all rows; sample for every sequence whose computed
+ *      tokens reach its last token; deliver events; retire finished ones. */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine_internal.h"
+#include "tandem/log.h"
+
+#define MOD "engine"
+
+void tdm_engine_config_default(tdm_engine_config_t *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->threads = 0;
+    c->max_num_seqs = 256;
+    c->max_num_batched_tokens = 2048;
+    c->max_model_len = 0;
+    c->block_size = 16;
+    c->kv_cache_bytes = 0;
+    c->num_blocks = 0;
+    c->enable_prefix_caching = false;
+    c->isa = TDM_CPU_ISA_AUTO;
+}
+
+const char *tdm_finish_reason_str(tdm_finish_reason_t r)
+{
+    switch (r) {
+    case TDM_FINISH_NONE: return "none";
+    case TDM_FINISH_STOP: return "stop";
+    case TDM_FINISH_LENGTH: return "length";
+    case TDM_FINISH_CANCELLED: return "cancelled";
+    case TDM_FINISH_ERROR: return "error";
+    }
+    return "unknown";
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+static void *be_alloc(tdm_engine_t *e, size_t bytes, tdm_status_t *st)
+{
+    void *p = e->be->ops->buf_alloc(e->be, bytes > 0 ? bytes : 64);
+    if (p == NULL)
+        *st = TDM_ERR_NOMEM;
+    return p;
+}
+
+static size_t max_act_size(const tdm_engine_t *e, int64_t rows)
+{
+    const tdm_model_t *m = e->model;
+    const tdm_model_hparams_t *hp = &m->hp;
+    int64_t kmax = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
+    int64_t qd = (int64_t)hp->n_head * hp->head_dim;
+    kmax = qd > kmax ? qd : kmax;
+    size_t best = e->be->ops->act_size(m->output_type, rows, hp->n_embd);
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        const tdm_layer_weights_t *L = &m->layers[il];
+        uint32_t types[] = {L->q_type,    L->k_type,  L->v_type,   L->o_type,
+                            L->gate_type, L->up_type, L->down_type};
+        for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+            size_t s = e->be->ops->act_size(types[i], rows, kmax);
+            best = s > best ? s : best;
+        }
+    }
+    return best;
+}
+
+static tdm_status_t alloc_buffers(tdm_engine_t *e)
+{
+    const tdm_model_hparams_t *hp = &e->model->hp;
+    tdm_status_t st = TDM_OK;
+    size_t R = (size_t)e->max_rows, L = (size_t)e->max_logits, f = sizeof(float);
+    size_t d = (size_t)hp->n_embd, qd = (size_t)hp->n_head * (size_t)hp->head_dim;
+    size_t kvd = (size_t)e->kv_dim, ff = (size_t)hp->n_ff, V = (size_t)hp->n_vocab;
+    size_t tables = ((size_t)e->cfg.max_num_seqs + 1) * (size_t)e->max_blocks;
+    size_t ilen = R > L ? R : L;
+    int32_t **hs[] = {&e->h_tokens, &e->h_pos, &e->h_slot, &e->h_ctx, &e->h_table, &e->h_logit_idx};
+    int32_t **ds[] = {&e->d_tokens, &e->d_pos, &e->d_slot, &e->d_ctx, &e->d_table, &e->d_logit_idx};
+    for (size_t i = 0; i < 6; i++) {
+        *hs[i] = malloc(ilen * sizeof(int32_t));
+        if (*hs[i] == NULL)
+            st = TDM_ERR_NOMEM;
+        *ds[i] = be_alloc(e, ilen * sizeof(int32_t), &st);
+    }
+    e->h_tables = malloc(tables * sizeof(int32_t));
+    if (e->h_tables == NULL)
+        st = TDM_ERR_NOMEM;
+    e->d_tables = be_alloc(e, tables * sizeof(int32_t), &st);
+    e->x = be_alloc(e, R * d * f, &st);
+    e->xn = be_alloc(e, R * d * f, &st);
+    e->q = be_alloc(e, R * qd * f, &st);
+    e->k = be_alloc(e, R * kvd * f, &st);
+    e->v = be_alloc(e, R * kvd * f, &st);
+    e->att = be_alloc(e, R * qd * f, &st);
+    e->tmp = be_alloc(e, R * d * f, &st);
+    e->gate = be_alloc(e, R * ff * f, &st);
+    e->up = be_alloc(e, R * ff * f, &st);
+    e->hid = be_alloc(e, L * d * f, &st);
+    e->logits = be_alloc(e, L * V * f, &st);
+    size_t act = max_act_size(e, (int64_t)R);
+    e->act = be_alloc(e, act, &st);
+    e->h_logits = malloc(L * V * f);
+    if (e->h_logits == NULL)
+        st = TDM_ERR_NOMEM;
+    return st;
+}
+
+static void free_buffers(tdm_engine_t *e)
+{
+    tdm_backend_t *be = e->be;
+    if (be == NULL)
+        return;
+    void *dev[] = {e->d_tokens,    e->d_pos,    e->d_slot, e->d_ctx, e->d_table,
+                   e->d_logit_idx, e->d_tables, e->x,      e->xn,    e->q,
+                   e->k,           e->v,        e->att,    e->tmp,   e->gate,
+                   e->up,          e->hid,      e->logits, e->act};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        if (dev[i] != NULL)
+            be->ops->buf_free(be, dev[i]);
+    free(e->h_tokens);
+    free(e->h_pos);
+    free(e->h_slot);
+    free(e->h_ctx);
+    free(e->h_table);
+    free(e->h_logit_idx);
+    free(e->h_tables);
+    free(e->h_logits);
+}
+
+tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,
+                               tdm_engine_t **out)
+{
+    tdm_engine_t *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return TDM_ERR_NOMEM;
+    e->cfg = *cfg;
+    tdm_status_t st;
+    if (cfg->block_size <= 0 || cfg->block_size > 1024 || cfg->max_num_seqs <= 0 ||
+        cfg->max_num_batched_tokens <= 0) {
+        snprintf(err, err_len,
+                 "block size, max_num_seqs and max_num_batched_tokens must be positive");
+        st = TDM_ERR_INVALID;
+        goto err_free;
+    }
+    st = tdm_backend_cpu_create(cfg->threads, cfg->isa, &e->be);
+    if (st != TDM_OK) {
+        snprintf(err, err_len, "could not create the CPU backend: %s", tdm_status_str(st));
+        goto err_free;
+    }
+    st = tdm_model_load(cfg->model_path, e->be, err, err_len, &e->model);
+    if (st != TDM_OK)
+        goto err_backend;
+    const tdm_model_hparams_t *hp = &e->model->hp;
+    if (e->cfg.max_model_len <= 0)
+        e->cfg.max_model_len = hp->n_ctx_train < 8192 ? hp->n_ctx_train : 8192;
+    e->kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
+    e->max_blocks = (e->cfg.max_model_len + e->cfg.block_size - 1) / e->cfg.block_size;
+    size_t block_bytes =
+        (size_t)e->cfg.block_size * (size_t)e->kv_dim * 2 * 2 * (size_t)hp->n_layer;
+    int64_t nb = e->cfg.num_blocks;
+    if (nb <= 0) {
+        uint64_t bytes = e->cfg.kv_cache_bytes ? e->cfg.kv_cache_bytes : (1ull << 30);
+        nb = (int64_t)(bytes / block_bytes);
+    }
+    if (nb < 2 || nb > INT32_MAX / 2) {
+        snprintf(err, err_len,
+                 "the KV cache would have %lld blocks of %zu bytes; give it room for "
+                 "at least 2 (--kv-cache-memory)",
+                 (long long)nb, block_bytes);
+        st = TDM_ERR_INVALID;
+        goto err_model;
+    }
+    e->cfg.num_blocks = (int32_t)nb;
+    st = tdm_kv_pool_init(&e->pool, (int32_t)nb);
+    if (st != TDM_OK)
+        goto err_model;
+    e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
+    e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
+    if (e->cache_k == NULL || e->cache_v == NULL) {
+        st = TDM_ERR_NOMEM;
+        goto err_cache;
+    }
+    size_t layer_bytes = (size_t)nb * (size_t)e->cfg.block_size * (size_t)e->kv_dim * 2;
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        e->cache_k[il] = be_alloc(e, layer_bytes, &st);
+        e->cache_v[il] = be_alloc(e, layer_bytes, &st);
+    }
+    if (st != TDM_OK) {
+        snprintf(err, err_len, "could not allocate the KV cache (%.1f MB)",
+                 (double)layer_bytes * 2 * hp->n_layer / 1e6);
+        goto err_cache;
+    }
+    e->max_rows = e->cfg.max_num_batched_tokens;
+    e->max_logits = e->cfg.max_num_seqs > 256 ? e->cfg.max_num_seqs : 256;
+    st = alloc_buffers(e);
+    if (st != TDM_OK) {
+        snprintf(err, err_len, "could not allocate step buffers for %d tokens",
+                 e->cfg.max_num_batched_tokens);
+        goto err_buffers;
+    }
+    st = tdm_sampler_create(hp->n_vocab, &e->sampler);
+    if (st != TDM_OK)
+        goto err_buffers;
+    /* Block keys are seeded with the model fingerprint and the KV layout. */
+    struct {
+        tdm_hash128_t fp;
+        int32_t block_size, n_layer, n_head_kv, head_dim, dtype;
+    } seed = {tdm_model_fingerprint(e->model),
+              e->cfg.block_size,
+              hp->n_layer,
+              hp->n_head_kv,
+              hp->head_dim,
+              TDM_DTYPE_F16};
+    e->key_seed = tdm_hash128(&seed, sizeof(seed), 0x6b76);
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_cond_init(&e->wake, NULL);
+    e->next_id = 1;
+    e->stats.num_blocks = (int32_t)nb;
+    e->stats.num_free_blocks = (int32_t)nb;
+    tdm_log_info(MOD,
+                 "engine ready: %s on %s, KV cache %d blocks x %d tokens (%.1f MB, f16), "
+                 "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+                 tdm_model_name(e->model), e->be->ops->name, (int)nb, e->cfg.block_size,
+                 (double)block_bytes * (double)nb / 1e6, e->cfg.max_model_len, e->cfg.max_num_seqs,
+                 e->cfg.max_num_batched_tokens, e->cfg.enable_prefix_caching ? "on" : "off");
+    *out = e;
+    return TDM_OK;
+
+err_buffers:
+    free_buffers(e);
+err_cache:
+    for (int32_t il = 0; e->cache_k != NULL && il < hp->n_layer; il++) {
+        if (e->cache_k[il] != NULL)
+            e->be->ops->buf_free(e->be, e->cache_k[il]);
+        if (e->cache_v[il] != NULL)
+            e->be->ops->buf_free(e->be, e->cache_v[il]);
+    }
+    free(e->cache_k);
+    free(e->cache_v);
+    tdm_kv_pool_fini(&e->pool);
+err_model:
+    tdm_model_destroy(e->model);
+err_backend:
+    tdm_backend_destroy(e->be);
+err_free:
+    free(e);
+    return st;
+}
+
+static void seq_free(tdm_seq_t *s)
+{
+    if (s == NULL)
+        return;
+    for (size_t i = 0; i < s->n_stop; i++)
+        free(s->stop[i]);
+    free(s->stop);
+    free(s->stop_ids);
+    free(s->tokens);
+    free(s->blocks);
+    free(s->keys);
+    free(s->pending);
+    free(s);
+}
+
+static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const char *error);
+
+void tdm_engine_destroy(tdm_engine_t *e)
+{
+    if (e == NULL)
+        return;
+    tdm_engine_stop(e);
+    /* Requests still queued or running end as cancelled. */
+    for (tdm_op_t *op = e->ops_head, *next; op != NULL; op = next) {
+        next = op->next;
+        if (op->seq != NULL) {
+            op->seq->state = TDM_SEQ_WAITING;
+            finish(e, op->seq, TDM_FINISH_CANCELLED, NULL);
+            seq_free(op->seq);
+        }
+        free(op);
+    }
+    for (tdm_seq_t *s = e->running, *next; s != NULL; s = next) {
+        next = s->next;
+        finish(e, s, TDM_FINISH_CANCELLED, NULL);
+        seq_free(s);
+    }
+    for (tdm_seq_t *s = e->waiting, *next; s != NULL; s = next) {
+        next = s->next;
+        finish(e, s, TDM_FINISH_CANCELLED, NULL);
+        seq_free(s);
+    }
+    const tdm_model_hparams_t *hp = &e->model->hp;
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        e->be->ops->buf_free(e->be, e->cache_k[il]);
+        e->be->ops->buf_free(e->be, e->cache_v[il]);
+    }
+    free(e->cache_k);
+    free(e->cache_v);
+    free_buffers(e);
+    tdm_sampler_destroy(e->sampler);
+    tdm_kv_pool_fini(&e->pool);
+    tdm_model_destroy(e->model);
+    tdm_backend_destroy(e->be);
+    pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->wake);
+    free(e);
+}
+
+const tdm_model_t *tdm_engine_model(const tdm_engine_t *e)
+{
+    return e->model;
+}
+
+/* ------------------------------------------------------------- requests */
+
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d != NULL)
+        memcpy(d, s, n);
+    return d;
+}
+
+tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint64_t *id_out)
+{
+    char why[160];
+    if (p->prompt == NULL || p->n_prompt == 0) {
+        tdm_log_warn(MOD, "request refused: empty prompt");
+        return TDM_ERR_INVALID;
+    }
+    if (p->n_prompt >= (size_t)e->cfg.max_model_len) {
+        tdm_log_warn(MOD, "request refused: prompt of %zu tokens does not fit max_model_len %d",
+                     p->n_prompt, e->cfg.max_model_len);
+        return TDM_ERR_INVALID;
+    }
+    if (tdm_sampling_params_validate(&p->sampling, why, sizeof(why)) != TDM_OK) {
+        tdm_log_warn(MOD, "request refused: %s", why);
+        return TDM_ERR_INVALID;
+    }
+    int32_t nv = e->model->hp.n_vocab;
+    for (size_t i = 0; i < p->n_prompt; i++) {
+        if (p->prompt[i] < 0 || p->prompt[i] >= nv) {
+            tdm_log_warn(MOD, "request refused: prompt token %d at %zu is outside the vocabulary",
+                         p->prompt[i], i);
+            return TDM_ERR_INVALID;
+        }
+    }
+    tdm_seq_t *s = calloc(1, sizeof(*s));
+    tdm_op_t *op = calloc(1, sizeof(*op));
+    if (s == NULL || op == NULL)
+        goto err_nomem;
+    size_t ml = (size_t)e->cfg.max_model_len;
+    s->tokens = malloc(ml * sizeof(int32_t));
+    s->blocks = malloc((size_t)e->max_blocks * sizeof(int32_t));
+    s->keys = malloc((size_t)e->max_blocks * sizeof(tdm_hash128_t));
+    s->cap_pending = 256;
+    if (p->n_stop > 0)
+        s->stop = calloc(p->n_stop, sizeof(char *));
+    if (p->n_stop_token_ids > 0)
+        s->stop_ids = malloc(p->n_stop_token_ids * sizeof(int32_t));
+    if (s->tokens == NULL || s->blocks == NULL || s->keys == NULL ||
+        (p->n_stop > 0 && s->stop == NULL) || (p->n_stop_token_ids > 0 && s->stop_ids == NULL))
+        goto err_nomem;
+    for (size_t i = 0; i < p->n_stop; i++) {
+        if (p->stop[i] == NULL || p->stop[i][0] == '\0')
+            continue;
+        s->stop[s->n_stop] = dup_str(p->stop[i]);
+        if (s->stop[s->n_stop] == NULL)
+            goto err_nomem;
+        size_t len = strlen(p->stop[i]);
+        s->max_stop_len = len > s->max_stop_len ? len : s->max_stop_len;
+        s->n_stop++;
+    }
+    s->cap_pending += 2 * s->max_stop_len;
+    s->pending = malloc(s->cap_pending);
+    if (s->pending == NULL)
+        goto err_nomem;
+    if (p->n_stop_token_ids > 0)
+        memcpy(s->stop_ids, p->stop_token_ids, p->n_stop_token_ids * sizeof(int32_t));
+    s->n_stop_ids = p->n_stop_token_ids;
+    memcpy(s->tokens, p->prompt, p->n_prompt * sizeof(int32_t));
+    s->n_prompt = s->n_tokens = (int32_t)p->n_prompt;
+    s->sampling = p->sampling;
+    tdm_sample_state_init(&s->rng, &p->sampling);
+    s->max_tokens = p->max_tokens;
+    s->ignore_eos = p->ignore_eos;
+    s->logprobs = p->logprobs;
+    s->cb = p->cb;
+    s->user = p->user;
+    s->state = TDM_SEQ_WAITING;
+    op->seq = s;
+    pthread_mutex_lock(&e->lock);
+    s->id = e->next_id++;
+    if (e->ops_tail != NULL)
+        e->ops_tail->next = op;
+    else
+        e->ops_head = op;
+    e->ops_tail = op;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->lock);
+    if (id_out != NULL)
+        *id_out = s->id;
+    return TDM_OK;
+
+err_nomem:
+    tdm_log_error(MOD, "request refused: out of memory");
+    seq_free(s);
+    free(op);
+    return TDM_ERR_NOMEM;
+}
+
+tdm_status_t tdm_engine_cancel(tdm_engine_t *e, uint64_t id)
+{
+    tdm_op_t *op = calloc(1, sizeof(*op));
+    if (op == NULL)
+        return TDM_ERR_NOMEM;
+    op->cancel_id = id;
+    pthread_mutex_lock(&e->lock);
+    if (e->ops_tail != NULL)
+        e->ops_tail->next = op;
+    else
+        e->ops_head = op;
+    e->ops_tail = op;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->lock);
+    return TDM_OK;
+}
+
+/* --------------------------------------------------------------- events */
+
+static void emit(tdm_seq_t *s, int32_t token, float logprob, const char *text, size_t len,
+                 tdm_finish_reason_t why, const char *error)
+{
+    if (s->cb == NULL)
+        return;
+    tdm_request_event_t ev = {
+        .id = s->id,
+        .token = token,
+        .logprob = logprob,
+        .text = text,
+        .text_len = len,
+        .finish = why,
+        .n_prompt = s->n_prompt,
+        .n_output = s->n_tokens - s->n_prompt,
+        .n_cached = s->n_cached,
+        .error = error,
+    };
+    s->cb(s->user, &ev);
+}
+
+static void seq_release_blocks(tdm_engine_t *e, tdm_seq_t *s)
+{
+    for (int32_t i = 0; i < s->n_blocks; i++)
+        tdm_kv_pool_release(&e->pool, s->blocks[i]);
+    s->n_blocks = 0;
+    s->n_computed = 0;
+    s->n_registered = 0;
+}
+
+/* Ends a request: the pending text goes out with the final event. */
+static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const char *error)
+{
+    seq_release_blocks(e, s);
+    s->state = TDM_SEQ_FINISHED;
+    emit(s, -1, 0.0f, s->pending, s->n_pending, why, error);
+    s->n_pending = 0;
+}
+
+/* Bytes at the end of buf[0..n) that start an incomplete UTF-8 character. */
+static size_t utf8_incomplete_tail(const char *buf, size_t n)
+{
+    for (size_t back = 1; back <= 4 && back <= n; back++) {
+        unsigned char c = (unsigned char)buf[n - back];
+        if ((c & 0xc0) == 0x80)
+            continue; /* continuation byte: look further back */
+        size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+        return need > back ? back : 0;
+    }
+    return 0;
+}
+
+/* Appends a new token's text and delivers what is safe to show. Returns
+ * true if a stop string matched (the text from the match on is dropped). */
+static bool push_text(tdm_seq_t *s, int32_t token, float logprob, const char *piece, size_t len,
+                      tdm_finish_reason_t why)
+{
+    if (s->n_pending + len > s->cap_pending) {
+        size_t cap = (s->n_pending + len) * 2;
+        char *p = realloc(s->pending, cap);
+        if (p == NULL) { /* keep what fits; the text loses bytes, the request goes on */
+            len = s->cap_pending - s->n_pending;
+        } else {
+            s->pending = p;
+            s->cap_pending = cap;
+        }
+    }
+    memcpy(s->pending + s->n_pending, piece, len);
+    s->n_pending += len;
+    /* A stop string anywhere in the pending text ends the request there. */
+    for (size_t i = 0; i < s->n_stop; i++) {
+        size_t sl = strlen(s->stop[i]);
+        for (size_t at = 0; at + sl <= s->n_pending; at++) {
+            if (memcmp(s->pending + at, s->stop[i], sl) == 0) {
+                emit(s, token, logprob, s->pending, at, TDM_FINISH_NONE, NULL);
+                s->n_pending = 0;
+                return true;
+            }
+        }
+    }
+    if (why != TDM_FINISH_NONE)
+        return false; /* the final event carries everything */
+    /* Hold back a tail that could begin a stop string or is half a character. */
+    size_t hold = utf8_incomplete_tail(s->pending, s->n_pending);
+    for (size_t i = 0; i < s->n_stop; i++) {
+        size_t sl = strlen(s->stop[i]);
+        for (size_t k = sl - 1; k > hold; k--) {
+            if (k <= s->n_pending && memcmp(s->pending + s->n_pending - k, s->stop[i], k) == 0) {
+                hold = k;
+                break;
+            }
+        }
+    }
+    size_t ready = s->n_pending - hold;
+    emit(s, token, logprob, s->pending, ready, TDM_FINISH_NONE, NULL);
+    memmove(s->pending, s->pending + ready, hold);
+    s->n_pending = hold;
+    return false;
+}
+
+/* ------------------------------------------------------------ scheduler */
+
+static void list_remove(tdm_seq_t **head, tdm_seq_t *s)
+{
+    for (tdm_seq_t **link = head; *link != NULL; link = &(*link)->next) {
+        if (*link == s) {
+            *link = s->next;
+            s->next = NULL;
+            return;
+        }
+    }
+}
+
+static void list_append(tdm_seq_t **head, tdm_seq_t *s)
+{
+    tdm_seq_t **link = head;
+    while (*link != NULL)
+        link = &(*link)->next;
+    s->next = NULL;
+    *link = s;
+}
+
+static void take_ops(tdm_engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    tdm_op_t *ops = e->ops_head;
+    e->ops_head = e->ops_tail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    for (tdm_op_t *op = ops, *next; op != NULL; op = next) {
+        next = op->next;
+        if (op->seq != NULL) {
+            list_append(&e->waiting, op->seq);
+            e->n_waiting++;
+        } else {
+            tdm_seq_t *lists[] = {e->running, e->waiting};
+            for (int l = 0; l < 2; l++)
+                for (tdm_seq_t *s = lists[l]; s != NULL; s = s->next)
+                    if (s->id == op->cancel_id)
+                        s->cancelled = true;
+        }
+        free(op);
+    }
+}
+
+static void retire(tdm_engine_t *e, tdm_seq_t *s, bool running)
+{
+    if (running) {
+        list_remove(&e->running, s);
+        e->n_running--;
+    } else {
+        list_remove(&e->waiting, s);
+        e->n_waiting--;
+    }
+    seq_free(s);
+}
+
+static void handle_cancels(tdm_engine_t *e)
+{
+    for (int l = 0; l < 2; l++) {
+        tdm_seq_t *s = l == 0 ? e->running : e->waiting;
+        while (s != NULL) {
+            tdm_seq_t *next = s->next;
+            if (s->cancelled) {
+                finish(e, s, TDM_FINISH_CANCELLED, NULL);
+                retire(e, s, l == 0);
+            }
+            s = next;
+        }
+    }
+}
+
+/* Chained keys of the sequence's full blocks up to n_full. */
+static void compute_keys(tdm_engine_t *e, tdm_seq_t *s, int32_t n_full)
+{
+    int32_t bs = e->cfg.block_size;
+    for (int32_t i = s->n_keys; i < n_full; i++) {
+        tdm_hash128_t prev = i == 0 ? e->key_seed : s->keys[i - 1];
+        s->keys[i] = tdm_hash128_chain(prev, s->tokens + (size_t)i * (size_t)bs,
+                                       (size_t)bs * sizeof(int32_t));
+    }
+    if (n_full > s->n_keys)
+        s->n_keys = n_full;
+}
+
+/* Grows the sequence's block list to cover positions [0, upto). */
+static bool ensure_blocks(tdm_engine_t *e, tdm_seq_t *s, int32_t upto)
+{
+    int32_t need = (upto + e->cfg.block_size - 1) / e->cfg.block_size;
+    while (s->n_blocks < need) {
+        int32_t b = tdm_kv_pool_alloc(&e->pool);
+        if (b < 0)
+            return false;
+        s->blocks[s->n_blocks++] = b;
+    }
+    return true;
+}
+
+/* Moves a running sequence back to the head of the waiting queue; its
+ * blocks are freed (cached ones stay findable) and it will be recomputed. */
+static void preempt(tdm_engine_t *e, tdm_seq_t *s)
+{
+    list_remove(&e->running, s);
+    e->n_running--;
+    seq_release_blocks(e, s);
+    s->state = TDM_SEQ_WAITING;
+    s->next = e->waiting;
+    e->waiting = s;
+    e->n_waiting++;
+    e->stats.preemptions++;
+    tdm_log_debug(MOD, "preempted request %llu (%d tokens) for lack of KV blocks",
+                  (unsigned long long)s->id, s->n_tokens);
+}
+
+static tdm_seq_t *newest_running(tdm_engine_t *e)
+{
+    tdm_seq_t *last = NULL;
+    for (tdm_seq_t *s = e->running; s != NULL; s = s->next)
+        last = s;
+    return last;
+}
+
+/* Reuses cached blocks for the leading full blocks of the sequence's tokens.
+ * At least one token is always left to compute, for its logits. */
+static void match_prefix(tdm_engine_t *e, tdm_seq_t *s)
+{
+    int32_t bs = e->cfg.block_size;
+    int32_t n_full = (s->n_tokens - 1) / bs;
+    compute_keys(e, s, n_full);
+    int32_t hit = 0;
+    while (hit < n_full) {
+        int32_t b = tdm_kv_pool_acquire_cached(&e->pool, s->keys[hit]);
+        if (b < 0)
+            break;
+        s->blocks[s->n_blocks++] = b;
+        hit++;
+    }
+    s->n_computed = hit * bs;
+    s->n_registered = hit;
+    if (!s->counted_prompt)
+        s->n_cached = s->n_computed < s->n_prompt ? s->n_computed : s->n_prompt;
+}
+
+/* Adds rows for the chunk [n_computed, n_computed + chunk) of s. */
+static void add_rows(tdm_engine_t *e, tdm_seq_t *s, int32_t table, int32_t *n_rows,
+                     int32_t *n_logits)
+{
+    int32_t bs = e->cfg.block_size;
+    memcpy(e->h_tables + (size_t)table * (size_t)e->max_blocks, s->blocks,
+           (size_t)s->n_blocks * sizeof(int32_t));
+    for (int32_t i = 0; i < s->chunk; i++) {
+        int32_t pos = s->n_computed + i, r = *n_rows + i;
+        e->h_tokens[r] = s->tokens[pos];
+        e->h_pos[r] = pos;
+        e->h_slot[r] = s->blocks[pos / bs] * bs + pos % bs;
+        e->h_ctx[r] = pos + 1;
+        e->h_table[r] = table;
+    }
+    *n_rows += s->chunk;
+    s->logit_row = -1;
+    if (s->n_computed + s->chunk == s->n_tokens) {
+        e->h_logit_idx[*n_logits] = *n_rows - 1;
+        s->logit_row = (*n_logits)++;
+    }
+}
+
+static bool is_stop_token(const tdm_engine_t *e, const tdm_seq_t *s, int32_t tok)
+{
+    if (!s->ignore_eos && tdm_tokenizer_is_eog(e->model->tok, tok))
+        return true;
+    for (size_t i = 0; i < s->n_stop_ids; i++)
+        if (s->stop_ids[i] == tok)
+            return true;
+    return false;
+}
+
+/* Samples the next token of s from its logits row and delivers it. Returns
+ * true when the request is finished. */
+static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
+{
+    const tdm_model_hparams_t *hp = &e->model->hp;
+    float *logits = e->h_logits + (size_t)s->logit_row * (size_t)hp->n_vocab;
+    float lp = 0.0f;
+    int32_t tok = tdm_sampler_sample(e->sampler, &s->sampling, &s->rng, logits, s->tokens,
+                                     (size_t)s->n_prompt, s->tokens + s->n_prompt,
+                                     (size_t)(s->n_tokens - s->n_prompt), s->logprobs ? &lp : NULL);
+    s->tokens[s->n_tokens++] = tok;
+    e->stats.generation_tokens++;
+    int32_t n_out = s->n_tokens - s->n_prompt;
+    tdm_finish_reason_t why = TDM_FINISH_NONE;
+    bool stop_tok = is_stop_token(e, s, tok);
+    if (stop_tok)
+        why = TDM_FINISH_STOP;
+    else if ((s->max_tokens > 0 && n_out >= s->max_tokens) || s->n_tokens >= e->cfg.max_model_len)
+        why = TDM_FINISH_LENGTH;
+    char piece[256];
+    size_t len = 0;
+    if (!stop_tok) { /* the text of a stop token is not shown */
+        len = tdm_tokenizer_token_bytes(e->model->tok, tok, false, piece, sizeof(piece));
+        len = len > sizeof(piece) ? sizeof(piece) : len;
+    }
+    if (push_text(s, tok, lp, piece, len, why)) {
+        finish(e, s, TDM_FINISH_STOP, NULL);
+        return true;
+    }
+    if (why != TDM_FINISH_NONE) {
+        /* The last token and the held-back text go out with the final event. */
+        seq_release_blocks(e, s);
+        s->state = TDM_SEQ_FINISHED;
+        emit(s, tok, lp, s->pending, s->n_pending, why, NULL);
+        s->n_pending = 0;
+        return true;
+    }
+    return false;
+}
+
+/* Offers newly full blocks of s to the prefix index. */
+static void register_blocks(tdm_engine_t *e, tdm_seq_t *s)
+{
+    if (!e->cfg.enable_prefix_caching)
+        return;
+    int32_t n_full = s->n_computed / e->cfg.block_size;
+    if (n_full <= s->n_registered)
+        return;
+    compute_keys(e, s, n_full);
+    for (int32_t i = s->n_registered; i < n_full; i++)
+        tdm_kv_pool_register(&e->pool, s->blocks[i], s->keys[i]);
+    s->n_registered = n_full;
+}
+
+tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
+{
+    take_ops(e);
+    handle_cancels(e);
+    int32_t budget = e->cfg.max_num_batched_tokens;
+    int32_t n_rows = 0, n_logits = 0, n_tables = 0;
+    bool preempted = false;
+    tdm_seq_t *batch[1024];
+    int32_t n_batch = 0;
+    const int32_t max_batch = (int32_t)(sizeof(batch) / sizeof(batch[0]));
+
+    /* 1. running sequences, oldest first */
+    for (tdm_seq_t *s = e->running, *next; s != NULL && budget > 0; s = next) {
+        next = s->next;
+        if (n_logits >= e->max_logits || n_batch >= max_batch)
+            break;
+        int32_t chunk = s->n_tokens - s->n_computed;
+        chunk = chunk < budget ? chunk : budget;
+        bool self_preempted = false;
+        while (!ensure_blocks(e, s, s->n_computed + chunk)) {
+            tdm_seq_t *victim = newest_running(e);
+            preempted = true;
+            if (victim == s) {
+                preempt(e, s);
+                self_preempted = true;
+                break;
+            }
+            if (victim == next)
+                next = NULL; /* the rest of the list is gone */
+            preempt(e, victim);
+        }
+        if (self_preempted)
+            break;
+        s->chunk = chunk;
+        add_rows(e, s, n_tables++, &n_rows, &n_logits);
+        batch[n_batch++] = s;
+        budget -= chunk;
+    }
+
+    /* 2. admit waiting sequences while budget, slots and blocks allow */
+    while (!preempted && e->waiting != NULL && budget > 0 && e->n_running < e->cfg.max_num_seqs &&
+           n_logits < e->max_logits && n_batch < max_batch) {
+        tdm_seq_t *s = e->waiting;
+        int32_t bs = e->cfg.block_size;
+        if ((s->n_tokens + bs - 1) / bs > e->pool.n_blocks) {
+            list_remove(&e->waiting, s);
+            e->n_waiting--;
+            finish(e, s, TDM_FINISH_ERROR, "the prompt needs more KV blocks than the cache has");
+            seq_free(s);
+            continue;
+        }
+        if (e->cfg.enable_prefix_caching)
+            match_prefix(e, s);
+        int32_t chunk = s->n_tokens - s->n_computed;
+        chunk = chunk < budget ? chunk : budget;
+        /* Admit only if the whole remaining prompt fits (so admitted prefills
+         * do not preempt each other), keeping a block per running sequence. */
+        int32_t need = (s->n_tokens + bs - 1) / bs - s->n_blocks;
+        if (need + e->n_running > tdm_kv_pool_num_free(&e->pool)) {
+            seq_release_blocks(e, s); /* undo the prefix match */
+            break;
+        }
+        if (!ensure_blocks(e, s, s->n_computed + chunk)) {
+            seq_release_blocks(e, s);
+            break;
+        }
+        if (!s->counted_prompt) {
+            e->stats.prompt_tokens += (uint64_t)s->n_prompt;
+            if (e->cfg.enable_prefix_caching) {
+                e->stats.prefix_queries += (uint64_t)s->n_prompt;
+                e->stats.prefix_hits += (uint64_t)s->n_cached;
+            }
+            s->counted_prompt = true;
+        }
+        list_remove(&e->waiting, s);
+        e->n_waiting--;
+        list_append(&e->running, s);
+        e->n_running++;
+        s->state = TDM_SEQ_RUNNING;
+        s->chunk = chunk;
+        add_rows(e, s, n_tables++, &n_rows, &n_logits);
+        batch[n_batch++] = s;
+        budget -= chunk;
+    }
+
+    if (n_rows == 0) {
+        *did_work = false;
+        return TDM_OK;
+    }
+    tdm_status_t st = tdm_engine_forward(e, n_rows, n_tables, n_logits);
+    if (st != TDM_OK)
+        return st;
+    e->stats.steps++;
+    for (int32_t i = 0; i < n_batch; i++) {
+        tdm_seq_t *s = batch[i];
+        s->n_computed += s->chunk;
+        register_blocks(e, s);
+        if (s->logit_row >= 0 && sample_and_deliver(e, s))
+            retire(e, s, true);
+    }
+    pthread_mutex_lock(&e->lock);
+    e->stats.num_running = e->n_running;
+    e->stats.num_waiting = e->n_waiting;
+    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
+    e->stats.num_cached_blocks = e->pool.n_lru;
+    pthread_mutex_unlock(&e->lock);
+    *did_work = true;
+    return TDM_OK;
+}
+
+static bool has_work(tdm_engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    bool queued = e->ops_head != NULL;
+    pthread_mutex_unlock(&e->lock);
+    return queued || e->running != NULL || e->waiting != NULL;
+}
+
+tdm_status_t tdm_engine_run_until_idle(tdm_engine_t *e)
+{
+    while (has_work(e)) {
+        bool did;
+        tdm_status_t st = tdm_engine_step(e, &did);
+        if (st != TDM_OK)
+            return st;
+        if (!did && e->waiting != NULL && e->running == NULL) {
+            /* Nothing runs and the head of the queue cannot be admitted. */
+            tdm_seq_t *s = e->waiting;
+            list_remove(&e->waiting, s);
+            e->n_waiting--;
+            finish(e, s, TDM_FINISH_ERROR, "not enough KV cache for this request");
+            seq_free(s);
+        }
+    }
+    return TDM_OK;
+}
+
+static void *engine_thread(void *arg)
+{
+    tdm_engine_t *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->lock);
+        bool stop = e->stop_thread;
+        pthread_mutex_unlock(&e->lock);
+        if (stop)
+            break;
+        bool did = false;
+        if (tdm_engine_step(e, &did) != TDM_OK)
+            tdm_log_error(MOD, "a step failed; the engine goes on with the next one");
+        if (!did) {
+            pthread_mutex_lock(&e->lock);
+            if (e->ops_head == NULL && !e->stop_thread) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 50 * 1000000L;
+                if (ts.tv_nsec >= 1000000000L) {
+                    ts.tv_sec++;
+                    ts.tv_nsec -= 1000000000L;
+                }
+                pthread_cond_timedwait(&e->wake, &e->lock, &ts);
+            }
+            pthread_mutex_unlock(&e->lock);
+        }
+    }
+    return NULL;
+}
+
+tdm_status_t tdm_engine_start(tdm_engine_t *e)
+{
+    if (e->thread_started)
+        return TDM_OK;
+    e->stop_thread = false;
+    if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {
+        tdm_log_error(MOD, "could not start the engine thread: %s", strerror(errno));
+        return TDM_ERR_NOMEM;
+    }
+    e->thread_started = true;
+    return TDM_OK;
+}
+
+void tdm_engine_stop(tdm_engine_t *e)
+{
+    if (!e->thread_started)
+        return;
+    pthread_mutex_lock(&e->lock);
+    e->stop_thread = true;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->lock);
+    pthread_join(e->thread, NULL);
+    e->thread_started = false;
+}
+
+void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s)
+{
+    pthread_mutex_lock(&e->lock);
+    *s = e->stats;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* ----------------------------------------------------------------- eval */
+
+tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits)
+{
+    int32_t bs = e->cfg.block_size;
+    if (n == 0 || n > (size_t)e->cfg.max_model_len)
+        return TDM_ERR_INVALID;
+    if (e->running != NULL || e->waiting != NULL || e->thread_started)
+        return TDM_ERR_BUSY;
+    int32_t nb = ((int32_t)n + bs - 1) / bs;
+    if (nb > tdm_kv_pool_num_free(&e->pool))
+        return TDM_ERR_NOMEM;
+    int32_t *blocks = e->h_tables; /* table 0 */
+    for (int32_t i = 0; i < nb; i++)
+        blocks[i] = tdm_kv_pool_alloc(&e->pool);
+    const int32_t V = e->model->hp.n_vocab;
+    int32_t step = e->max_rows < e->max_logits ? e->max_rows : e->max_logits;
+    tdm_status_t st = TDM_OK;
+    for (size_t done = 0; done < n && st == TDM_OK;) {
+        int32_t chunk = (int32_t)((n - done) < (size_t)step ? (n - done) : (size_t)step);
+        for (int32_t i = 0; i < chunk; i++) {
+            int32_t pos = (int32_t)done + i;
+            e->h_tokens[i] = tokens[pos];
+            e->h_pos[i] = pos;
+            e->h_slot[i] = blocks[pos / bs] * bs + pos % bs;
+            e->h_ctx[i] = pos + 1;
+            e->h_table[i] = 0;
+            e->h_logit_idx[i] = i;
+        }
+        st = tdm_engine_forward(e, chunk, 1, chunk);
+        memcpy(logits + done * (size_t)V, e->h_logits, (size_t)chunk * (size_t)V * sizeof(float));
+        done += (size_t)chunk;
+    }
+    for (int32_t i = 0; i < nb; i++)
+        tdm_kv_pool_release(&e->pool, blocks[i]);
+    return st;
+}

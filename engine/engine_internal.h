@@ -1,0 +1,104 @@
+/* Engine-private state: sequences, the step's batch, scratch buffers. */
+#ifndef TANDEM_ENGINE_INTERNAL_H
+#define TANDEM_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+
+#include "kv_pool.h"
+#include "model_internal.h"
+#include "tandem/engine.h"
+
+typedef enum tdm_seq_state {
+    TDM_SEQ_WAITING = 0,
+    TDM_SEQ_RUNNING = 1,
+    TDM_SEQ_FINISHED = 2,
+} tdm_seq_state_t;
+
+typedef struct tdm_seq {
+    uint64_t id;
+    tdm_seq_state_t state;
+    struct tdm_seq *next; /* in the waiting or running list (arrival order) */
+    int32_t *tokens;      /* (max_model_len) prompt then output */
+    int32_t n_prompt;
+    int32_t n_tokens;
+    int32_t n_computed; /* leading tokens whose K/V are in the cache */
+    int32_t n_cached;   /* prompt tokens found in the prefix cache */
+    int32_t *blocks;    /* (max_blocks) block ids of positions 0.. */
+    int32_t n_blocks;
+    tdm_hash128_t *keys; /* (max_blocks) chained keys of full blocks */
+    int32_t n_keys;
+    int32_t n_registered; /* leading blocks offered to the prefix index */
+    bool cancelled;
+    bool counted_prompt; /* prompt tokens added to stats once */
+    /* what was asked */
+    tdm_sampling_params_t sampling;
+    tdm_sample_state_t rng;
+    int32_t max_tokens;
+    char **stop;
+    size_t n_stop;
+    size_t max_stop_len;
+    int32_t *stop_ids;
+    size_t n_stop_ids;
+    bool ignore_eos;
+    bool logprobs;
+    tdm_request_cb_t cb;
+    void *user;
+    /* output text not yet delivered (incomplete UTF-8, a possible stop string) */
+    char *pending;
+    size_t n_pending, cap_pending;
+    /* batch bookkeeping for the current step */
+    int32_t chunk;
+    int32_t logit_row;
+} tdm_seq_t;
+
+typedef struct tdm_op {
+    struct tdm_op *next;
+    tdm_seq_t *seq; /* add */
+    uint64_t cancel_id;
+} tdm_op_t;
+
+struct tdm_engine {
+    tdm_engine_config_t cfg;
+    tdm_backend_t *be;
+    tdm_model_t *model;
+    tdm_sampler_t *sampler;
+    int32_t max_blocks; /* per sequence: ceil(max_model_len / block_size) */
+    int64_t kv_dim;     /* n_head_kv * head_dim */
+    tdm_hash128_t key_seed;
+
+    /* KV cache: per layer [n_blocks][block_size][kv_dim] f16 (backend buffers) */
+    tdm_kv_pool_t pool;
+    uint16_t **cache_k, **cache_v;
+
+    /* scheduler (stepping thread only) */
+    tdm_seq_t *waiting, *running; /* singly linked, arrival order */
+    int32_t n_waiting, n_running;
+
+    /* ops from other threads */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    tdm_op_t *ops_head, *ops_tail;
+    uint64_t next_id;
+    pthread_t thread;
+    bool thread_started;
+    bool stop_thread;
+
+    /* step buffers, host side (h_) and backend side (d_) */
+    int32_t max_rows;   /* max_num_batched_tokens */
+    int32_t max_logits; /* rows of logits per forward */
+    int32_t *h_tokens, *h_pos, *h_slot, *h_ctx, *h_table, *h_tables, *h_logit_idx;
+    int32_t *d_tokens, *d_pos, *d_slot, *d_ctx, *d_table, *d_tables, *d_logit_idx;
+    float *x, *xn, *q, *k, *v, *att, *tmp, *gate, *up, *hid, *logits;
+    void *act;
+    float *h_logits; /* host copy of logits [max_logits][n_vocab] */
+
+    /* stats (written by the stepping thread, read under lock) */
+    tdm_engine_stats_t stats;
+};
+
+/* engine/forward.c: one forward over the rows described by the h_ arrays.
+ * Logits of the rows listed in h_logit_idx[0..n_logits) land in h_logits. */
+tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables,
+                                int32_t n_logits);
+
+#endif

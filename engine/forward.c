@@ -1,0 +1,103 @@
+/* The Llama forward pass over one step's batch, through the backend table.
+ *
+ * Per layer, for the n rows (tokens of all sequences in the step):
+ *   xn = rmsnorm(x) * attn_norm
+ *   q, k, v = xn Wq^T, xn Wk^T, xn Wv^T     (n, n_head*hd) (n, kv) (n, kv)
+ *   rope(q), rope(k); k, v -> cache slots (f16)
+ *   att = attention(q, cache)                (reads the cache, never k/v)
+ *   x += att Wo^T
+ *   xn = rmsnorm(x) * ffn_norm
+ *   x += (silu(xn Wgate^T) * (xn Wup^T)) Wdown^T
+ * then the rows that need logits are gathered, normed, and multiplied by the
+ * output matrix. Nothing is allocated here. */
+#include <math.h>
+
+#include "engine_internal.h"
+
+/* Quantizes/copies x for weights of wtype into e->act, unless the previous
+ * call left the same input prepared for the same type. */
+static void prepare(tdm_engine_t *e, uint32_t wtype, const float *x, int64_t n, int64_t k,
+                    uint32_t *prepared)
+{
+    if (*prepared == wtype)
+        return;
+    e->be->ops->act_prepare(e->be, wtype, x, n, k, e->act);
+    *prepared = wtype;
+}
+
+tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits)
+{
+    tdm_backend_t *be = e->be;
+    const tdm_backend_ops_t *ops = be->ops;
+    const tdm_model_t *m = e->model;
+    const tdm_model_hparams_t *hp = &m->hp;
+    const int64_t n = n_rows, d = hp->n_embd, qd = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t kvd = e->kv_dim, ff = hp->n_ff;
+    const uint32_t none = 0xffffffffu;
+
+    ops->copy_to(be, e->d_tokens, e->h_tokens, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_pos, e->h_pos, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_slot, e->h_slot, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_ctx, e->h_ctx, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_table, e->h_table, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_tables, e->h_tables,
+                 (size_t)n_tables * (size_t)e->max_blocks * sizeof(int32_t));
+    ops->copy_to(be, e->d_logit_idx, e->h_logit_idx, (size_t)n_logits * sizeof(int32_t));
+
+    tdm_attn_params_t ap = {
+        .n = n,
+        .n_heads = hp->n_head,
+        .n_kv_heads = hp->n_head_kv,
+        .head_dim = hp->head_dim,
+        .block_size = e->cfg.block_size,
+        .scale = 1.0f / sqrtf((float)hp->head_dim),
+        .ctx_len = e->d_ctx,
+        .block_tables = e->d_tables,
+        .table_of_row = e->d_table,
+        .bt_stride = e->max_blocks,
+    };
+
+    ops->embed(be, m->tok_embd, e->d_tokens, n, e->x);
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        const tdm_layer_weights_t *L = &m->layers[il];
+        uint32_t prepared = none;
+        ops->rmsnorm(be, e->x, L->attn_norm, n, d, hp->norm_eps, e->xn);
+        prepare(e, L->q_type, e->xn, n, d, &prepared);
+        ops->matmul(be, L->wq, e->act, n, e->q, qd);
+        prepare(e, L->k_type, e->xn, n, d, &prepared);
+        ops->matmul(be, L->wk, e->act, n, e->k, kvd);
+        prepare(e, L->v_type, e->xn, n, d, &prepared);
+        ops->matmul(be, L->wv, e->act, n, e->v, kvd);
+        ops->rope(be, e->q, e->d_pos, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_theta);
+        ops->rope(be, e->k, e->d_pos, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_theta);
+        ops->kv_write(be, e->k, e->v, e->d_slot, n, kvd, e->cache_k[il], e->cache_v[il]);
+        ops->attention(be, &ap, e->q, e->cache_k[il], e->cache_v[il], e->att);
+        prepared = none;
+        prepare(e, L->o_type, e->att, n, qd, &prepared);
+        ops->matmul(be, L->wo, e->act, n, e->tmp, d);
+        ops->add(be, e->x, e->tmp, n * d);
+
+        prepared = none;
+        ops->rmsnorm(be, e->x, L->ffn_norm, n, d, hp->norm_eps, e->xn);
+        prepare(e, L->gate_type, e->xn, n, d, &prepared);
+        ops->matmul(be, L->w_gate, e->act, n, e->gate, ff);
+        prepare(e, L->up_type, e->xn, n, d, &prepared);
+        ops->matmul(be, L->w_up, e->act, n, e->up, ff);
+        ops->swiglu(be, e->gate, e->up, n, ff, e->gate);
+        prepared = none;
+        prepare(e, L->down_type, e->gate, n, ff, &prepared);
+        ops->matmul(be, L->w_down, e->act, n, e->tmp, d);
+        ops->add(be, e->x, e->tmp, n * d);
+    }
+    if (n_logits > 0) {
+        uint32_t prepared = none;
+        ops->gather_rows(be, e->x, e->d_logit_idx, n_logits, d, e->hid);
+        ops->rmsnorm(be, e->hid, m->output_norm, n_logits, d, hp->norm_eps, e->hid);
+        prepare(e, m->output_type, e->hid, n_logits, d, &prepared);
+        ops->matmul(be, m->output, e->act, n_logits, e->logits, hp->n_vocab);
+        ops->copy_from(be, e->h_logits, e->logits,
+                       (size_t)n_logits * (size_t)hp->n_vocab * sizeof(float));
+    }
+    ops->sync(be);
+    return TDM_OK;
+}

@@ -1,0 +1,610 @@
+/* tandem: token sampling from logits (contract in include/tandem/sampler.h).
+ *
+ * Candidates are 64-bit keys: the penalized logit (before temperature) as
+ * order-preserving bits in the high half, the bitwise complement of the
+ * token id in the low half. Larger key = higher logit, then lower id, so
+ * every order below is total and deterministic, and the k best are found by
+ * comparing integers. The candidates are never sorted whole: a prefix of
+ * them is selected (quickselect) and sorted, 64 at first, then doubled while
+ * top-p, min-p or the draw walk further down the order.
+ *
+ * Float operations run in a fixed order: penalties per token
+ * (repetition, then frequency, then presence), the probabilities summed in
+ * index order (or in sorted order over the top-k), the nucleus and the draw
+ * accumulated in sorted order, all sums in double. NaN logits count as -inf.
+ * Token ids in the history outside [0, n_vocab) are ignored. */
+#include "tandem/sampler.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tandem/log.h"
+
+#define SAMPLER_FIRST_SORTED  64 /* candidates sorted before the first doubling */
+#define SAMPLER_INSERTION_MAX 16
+/* Candidates within this many nats of the best one (after temperature) are
+ * searched first; those below weigh under e^-16 each, so the walks rarely
+ * reach them (and are still exact when they do). */
+#define SAMPLER_NEAR_NATS 16.0f
+
+struct tdm_sampler {
+    int32_t n_vocab;
+    uint32_t generation; /* value of stamp[] that marks a token in the current call */
+    uint32_t *stamp;     /* (n_vocab) generation that last met the token in the history */
+    uint32_t *count;     /* (n_vocab) occurrences in the output; all 0 between calls */
+    uint64_t *keys;      /* (n_vocab) candidate keys, see the top of this file */
+    float *prob;         /* (n_vocab) unnormalized probability of keys[j], for sorted j */
+};
+
+/* ---- parameters ---- */
+
+void tdm_sampling_params_default(tdm_sampling_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->temperature = 1.0f;
+    p->top_k = 0;
+    p->top_p = 1.0f;
+    p->min_p = 0.0f;
+    p->repetition_penalty = 1.0f;
+    p->frequency_penalty = 0.0f;
+    p->presence_penalty = 0.0f;
+    p->has_seed = false;
+    p->seed = 0;
+}
+
+static tdm_status_t sampling_params_reject(char *err, size_t err_len, const char *name,
+                                           const char *range, float got)
+{
+    if (err != NULL && err_len > 0)
+        snprintf(err, err_len, "%s must be %s, got %g", name, range, (double)got);
+    return TDM_ERR_INVALID;
+}
+
+tdm_status_t tdm_sampling_params_validate(const tdm_sampling_params_t *p, char *err, size_t err_len)
+{
+    if (p == NULL) {
+        if (err != NULL && err_len > 0)
+            snprintf(err, err_len, "no sampling parameters");
+        return TDM_ERR_INVALID;
+    }
+    /* Written as !(in range) so that NaN fails every check. */
+    if (!(p->temperature >= 0.0f && isfinite(p->temperature)))
+        return sampling_params_reject(err, err_len, "temperature", "finite and >= 0",
+                                      p->temperature);
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
+        return sampling_params_reject(err, err_len, "top_p", "in (0, 1]", p->top_p);
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        return sampling_params_reject(err, err_len, "min_p", "in [0, 1]", p->min_p);
+    if (!(p->repetition_penalty > 0.0f && isfinite(p->repetition_penalty)))
+        return sampling_params_reject(err, err_len, "repetition_penalty", "finite and > 0",
+                                      p->repetition_penalty);
+    if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
+        return sampling_params_reject(err, err_len, "frequency_penalty", "in [-2, 2]",
+                                      p->frequency_penalty);
+    if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
+        return sampling_params_reject(err, err_len, "presence_penalty", "in [-2, 2]",
+                                      p->presence_penalty);
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    return TDM_OK;
+}
+
+/* ---- random numbers: xoshiro256** seeded through splitmix64 ---- */
+
+static uint64_t splitmix64_next(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl64(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t xoshiro256ss_next(uint64_t s[4])
+{
+    uint64_t result = rotl64(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl64(s[3], 45);
+    return result;
+}
+
+/* Uniform in [0, 1) from the top 53 bits. */
+static double sample_state_uniform(tdm_sample_state_t *st)
+{
+    return (double)(xoshiro256ss_next(st->rng) >> 11) * 0x1.0p-53;
+}
+
+static uint64_t sample_state_os_seed(void)
+{
+    uint64_t seed;
+    size_t got = 0;
+    while (got < sizeof(seed)) {
+        ssize_t r = getrandom((char *)&seed + got, sizeof(seed) - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    if (got == sizeof(seed))
+        return seed;
+    /* No getrandom(2): mix the clock, the pid and a counter; unseeded
+     * requests only need to differ, not to be unpredictable. */
+    static _Atomic uint64_t fallback_counter;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t x = ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
+                 ((uint64_t)getpid() << 32) ^ (fallback_counter += 0x9e3779b97f4a7c15ull);
+    return splitmix64_next(&x);
+}
+
+void tdm_sample_state_init(tdm_sample_state_t *st, const tdm_sampling_params_t *p)
+{
+    uint64_t x = (p != NULL && p->has_seed) ? p->seed : sample_state_os_seed();
+    /* splitmix64 never yields four zero words in a row, so the state is valid. */
+    for (int i = 0; i < 4; i++)
+        st->rng[i] = splitmix64_next(&x);
+}
+
+/* ---- candidate keys ---- */
+
+/* Bits of x that compare as unsigned integers the way x compares as a float
+ * (x not NaN; -0 and +0 made equal by the caller). */
+static inline uint32_t float_order_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline float float_from_order_bits(uint32_t u)
+{
+    u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+    float x;
+    memcpy(&x, &u, sizeof(x));
+    return x;
+}
+
+static inline uint64_t key_make(float logit, int32_t id)
+{
+    return ((uint64_t)float_order_bits(logit + 0.0f) << 32) | (uint32_t) ~(uint32_t)id;
+}
+
+static inline int32_t key_id(uint64_t key)
+{
+    return (int32_t) ~(uint32_t)key;
+}
+
+static inline float key_logit(uint64_t key)
+{
+    return float_from_order_bits((uint32_t)(key >> 32));
+}
+
+static inline void keys_swap(uint64_t *a, size_t i, size_t j)
+{
+    uint64_t t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+}
+
+/* Partitions a[0..n) (n >= 3, keys distinct) around the median of the first,
+ * middle and last keys: on return a[0..p) > a[p] > a[p+1..n); returns p. */
+static size_t keys_partition(uint64_t *a, size_t n)
+{
+    size_t mid = n / 2, last = n - 1;
+    if (a[mid] > a[0])
+        keys_swap(a, mid, 0);
+    if (a[last] > a[0])
+        keys_swap(a, last, 0);
+    if (a[last] > a[mid])
+        keys_swap(a, last, mid);
+    /* a[0] >= a[mid] >= a[last]: the median goes to the end as the pivot. */
+    keys_swap(a, mid, last);
+    uint64_t pivot = a[last];
+    size_t store = 0;
+    for (size_t i = 0; i < last; i++) {
+        /* Branchless Lomuto: always swap, advance only past larger keys. */
+        uint64_t v = a[i];
+        a[i] = a[store];
+        a[store] = v;
+        store += v > pivot;
+    }
+    keys_swap(a, store, last);
+    return store;
+}
+
+static void keys_insertion_sort(uint64_t *a, size_t n)
+{
+    for (size_t i = 1; i < n; i++) {
+        uint64_t v = a[i];
+        size_t j = i;
+        for (; j > 0 && a[j - 1] < v; j--)
+            a[j] = a[j - 1];
+        a[j] = v;
+    }
+}
+
+static void keys_sift_down(uint64_t *a, size_t n, size_t i)
+{
+    /* Min-heap, so that popping to the end leaves a descending array. */
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n)
+            return;
+        if (c + 1 < n && a[c + 1] < a[c])
+            c++;
+        if (a[i] <= a[c])
+            return;
+        keys_swap(a, i, c);
+        i = c;
+    }
+}
+
+static void keys_heapsort(uint64_t *a, size_t n)
+{
+    for (size_t i = n / 2; i-- > 0;)
+        keys_sift_down(a, n, i);
+    for (size_t end = n; end-- > 1;) {
+        keys_swap(a, 0, end);
+        keys_sift_down(a, end, 0);
+    }
+}
+
+/* Sorts a[0..n) in descending order (introsort). */
+static void keys_sort(uint64_t *a, size_t n, int depth)
+{
+    while (n > SAMPLER_INSERTION_MAX) {
+        if (depth-- <= 0) {
+            keys_heapsort(a, n);
+            return;
+        }
+        size_t p = keys_partition(a, n);
+        /* Recurse on the smaller side, loop on the larger. */
+        if (p < n - p - 1) {
+            keys_sort(a, p, depth);
+            a += p + 1;
+            n -= p + 1;
+        } else {
+            keys_sort(a + p + 1, n - p - 1, depth);
+            n = p;
+        }
+    }
+    keys_insertion_sort(a, n);
+}
+
+static int keys_depth_limit(size_t n)
+{
+    int depth = 0;
+    while (n > 1) {
+        n >>= 1;
+        depth += 2;
+    }
+    return depth;
+}
+
+/* Moves the k largest keys of a[0..n) to a[0..k), in no particular order. */
+static void keys_select(uint64_t *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n;
+    int depth = keys_depth_limit(n);
+    if (k >= n)
+        return;
+    while (hi - lo > SAMPLER_INSERTION_MAX) {
+        if (depth-- <= 0) {
+            keys_heapsort(a + lo, hi - lo);
+            return;
+        }
+        size_t p = lo + keys_partition(a + lo, hi - lo);
+        if (p == k || p + 1 == k)
+            return;
+        if (p > k)
+            hi = p;
+        else
+            lo = p + 1;
+    }
+    keys_insertion_sort(a + lo, hi - lo);
+}
+
+/* ---- the sampler ---- */
+
+tdm_status_t tdm_sampler_create(int32_t n_vocab, tdm_sampler_t **out)
+{
+    if (n_vocab <= 0) {
+        tdm_log_error("sampler", "vocabulary size must be > 0, got %d", n_vocab);
+        return TDM_ERR_INVALID;
+    }
+    size_t n = (size_t)n_vocab;
+    tdm_sampler_t *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        goto err_log;
+    s->n_vocab = n_vocab;
+    s->stamp = calloc(n, sizeof(*s->stamp));
+    if (s->stamp == NULL)
+        goto err_free_sampler;
+    s->count = calloc(n, sizeof(*s->count));
+    if (s->count == NULL)
+        goto err_free_stamp;
+    s->keys = malloc(n * sizeof(*s->keys));
+    if (s->keys == NULL)
+        goto err_free_count;
+    s->prob = malloc(n * sizeof(*s->prob));
+    if (s->prob == NULL)
+        goto err_free_keys;
+    *out = s;
+    return TDM_OK;
+
+err_free_keys:
+    free(s->keys);
+err_free_count:
+    free(s->count);
+err_free_stamp:
+    free(s->stamp);
+err_free_sampler:
+    free(s);
+err_log:
+    tdm_log_error("sampler", "out of memory for the scratch of a %d-token vocabulary", n_vocab);
+    return TDM_ERR_NOMEM;
+}
+
+void tdm_sampler_destroy(tdm_sampler_t *s)
+{
+    if (s == NULL)
+        return;
+    free(s->prob);
+    free(s->keys);
+    free(s->count);
+    free(s->stamp);
+    free(s);
+}
+
+static inline float penalize_repetition(float x, float penalty)
+{
+    return x > 0.0f ? x / penalty : x * penalty;
+}
+
+static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_t *p, float *logits,
+                                    const int32_t *prompt, size_t n_prompt, const int32_t *output,
+                                    size_t n_output)
+{
+    const float rep = p->repetition_penalty, freq = p->frequency_penalty,
+                pres = p->presence_penalty;
+    const bool has_rep = rep != 1.0f;
+    const uint32_t n_vocab = (uint32_t)s->n_vocab;
+    if (!has_rep && freq == 0.0f && pres == 0.0f)
+        return;
+    if (++s->generation == 0) {
+        memset(s->stamp, 0, (size_t)n_vocab * sizeof(*s->stamp));
+        s->generation = 1;
+    }
+    const uint32_t gen = s->generation;
+
+    for (size_t i = 0; i < n_output; i++)
+        if ((uint32_t)output[i] < n_vocab)
+            s->count[output[i]]++;
+    /* Each distinct output token once, at its first occurrence; count[]
+     * goes back to 0 as it is used. */
+    for (size_t i = 0; i < n_output; i++) {
+        uint32_t t = (uint32_t)output[i];
+        if (t >= n_vocab || s->count[t] == 0)
+            continue;
+        float x = logits[t];
+        if (has_rep)
+            x = penalize_repetition(x, rep);
+        x -= (float)s->count[t] * freq;
+        x -= pres;
+        logits[t] = x;
+        s->count[t] = 0;
+        s->stamp[t] = gen;
+    }
+    if (!has_rep)
+        return;
+    for (size_t i = 0; i < n_prompt; i++) {
+        uint32_t t = (uint32_t)prompt[i];
+        if (t >= n_vocab || s->stamp[t] == gen)
+            continue;
+        s->stamp[t] = gen;
+        logits[t] = penalize_repetition(logits[t], rep);
+    }
+}
+
+/* exp(x - max) with exp(0) for x == max, so that a +inf or an all -inf
+ * maximum gives weight 1 to the tokens at it instead of NaN. */
+static inline float weight_of(float x, float max)
+{
+    return x == max ? 1.0f : expf(x - max);
+}
+
+/* log-softmax at x given the maximum and sum of weight_of() over all. */
+static float log_softmax_at(float x, float max, double sum)
+{
+    double d = x == max ? 0.0 : (double)x - (double)max;
+    return (float)(d - log(sum));
+}
+
+static int32_t sampler_greedy(const tdm_sampler_t *s, const float *logits, float *logprob)
+{
+    int32_t n = s->n_vocab, best = 0;
+    float max = -INFINITY;
+    /* Strictly greater: NaN never wins, the lowest id wins ties. */
+    for (int32_t i = 0; i < n; i++)
+        if (logits[i] > max) {
+            max = logits[i];
+            best = i;
+        }
+    if (logprob != NULL) {
+        double sum = 0.0;
+        for (int32_t i = 0; i < n; i++) {
+            float x = isnan(logits[i]) ? -INFINITY : logits[i];
+            sum += (double)weight_of(x, max);
+        }
+        *logprob = log_softmax_at(isnan(logits[best]) ? -INFINITY : logits[best], max, sum);
+    }
+    return best;
+}
+
+/* The candidates of one call: keys[0..n_near) are every key whose logit is
+ * within SAMPLER_NEAR_NATS (after temperature) of the best, keys[n_near..n)
+ * the others, so the sorted prefix is selected among the near ones until it
+ * outgrows them. keys[0..n_sorted) are the largest keys in descending order,
+ * prob[0..n_sorted) their weights. */
+typedef struct sampler_cands {
+    size_t n, n_near, n_sorted;
+    const float *scaled; /* (n) logits / temperature, by token id */
+    float max_scaled;
+} sampler_cands_t;
+
+/* Extends the sorted prefix to want keys (capped at n). */
+static void sampler_sort_more(tdm_sampler_t *s, sampler_cands_t *c, size_t want)
+{
+    size_t have = c->n_sorted;
+    if (want > c->n)
+        want = c->n;
+    if (want <= have)
+        return;
+    size_t end = want <= c->n_near ? c->n_near : c->n;
+    keys_select(s->keys + have, end - have, want - have);
+    keys_sort(s->keys + have, want - have, keys_depth_limit(want - have));
+    for (size_t j = have; j < want; j++)
+        s->prob[j] = weight_of(c->scaled[key_id(s->keys[j])], c->max_scaled);
+    c->n_sorted = want;
+}
+
+/* Makes sure the sorted prefix holds position j. */
+static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, size_t j)
+{
+    if (j >= c->n_sorted)
+        sampler_sort_more(
+            s, c, c->n_sorted < SAMPLER_FIRST_SORTED ? SAMPLER_FIRST_SORTED : 2 * c->n_sorted);
+}
+
+int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
+                           float *logits, const int32_t *prompt, size_t n_prompt,
+                           const int32_t *output, size_t n_output, float *logprob)
+{
+    assert(s != NULL && p != NULL && st != NULL && logits != NULL);
+    assert(n_prompt == 0 || prompt != NULL);
+    assert(n_output == 0 || output != NULL);
+    const size_t n = (size_t)s->n_vocab;
+
+    sampler_apply_penalties(s, p, logits, prompt, n_prompt, output, n_output);
+
+    /* !(t > 0) also sends a NaN temperature here; validate rejects it. */
+    const float temp = p->temperature;
+    if (!(temp > 0.0f))
+        return sampler_greedy(s, logits, logprob);
+
+    const double u = sample_state_uniform(st);
+
+    float max = -INFINITY; /* NaN never compares greater */
+    for (size_t i = 0; i < n; i++)
+        if (logits[i] > max)
+            max = logits[i];
+    /* Division by a positive number preserves order, so this is the
+     * maximum of the scaled logits. */
+    const float max_scaled = max / temp;
+    /* Any threshold keeps the order right; this one only decides speed. */
+    const float near = max - SAMPLER_NEAR_NATS * temp;
+
+    /* One pass: logits[] becomes logits / temperature, the weights are
+     * summed in index order (total for sampling, logprob_sum for the
+     * logprob, before temperature), the keys are written near ones from the
+     * front, the others from the back (branch-free: both slots written, the
+     * one not taken is overwritten later). */
+    const bool has_top_k = p->top_k > 0 && (size_t)p->top_k < n;
+    const bool want_logprob = logprob != NULL, same_scale = temp == 1.0f;
+    double total = 0.0, logprob_sum = 0.0;
+    size_t front = 0, back = n;
+    for (size_t i = 0; i < n; i++) {
+        float x = logits[i];
+        if (isnan(x))
+            x = -INFINITY;
+        float xs = x / temp;
+        logits[i] = xs;
+        if (!has_top_k) {
+            float w = weight_of(xs, max_scaled);
+            total += (double)w;
+            if (want_logprob)
+                logprob_sum += (double)(same_scale ? w : weight_of(x, max));
+        } else if (want_logprob) {
+            logprob_sum += (double)weight_of(x, max);
+        }
+        uint64_t key = key_make(x, (int32_t)i);
+        bool is_near = x >= near;
+        s->keys[front] = key;
+        s->keys[back - 1] = key;
+        front += is_near;
+        back -= !is_near;
+    }
+    assert(front == back);
+    sampler_cands_t c = {
+        .n = n, .n_near = front, .n_sorted = 0, .scaled = logits, .max_scaled = max_scaled};
+
+    /* top-k: the candidates shrink to the k best, sorted, and their weights
+     * are summed in sorted order. */
+    if (has_top_k) {
+        sampler_sort_more(s, &c, (size_t)p->top_k);
+        c.n = c.n_sorted;
+        for (size_t j = 0; j < c.n; j++)
+            total += (double)s->prob[j];
+    }
+
+    /* top-p and min-p keep a prefix of the sorted candidates. */
+    const bool has_top_p = p->top_p < 1.0f;
+    const bool has_min_p = p->min_p > 0.0f;
+    size_t n_keep = c.n;
+    if (has_top_p || has_min_p) {
+        const double mass = (double)p->top_p * total;
+        double cum = 0.0;
+        size_t j = 0;
+        for (; j < c.n; j++) {
+            sampler_sort_through(s, &c, j);
+            /* prob[0] is the best one's weight, 1 */
+            if (has_min_p && j > 0 && s->prob[j] < p->min_p * s->prob[0])
+                break;
+            cum += (double)s->prob[j];
+            if (has_top_p && cum >= mass) {
+                j++;
+                break;
+            }
+        }
+        n_keep = j;
+        total = cum;
+    }
+
+    /* The draw: the first survivor, in sorted order, whose cumulative weight
+     * passes u * total. Rounding can leave the walk short of the target;
+     * then the last survivor with weight wins. */
+    const double target = u * total;
+    double cum = 0.0;
+    size_t chosen = 0;
+    for (size_t j = 0; j < n_keep; j++) {
+        sampler_sort_through(s, &c, j);
+        if (s->prob[j] > 0.0f)
+            chosen = j;
+        cum += (double)s->prob[j];
+        if (cum > target)
+            break;
+    }
+    assert(n_keep >= 1 && chosen < c.n_sorted);
+
+    uint64_t key = s->keys[chosen];
+    if (logprob != NULL)
+        *logprob = log_softmax_at(key_logit(key), max, logprob_sum);
+    return key_id(key);
+}

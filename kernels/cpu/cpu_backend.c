@@ -1,0 +1,691 @@
+/* tandem CPU backend: the ops table, weight packing, and the split of every
+ * op across the thread pool. The arithmetic lives in the per-ISA kernel
+ * tables (ops_scalar.c, ops_avx2.c, ops_avx512.c); this file only decides
+ * which thread computes which output elements, which never changes a
+ * result (see cpu_internal.h). */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_internal.h"
+#include "tandem/log.h"
+#include "tandem/threadpool.h"
+
+/* Elementwise work (elements) under which an op runs on the caller alone:
+ * waking the pool costs more than the op. */
+#define TDM_CPU_SMALL_OP 16384
+/* Token rows per block of a many-row matmul: the block's activations stay
+ * in L2 while every weight group of a thread passes over them. */
+#define TDM_CPU_MM_TOKENS 64
+
+typedef struct cpu_backend {
+    tdm_backend_t base;
+    tdm_backend_ops_t ops;
+    tdm_cpu_isa_t isa;
+    const tdm_cpu_kernels_t *k;
+    tdm_threadpool_t *pool;
+    int n_threads;
+} cpu_backend_t;
+
+static cpu_backend_t *cpu_of(tdm_backend_t *be) { return (cpu_backend_t *)be; }
+
+/* [*lo, *hi) of n units for thread ith of nth, contiguous. */
+static void split_range(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi)
+{
+    *lo = n * ith / nth;
+    *hi = n * (ith + 1) / nth;
+}
+
+static int is_quant(uint32_t wtype)
+{
+    return wtype == TDM_DTYPE_Q4_0 || wtype == TDM_DTYPE_Q4_1 || wtype == TDM_DTYPE_Q8_0;
+}
+
+/* ---- memory ---- */
+
+static void *cpu_buf_alloc(tdm_backend_t *be, size_t bytes)
+{
+    size_t sz = (bytes + 63) & ~(size_t)63;
+    return aligned_alloc(64, sz ? sz : 64);
+}
+
+static void cpu_buf_free(tdm_backend_t *be, void *buf) { free(buf); }
+
+static void cpu_copy(tdm_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (bytes)
+        memcpy(dst, src, bytes);
+}
+
+static void cpu_sync(tdm_backend_t *be) {}
+
+/* ---- weights ---- */
+
+static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_t wtype,
+                                    int64_t rows, int64_t k, tdm_bweight_t **out)
+{
+    if (rows <= 0 || k <= 0 || data == NULL) {
+        tdm_log_error("kernels", "weight of %lld x %lld: empty shape", (long long)rows,
+                      (long long)k);
+        return TDM_ERR_INVALID;
+    }
+    if (!tdm_dtype_supported(wtype)) {
+        tdm_log_error("kernels", "weight type %s is not supported", tdm_dtype_name(wtype));
+        return TDM_ERR_UNSUPPORTED;
+    }
+    if (is_quant(wtype) && k % TDM_QK != 0) {
+        tdm_log_error("kernels", "%s weight row length %lld is not a multiple of %d",
+                      tdm_dtype_name(wtype), (long long)k, TDM_QK);
+        return TDM_ERR_INVALID;
+    }
+    tdm_bweight_t *w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return TDM_ERR_NOMEM;
+    w->wtype = wtype;
+    w->rows = rows;
+    w->k = k;
+    if (!is_quant(wtype)) {
+        w->data = data;
+        *out = w;
+        return TDM_OK;
+    }
+    const int q8 = wtype == TDM_DTYPE_Q8_0;
+    const int64_t nb = k / TDM_QK;
+    const size_t qbytes = q8 ? 512 : 256; /* packed qs per block of 16 rows */
+    w->nb = nb;
+    w->n_groups = (rows + TDM_CPU_RG - 1) / TDM_CPU_RG;
+    w->d_off = (size_t)nb * qbytes;
+    w->m_off = w->d_off + (size_t)nb * TDM_CPU_RG * 2;
+    size_t end = wtype == TDM_DTYPE_Q4_1 ? w->m_off + (size_t)nb * TDM_CPU_RG * 2 : w->m_off;
+    w->group_bytes = (end + 63) & ~(size_t)63;
+    w->owned = aligned_alloc(64, (size_t)w->n_groups * w->group_bytes);
+    if (w->owned == NULL) {
+        free(w);
+        tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight",
+                      (long long)rows, (long long)k, tdm_dtype_name(wtype));
+        return TDM_ERR_NOMEM;
+    }
+    memset(w->owned, 0, (size_t)w->n_groups * w->group_bytes);
+    const size_t row_bytes = tdm_dtype_row_bytes(wtype, (uint64_t)k);
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *grp = (uint8_t *)w->owned + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
+        const int64_t i = r % TDM_CPU_RG;
+        const uint8_t *src = (const uint8_t *)data + (size_t)r * row_bytes;
+        uint16_t *dsc = (uint16_t *)(grp + w->d_off);
+        uint16_t *msc = (uint16_t *)(grp + w->m_off);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *qs = grp + (size_t)b * qbytes + (size_t)i * 4;
+            if (q8) {
+                const tdm_block_q8_0_t *blk = (const tdm_block_q8_0_t *)src + b;
+                for (int c = 0; c < 8; c++)
+                    for (int m = 0; m < 4; m++)
+                        qs[c * 64 + m] = (uint8_t)blk->qs[4 * c + m] ^ 0x80;
+                dsc[b * TDM_CPU_RG + i] = blk->d;
+            } else if (wtype == TDM_DTYPE_Q4_0) {
+                const tdm_block_q4_0_t *blk = (const tdm_block_q4_0_t *)src + b;
+                for (int c = 0; c < 4; c++)
+                    memcpy(qs + c * 64, blk->qs + 4 * c, 4);
+                dsc[b * TDM_CPU_RG + i] = blk->d;
+            } else {
+                const tdm_block_q4_1_t *blk = (const tdm_block_q4_1_t *)src + b;
+                for (int c = 0; c < 4; c++)
+                    memcpy(qs + c * 64, blk->qs + 4 * c, 4);
+                dsc[b * TDM_CPU_RG + i] = blk->d;
+                msc[b * TDM_CPU_RG + i] = blk->m;
+            }
+        }
+    }
+    w->data = w->owned;
+    *out = w;
+    return TDM_OK;
+}
+
+static void cpu_weight_free(tdm_backend_t *be, tdm_bweight_t *w)
+{
+    if (w == NULL)
+        return;
+    free(w->owned);
+    free(w);
+}
+
+/* ---- activations ---- */
+
+static size_t cpu_act_size(uint32_t wtype, int64_t n, int64_t k)
+{
+    if (is_quant(wtype))
+        return (size_t)n * tdm_cpu_act_stride(k);
+    return (size_t)n * (size_t)k * sizeof(float);
+}
+
+typedef struct act_task {
+    const tdm_cpu_kernels_t *k;
+    uint32_t wtype;
+    const float *x;
+    int64_t n, kk;
+    uint8_t *act;
+} act_task_t;
+
+static void act_task_fn(void *arg, int ith, int nth)
+{
+    const act_task_t *t = arg;
+    int64_t lo, hi;
+    split_range(t->n, ith, nth, &lo, &hi);
+    size_t stride = tdm_cpu_act_stride(t->kk);
+    for (int64_t r = lo; r < hi; r++)
+        t->k->act_quant(t->wtype, t->x + r * t->kk, t->kk, t->act + (size_t)r * stride);
+}
+
+static void cpu_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n,
+                            int64_t k, void *act)
+{
+    cpu_backend_t *cb = cpu_of(be);
+    if (!is_quant(wtype)) {
+        if (act != (const void *)x)
+            memcpy(act, x, (size_t)n * (size_t)k * sizeof(float));
+        return;
+    }
+    act_task_t t = {cb->k, wtype, x, n, k, act};
+    if (n * k < TDM_CPU_SMALL_OP)
+        act_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cb->pool, act_task_fn, &t);
+}
+
+/* ---- matmul ---- */
+
+typedef struct mm_task {
+    const tdm_cpu_kernels_t *k;
+    const tdm_bweight_t *w;
+    const void *act;
+    int64_t n;
+    float *y;
+    int64_t ldy;
+} mm_task_t;
+
+static void mm_task_fn(void *arg, int ith, int nth)
+{
+    const mm_task_t *t = arg;
+    const tdm_bweight_t *w = t->w;
+    if (!is_quant(w->wtype)) {
+        /* Rows in blocks of 4 (the kernels' row tile). */
+        int64_t lo, hi, nblk = (w->rows + 3) / 4;
+        split_range(nblk, ith, nth, &lo, &hi);
+        lo *= 4;
+        hi = hi * 4 < w->rows ? hi * 4 : w->rows;
+        if (lo < hi)
+            t->k->fmatmul(w, t->act, t->n, t->y, t->ldy, lo, hi);
+        return;
+    }
+    const size_t astride = tdm_cpu_act_stride(w->k);
+    const uint8_t *act = t->act;
+    const int64_t ntb = (t->n + TDM_CPU_MM_TOKENS - 1) / TDM_CPU_MM_TOKENS;
+    if (w->n_groups >= 2 * nth || ntb < 2 * nth) {
+        /* Split the row groups; walk token blocks inside. */
+        int64_t g0, g1;
+        split_range(w->n_groups, ith, nth, &g0, &g1);
+        if (g0 >= g1)
+            return;
+        for (int64_t t0 = 0; t0 < t->n; t0 += TDM_CPU_MM_TOKENS) {
+            int64_t nt = t->n - t0 < TDM_CPU_MM_TOKENS ? t->n - t0 : TDM_CPU_MM_TOKENS;
+            t->k->qmatmul(w, act + (size_t)t0 * astride, nt, t->y + t0 * t->ldy, t->ldy, g0, g1);
+        }
+    } else {
+        /* Few rows, many tokens: split the token blocks. */
+        int64_t b0, b1;
+        split_range(ntb, ith, nth, &b0, &b1);
+        for (int64_t b = b0; b < b1; b++) {
+            int64_t t0 = b * TDM_CPU_MM_TOKENS;
+            int64_t nt = t->n - t0 < TDM_CPU_MM_TOKENS ? t->n - t0 : TDM_CPU_MM_TOKENS;
+            t->k->qmatmul(w, act + (size_t)t0 * astride, nt, t->y + t0 * t->ldy, t->ldy, 0,
+                          w->n_groups);
+        }
+    }
+}
+
+static void cpu_matmul(tdm_backend_t *be, const tdm_bweight_t *w, const void *act, int64_t n,
+                       float *y, int64_t ldy)
+{
+    cpu_backend_t *cb = cpu_of(be);
+    if (n <= 0)
+        return;
+    mm_task_t t = {cb->k, w, act, n, y, ldy};
+    if (w->rows * w->k * n < TDM_CPU_SMALL_OP)
+        mm_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cb->pool, mm_task_fn, &t);
+}
+
+/* ---- embed ---- */
+
+/* Row r of w as f32; the same scalar code for every ISA (it is cheap). */
+static void embed_row(const tdm_bweight_t *w, int64_t r, float *out)
+{
+    const int64_t k = w->k;
+    if (r < 0 || r >= w->rows) { /* ids are checked by the engine; never read outside */
+        memset(out, 0, (size_t)k * sizeof(float));
+        return;
+    }
+    if (w->wtype == TDM_DTYPE_F32) {
+        memcpy(out, (const float *)w->data + r * k, (size_t)k * sizeof(float));
+        return;
+    }
+    if (w->wtype == TDM_DTYPE_F16) {
+        const uint16_t *s = (const uint16_t *)w->data + r * k;
+        for (int64_t j = 0; j < k; j++)
+            out[j] = tdm_f16_to_f32(s[j]);
+        return;
+    }
+    const uint8_t *grp = (const uint8_t *)w->data + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
+    const int64_t i = r % TDM_CPU_RG;
+    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
+    const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
+    for (int64_t b = 0; b < w->nb; b++) {
+        float d = tdm_f16_to_f32(dsc[b * TDM_CPU_RG + i]);
+        float *o = out + b * TDM_QK;
+        if (w->wtype == TDM_DTYPE_Q8_0) {
+            const uint8_t *qs = grp + (size_t)b * 512 + (size_t)i * 4;
+            for (int c = 0; c < 8; c++)
+                for (int m = 0; m < 4; m++)
+                    o[4 * c + m] = d * (float)(int8_t)(qs[c * 64 + m] ^ 0x80);
+        } else {
+            const uint8_t *qs = grp + (size_t)b * 256 + (size_t)i * 4;
+            float mn = w->wtype == TDM_DTYPE_Q4_1 ? tdm_f16_to_f32(msc[b * TDM_CPU_RG + i]) : 0;
+            for (int c = 0; c < 4; c++)
+                for (int m = 0; m < 4; m++) {
+                    uint8_t v = qs[c * 64 + m];
+                    if (w->wtype == TDM_DTYPE_Q4_0) {
+                        o[4 * c + m] = d * (float)((v & 15) - 8);
+                        o[16 + 4 * c + m] = d * (float)((v >> 4) - 8);
+                    } else {
+                        o[4 * c + m] = d * (float)(v & 15) + mn;
+                        o[16 + 4 * c + m] = d * (float)(v >> 4) + mn;
+                    }
+                }
+        }
+    }
+}
+
+typedef struct embed_task {
+    const tdm_bweight_t *w;
+    const int32_t *ids;
+    int64_t n;
+    float *out;
+} embed_task_t;
+
+static void embed_task_fn(void *arg, int ith, int nth)
+{
+    const embed_task_t *t = arg;
+    int64_t lo, hi;
+    split_range(t->n, ith, nth, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++)
+        embed_row(t->w, t->ids[r], t->out + r * t->w->k);
+}
+
+static void cpu_embed(tdm_backend_t *be, const tdm_bweight_t *w, const int32_t *ids, int64_t n,
+                      float *out)
+{
+    embed_task_t t = {w, ids, n, out};
+    if (n * w->k < TDM_CPU_SMALL_OP)
+        embed_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cpu_of(be)->pool, embed_task_fn, &t);
+}
+
+/* ---- rmsnorm ---- */
+
+typedef struct norm_task {
+    const tdm_cpu_kernels_t *k;
+    const float *x, *w;
+    int64_t n, d;
+    float eps;
+    float *out;
+} norm_task_t;
+
+static void norm_task_fn(void *arg, int ith, int nth)
+{
+    const norm_task_t *t = arg;
+    int64_t lo, hi;
+    split_range(t->n, ith, nth, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        const float *x = t->x + r * t->d;
+        float mean = t->k->sumsq(x, t->d) / (float)t->d;
+        float scale = 1.0f / sqrtf(mean + t->eps);
+        t->k->scale_mul(x, scale, t->w, t->d, t->out + r * t->d);
+    }
+}
+
+static void cpu_rmsnorm(tdm_backend_t *be, const float *x, const float *w, int64_t n, int64_t d,
+                        float eps, float *out)
+{
+    cpu_backend_t *cb = cpu_of(be);
+    norm_task_t t = {cb->k, x, w, n, d, eps, out};
+    if (n * d < TDM_CPU_SMALL_OP)
+        norm_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cb->pool, norm_task_fn, &t);
+}
+
+/* ---- rope ---- */
+
+typedef struct rope_task {
+    float *x;
+    const int32_t *pos;
+    int64_t n;
+    int32_t n_heads, head_dim, n_rot;
+    const double *freq; /* [n_rot / 2] */
+} rope_task_t;
+
+/* The angles are computed in double (pow, sin, cos of libm) and rounded to
+ * float once, so they do not depend on the ISA, and hardly on the libm. */
+static void rope_task_fn(void *arg, int ith, int nth)
+{
+    const rope_task_t *t = arg;
+    int64_t lo, hi;
+    split_range(t->n, ith, nth, &lo, &hi);
+    const int32_t half = t->n_rot / 2;
+    for (int64_t r = lo; r < hi; r++) {
+        float cs[512], sn[512];
+        for (int32_t i = 0; i < half; i++) {
+            double a = (double)t->pos[r] * t->freq[i];
+            cs[i] = (float)cos(a);
+            sn[i] = (float)sin(a);
+        }
+        float *row = t->x + r * (int64_t)t->n_heads * t->head_dim;
+        for (int32_t h = 0; h < t->n_heads; h++) {
+            float *v = row + (int64_t)h * t->head_dim;
+            for (int32_t i = 0; i < half; i++) {
+                float x0 = v[2 * i], x1 = v[2 * i + 1];
+                v[2 * i] = x0 * cs[i] - x1 * sn[i];
+                v[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+            }
+        }
+    }
+}
+
+static void cpu_rope(tdm_backend_t *be, float *x, const int32_t *pos, int64_t n, int32_t n_heads,
+                     int32_t head_dim, int32_t n_rot, float theta)
+{
+    double freq[512];
+    if (n_rot > head_dim)
+        n_rot = head_dim;
+    if (n_rot > 1024)
+        n_rot = 1024; /* the engine checks head dims; never overrun the tables */
+    for (int32_t i = 0; i < n_rot / 2; i++)
+        freq[i] = pow((double)theta, -2.0 * i / (double)n_rot);
+    rope_task_t t = {x, pos, n, n_heads, head_dim, n_rot, freq};
+    if (n * n_heads * head_dim < TDM_CPU_SMALL_OP)
+        rope_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cpu_of(be)->pool, rope_task_fn, &t);
+}
+
+/* ---- elementwise ---- */
+
+typedef struct ew_task {
+    const tdm_cpu_kernels_t *k;
+    int op; /* 0 swiglu, 1 add */
+    const float *a, *b;
+    float *out;
+    int64_t count;
+} ew_task_t;
+
+static void ew_task_fn(void *arg, int ith, int nth)
+{
+    const ew_task_t *t = arg;
+    int64_t lo, hi;
+    split_range((t->count + 63) / 64, ith, nth, &lo, &hi);
+    lo *= 64;
+    hi = hi * 64 < t->count ? hi * 64 : t->count;
+    if (lo >= hi)
+        return;
+    if (t->op == 0)
+        t->k->swiglu(t->a + lo, t->b + lo, hi - lo, t->out + lo);
+    else
+        t->k->add(t->out + lo, t->b + lo, hi - lo);
+}
+
+static void run_ew(cpu_backend_t *cb, ew_task_t *t)
+{
+    if (t->count < TDM_CPU_SMALL_OP)
+        ew_task_fn(t, 0, 1);
+    else
+        tdm_threadpool_run(cb->pool, ew_task_fn, t);
+}
+
+static void cpu_swiglu(tdm_backend_t *be, const float *gate, const float *up, int64_t n,
+                       int64_t f, float *out)
+{
+    ew_task_t t = {cpu_of(be)->k, 0, gate, up, out, n * f};
+    run_ew(cpu_of(be), &t);
+}
+
+static void cpu_add(tdm_backend_t *be, float *x, const float *y, int64_t count)
+{
+    ew_task_t t = {cpu_of(be)->k, 1, x, y, x, count};
+    run_ew(cpu_of(be), &t);
+}
+
+static void cpu_gather_rows(tdm_backend_t *be, const float *src, const int32_t *idx, int64_t n,
+                            int64_t d, float *dst)
+{
+    for (int64_t t = 0; t < n; t++)
+        memmove(dst + t * d, src + (int64_t)idx[t] * d, (size_t)d * sizeof(float));
+}
+
+/* ---- KV cache ---- */
+
+typedef struct kvw_task {
+    const tdm_cpu_kernels_t *k;
+    const float *kx, *vx;
+    const int32_t *slot;
+    int64_t n, kv_dim;
+    uint16_t *ck, *cv;
+} kvw_task_t;
+
+static void kvw_task_fn(void *arg, int ith, int nth)
+{
+    const kvw_task_t *t = arg;
+    int64_t lo, hi;
+    split_range(t->n, ith, nth, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        if (t->slot[r] < 0)
+            continue; /* a padding row */
+        size_t off = (size_t)t->slot[r] * (size_t)t->kv_dim;
+        t->k->to_f16(t->kx + r * t->kv_dim, t->kv_dim, t->ck + off);
+        t->k->to_f16(t->vx + r * t->kv_dim, t->kv_dim, t->cv + off);
+    }
+}
+
+static void cpu_kv_write(tdm_backend_t *be, const float *k, const float *v, const int32_t *slot,
+                         int64_t n, int64_t kv_dim, uint16_t *cache_k, uint16_t *cache_v)
+{
+    kvw_task_t t = {cpu_of(be)->k, k, v, slot, n, kv_dim, cache_k, cache_v};
+    if (n * kv_dim < TDM_CPU_SMALL_OP)
+        kvw_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cpu_of(be)->pool, kvw_task_fn, &t);
+}
+
+/* ---- attention ---- */
+
+typedef struct attn_task {
+    const tdm_cpu_kernels_t *k;
+    const tdm_attn_params_t *p;
+    const float *q;
+    const uint16_t *ck, *cv;
+    float *out;
+    int32_t heads_per_item; /* query heads of one kv head done together */
+    int64_t n_items;
+    atomic_llong next; /* items are taken in chunks: causal rows differ in cost */
+} attn_task_t;
+
+static void attn_task_fn(void *arg, int ith, int nth)
+{
+    attn_task_t *t = arg;
+    const int32_t items_per_row = t->p->n_heads / t->heads_per_item;
+    const int64_t chunk = t->n_items >= 64 * nth ? 4 : 1;
+    for (;;) {
+        int64_t i0 = atomic_fetch_add_explicit(&t->next, chunk, memory_order_relaxed);
+        if (i0 >= t->n_items)
+            break;
+        int64_t i1 = i0 + chunk < t->n_items ? i0 + chunk : t->n_items;
+        for (int64_t i = i0; i < i1; i++) {
+            int64_t row = i / items_per_row;
+            int32_t h0 = (int32_t)(i % items_per_row) * t->heads_per_item;
+            t->k->attn(t->p, t->q, t->ck, t->cv, t->out, row, h0, h0 + t->heads_per_item);
+        }
+    }
+}
+
+static void cpu_attention(tdm_backend_t *be, const tdm_attn_params_t *p, const float *q,
+                          const uint16_t *cache_k, const uint16_t *cache_v, float *out)
+{
+    cpu_backend_t *cb = cpu_of(be);
+    if (p->n <= 0)
+        return;
+    int32_t grp = p->n_heads / p->n_kv_heads;
+    /* Whole kv-head groups share K/V loads; single heads balance better when
+     * there are few items (decode). Either gives the same bits. */
+    int32_t hpi = p->n * p->n_kv_heads >= 4 * cb->n_threads ? grp : 1;
+    if (hpi > TDM_CPU_MAX_HEADS_G)
+        hpi = 1;
+    attn_task_t t;
+    t.k = cb->k;
+    t.p = p;
+    t.q = q;
+    t.ck = cache_k;
+    t.cv = cache_v;
+    t.out = out;
+    t.heads_per_item = hpi;
+    t.n_items = p->n * (p->n_heads / hpi);
+    atomic_init(&t.next, 0);
+    if (t.n_items == 1)
+        attn_task_fn(&t, 0, 1);
+    else
+        tdm_threadpool_run(cb->pool, attn_task_fn, &t);
+}
+
+/* ---- creation ---- */
+
+static void cpu_destroy(tdm_backend_t *be)
+{
+    if (be == NULL)
+        return;
+    cpu_backend_t *cb = cpu_of(be);
+    tdm_threadpool_destroy(cb->pool);
+    free(cb);
+}
+
+const char *tdm_cpu_isa_name(tdm_cpu_isa_t isa)
+{
+    switch (isa) {
+    case TDM_CPU_ISA_AUTO: return "auto";
+    case TDM_CPU_ISA_SCALAR: return "scalar";
+    case TDM_CPU_ISA_AVX2: return "avx2";
+    case TDM_CPU_ISA_AVX512: return "avx512";
+    }
+    return "unknown";
+}
+
+tdm_cpu_isa_t tdm_cpu_isa_detect(void)
+{
+    tdm_cpu_features_t f;
+    tdm_cpu_features_get(&f);
+    return f.avx512 ? TDM_CPU_ISA_AVX512 : f.avx2 ? TDM_CPU_ISA_AVX2 : TDM_CPU_ISA_SCALAR;
+}
+
+int tdm_backend_cpu_threads(const tdm_backend_t *be)
+{
+    if (be == NULL || be->ops->destroy != cpu_destroy)
+        return 0;
+    return ((const cpu_backend_t *)be)->n_threads;
+}
+
+tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backend_t **out)
+{
+    tdm_cpu_features_t f;
+    tdm_cpu_features_get(&f);
+    tdm_cpu_isa_t best = f.avx512 ? TDM_CPU_ISA_AVX512 : f.avx2 ? TDM_CPU_ISA_AVX2
+                                                                : TDM_CPU_ISA_SCALAR;
+    if (isa == TDM_CPU_ISA_AUTO) {
+        const char *env = getenv("TANDEM_CPU_ISA");
+        if (env == NULL || env[0] == '\0' || strcmp(env, "auto") == 0)
+            isa = best;
+        else if (strcmp(env, "scalar") == 0)
+            isa = TDM_CPU_ISA_SCALAR;
+        else if (strcmp(env, "avx2") == 0)
+            isa = TDM_CPU_ISA_AVX2;
+        else if (strcmp(env, "avx512") == 0)
+            isa = TDM_CPU_ISA_AVX512;
+        else {
+            tdm_log_error("kernels", "TANDEM_CPU_ISA=%s: expected scalar, avx2 or avx512", env);
+            return TDM_ERR_INVALID;
+        }
+    }
+    const tdm_cpu_kernels_t *k;
+    switch (isa) {
+    case TDM_CPU_ISA_SCALAR: k = &tdm_cpu_kernels_scalar; break;
+    case TDM_CPU_ISA_AVX2:
+        if (!f.avx2) {
+            tdm_log_error("kernels", "this CPU lacks AVX2/FMA/F16C (asked for the avx2 kernels)");
+            return TDM_ERR_UNSUPPORTED;
+        }
+        k = f.avx_vnni ? &tdm_cpu_kernels_avx2_vnni : &tdm_cpu_kernels_avx2;
+        break;
+    case TDM_CPU_ISA_AVX512:
+        if (!f.avx512) {
+            tdm_log_error("kernels",
+                          "this CPU lacks AVX-512 F/BW/VL/DQ/VNNI (asked for the avx512 kernels)");
+            return TDM_ERR_UNSUPPORTED;
+        }
+        k = &tdm_cpu_kernels_avx512;
+        break;
+    default: tdm_log_error("kernels", "unknown CPU ISA %d", (int)isa); return TDM_ERR_INVALID;
+    }
+
+    cpu_backend_t *cb = calloc(1, sizeof(*cb));
+    if (cb == NULL)
+        return TDM_ERR_NOMEM;
+    tdm_status_t st = tdm_threadpool_create(n_threads, &cb->pool);
+    if (st != TDM_OK)
+        goto err_free_backend;
+    cb->n_threads = tdm_threadpool_size(cb->pool);
+    cb->isa = isa;
+    cb->k = k;
+    cb->ops = (tdm_backend_ops_t){
+        .name = isa == TDM_CPU_ISA_AVX512 ? "cpu-avx512"
+                : isa == TDM_CPU_ISA_AVX2 ? "cpu-avx2"
+                                          : "cpu-scalar",
+        .destroy = cpu_destroy,
+        .buf_alloc = cpu_buf_alloc,
+        .buf_free = cpu_buf_free,
+        .copy_to = cpu_copy,
+        .copy_from = cpu_copy,
+        .sync = cpu_sync,
+        .weight_load = cpu_weight_load,
+        .weight_free = cpu_weight_free,
+        .act_size = cpu_act_size,
+        .act_prepare = cpu_act_prepare,
+        .matmul = cpu_matmul,
+        .embed = cpu_embed,
+        .rmsnorm = cpu_rmsnorm,
+        .rope = cpu_rope,
+        .swiglu = cpu_swiglu,
+        .add = cpu_add,
+        .gather_rows = cpu_gather_rows,
+        .kv_write = cpu_kv_write,
+        .attention = cpu_attention,
+    };
+    cb->base.ops = &cb->ops;
+    tdm_log_info("kernels", "cpu backend: %s kernels%s, %d threads", tdm_cpu_isa_name(isa),
+                 isa == TDM_CPU_ISA_AVX2 ? (f.avx_vnni ? " (with AVX-VNNI)" : " (no VNNI)") : "",
+                 cb->n_threads);
+    *out = &cb->base;
+    return TDM_OK;
+
+err_free_backend:
+    free(cb);
+    return st;
+}

@@ -1,0 +1,196 @@
+/* tandem CPU backend internals: packed weight and activation layouts, the
+ * canonical arithmetic every ISA reproduces bit for bit, and the per-ISA
+ * kernel table.
+ *
+ * Canonical arithmetic (the scalar code in ops_scalar.c is the oracle; the
+ * AVX2 and AVX-512 kernels do the same operations in the same order):
+ *
+ * - Quantized matmul, per output y[t][r]: acc = 0; for each 32-block b in
+ *   increasing order: isum = corr[t][b] + sum_i wq[r][b][i] * aq[t][b][i]
+ *   (exact int32; wq unsigned as packed), then
+ *       acc = fmaf(dw[r][b] * da[t][b], (float)isum, acc)
+ *   and for Q4_1 also acc = fmaf(mw[r][b], dsa[t][b], acc).
+ *   corr is -8 * sum(aq) for Q4_0 and -128 * sum(aq) for Q8_0 (stored
+ *   biased by +128 in the pack); 0 for Q4_1, whose dsa = da * (float)sum(aq).
+ * - Float matmul, rmsnorm's sum of squares and attention's q.k: 16 lanes;
+ *   lane l accumulates elements j = l (mod 16) in increasing j with fmaf
+ *   (missing tail elements count as fmaf(0, 0, acc)), then tdm_cpu_tree16.
+ * - exp: tdm_cpu_expf below, in every ISA; no libm in kernels.
+ * - Activation quantization per 32-block: amax = max |x|, d = amax / 127,
+ *   q = nearest-even(x / d) (q = 0 when amax == 0).
+ * - Attention per (row, head): chunks of 16 positions in increasing order,
+ *   online softmax (see ops_scalar.c attn_head). */
+#ifndef TANDEM_KERNELS_CPU_INTERNAL_H
+#define TANDEM_KERNELS_CPU_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tandem/dtype.h"
+#include "tandem/kernels.h"
+
+#define TDM_CPU_RG          16  /* rows per packed group of a quantized weight */
+#define TDM_CPU_LANES       16  /* canonical float lanes */
+#define TDM_CPU_CHUNK       16  /* attention positions per softmax chunk */
+#define TDM_CPU_MAX_HD      256 /* largest head_dim the SIMD attention takes */
+#define TDM_CPU_MAX_HEADS_G 16  /* most query heads processed together per kv head */
+
+/* A weight as the CPU backend keeps it.
+ *
+ * F32/F16: the caller's [rows][k] data, not copied.
+ * Q4_0/Q4_1/Q8_0: groups of 16 rows (the last one padded with zero rows),
+ * group g at packed + g * group_bytes (64-byte aligned), laid out as
+ *   Q4: qs [nb][4 chunks][16 rows][4 bytes]: chunk c of row i holds the
+ *       GGUF bytes qs[4c..4c+3] of that row's block, i.e. elements 4c..4c+3
+ *       in the low nibbles and 16+4c..16+4c+3 in the high nibbles;
+ *       then f16 d[nb][16] at d_off, then (Q4_1) f16 m[nb][16] at m_off.
+ *   Q8: qs [nb][8 chunks][16 rows][4 bytes] of (q + 128) as u8, elements
+ *       4c..4c+3; then f16 d[nb][16] at d_off.
+ * One 64-byte chunk is one zmm (or two ymm): 16 rows x 4 bytes, the shape
+ * vpdpbusd wants with a broadcast of 4 activation bytes. */
+struct tdm_bweight {
+    uint32_t wtype;
+    int64_t rows, k;
+    int64_t nb;          /* 32-blocks per row (quantized) */
+    int64_t n_groups;    /* ceil(rows / 16) (quantized) */
+    size_t group_bytes;  /* stride between packed groups */
+    size_t d_off, m_off; /* offsets of the f16 scales and mins in a group */
+    const void *data;    /* F32/F16 rows, or the packed groups */
+    void *owned;         /* what weight_free frees (the packed groups) */
+};
+
+/* Quantized activation row, stride tdm_cpu_act_stride(k) bytes (a multiple
+ * of 64): int8 q[nb][32], then f32 d[nb], then aux[nb]: int32 corr for
+ * Q4_0/Q8_0 weights or f32 dsa for Q4_1 (see above). */
+static inline size_t tdm_cpu_act_stride(int64_t k)
+{
+    size_t nb = (size_t)(k / TDM_QK);
+    return (nb * (TDM_QK + 8) + 63) & ~(size_t)63;
+}
+
+static inline uint32_t tdm_cpu_f2u(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float tdm_cpu_u2f(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* x86 maxps/minps semantics: the second operand when unordered. */
+static inline float tdm_cpu_maxps(float a, float b) { return a > b ? a : b; }
+static inline float tdm_cpu_minps(float a, float b) { return a < b ? a : b; }
+
+/* Constants of tdm_cpu_expf. */
+#define TDM_EXP_LO    -87.0f
+#define TDM_EXP_HI    88.0f
+#define TDM_EXP_LOG2E 1.44269504088896341f
+#define TDM_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+#define TDM_EXP_LN2HI 0.693359375f
+#define TDM_EXP_LN2LO -2.12194440e-4f
+#define TDM_EXP_C6    (1.0f / 720.0f)
+#define TDM_EXP_C5    (1.0f / 120.0f)
+#define TDM_EXP_C4    (1.0f / 24.0f)
+#define TDM_EXP_C3    (1.0f / 6.0f)
+#define TDM_EXP_C2    0.5f
+
+/* e^x: 0 below -87 (and for -inf), x clamped to 88 above, NaN stays NaN.
+ * n = nearest(x * log2e), r = x - n ln2 (Cody-Waite, two FMAs), degree-6
+ * Taylor polynomial by Horner with FMAs, times 2^n built in the exponent.
+ * About 2 ulp; exact 1 at 0. SIMD versions do exactly these operations. */
+static inline float tdm_cpu_expf(float x)
+{
+    float xc = tdm_cpu_maxps(TDM_EXP_LO, x);
+    xc = tdm_cpu_minps(TDM_EXP_HI, xc);
+    float t = xc * TDM_EXP_LOG2E;
+    float nm = t + TDM_EXP_MAGIC;
+    float n = nm - TDM_EXP_MAGIC;
+    float r = fmaf(n, -TDM_EXP_LN2HI, xc);
+    r = fmaf(n, -TDM_EXP_LN2LO, r);
+    float p = TDM_EXP_C6;
+    p = fmaf(p, r, TDM_EXP_C5);
+    p = fmaf(p, r, TDM_EXP_C4);
+    p = fmaf(p, r, TDM_EXP_C3);
+    p = fmaf(p, r, TDM_EXP_C2);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    /* bits(nm) = 0x4b400000 + n for |n| < 2^22: 2^n = (n + 127) << 23. */
+    uint32_t e = (tdm_cpu_f2u(nm) - 0x4b400000u + 127u) << 23;
+    float res = p * tdm_cpu_u2f(e);
+    return x < TDM_EXP_LO ? 0.0f : res;
+}
+
+/* The canonical horizontal sum of 16 lanes: halves, quarters, pairs. */
+static inline float tdm_cpu_tree16(const float a[16])
+{
+    float b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++)
+        c[i] = b[i] + b[i + 4];
+    for (int i = 0; i < 2; i++)
+        d[i] = c[i] + c[i + 2];
+    return d[0] + d[1];
+}
+
+/* Nearest-even integer of v for |v| < 2^22, as a float. */
+static inline float tdm_cpu_rint(float v) { return (v + TDM_EXP_MAGIC) - TDM_EXP_MAGIC; }
+
+/* Address of position pos's K or V row of kv head kvh in the paged cache. */
+static inline const uint16_t *tdm_cpu_kv_row(const tdm_attn_params_t *p, const uint16_t *cache,
+                                             const int32_t *table, int64_t pos, int32_t kvh)
+{
+    int64_t bs = p->block_size;
+    int64_t slot = (int64_t)table[pos / bs] * bs + pos % bs;
+    return cache + slot * (int64_t)p->n_kv_heads * p->head_dim + (int64_t)kvh * p->head_dim;
+}
+
+/* What each ISA provides. Ranges are half-open; all functions are pure and
+ * thread-safe on disjoint outputs. */
+typedef struct tdm_cpu_kernels {
+    /* y[t][r] for r in packed groups [g0, g1), t in [0, n). act: rows of
+     * tdm_cpu_act_stride(w->k) bytes. */
+    void (*qmatmul)(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
+                    int64_t g0, int64_t g1);
+    /* F32/F16 weights: y[t][r] for r in [r0, r1), x is [n][k] f32. */
+    void (*fmatmul)(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                    int64_t r0, int64_t r1);
+    /* One activation row of k floats into the quantized row layout. */
+    void (*act_quant)(uint32_t wtype, const float *x, int64_t k, uint8_t *act);
+    /* Sum of squares of x[0..d) in the canonical 16-lane order. */
+    float (*sumsq)(const float *x, int64_t d);
+    /* out[i] = (x[i] * scale) * w[i]. */
+    void (*scale_mul)(const float *x, float scale, const float *w, int64_t d, float *out);
+    void (*swiglu)(const float *g, const float *u, int64_t count, float *out);
+    void (*add)(float *x, const float *y, int64_t count);
+    void (*to_f16)(const float *x, int64_t count, uint16_t *out);
+    /* Query heads [h0, h1) of row t, all of one kv head. */
+    void (*attn)(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                 const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1);
+} tdm_cpu_kernels_t;
+
+extern const tdm_cpu_kernels_t tdm_cpu_kernels_scalar;
+extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx2;      /* AVX2 without VNNI */
+extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx2_vnni; /* AVX2 with AVX-VNNI */
+extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx512;
+
+/* The scalar attention of one head; SIMD kernels fall back to it for head
+ * dims they do not take (same arithmetic). */
+void tdm_cpu_attn_scalar(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                         const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1);
+
+/* CPUID. */
+typedef struct tdm_cpu_features {
+    int avx2;       /* AVX2 + FMA + F16C, OS saves ymm */
+    int avx_vnni;   /* AVX-VNNI (VEX vpdpbusd) */
+    int avx512;     /* AVX-512 F/BW/VL/DQ + VNNI, OS saves zmm */
+} tdm_cpu_features_t;
+void tdm_cpu_features_get(tdm_cpu_features_t *f);
+
+#endif

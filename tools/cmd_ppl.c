@@ -1,0 +1,130 @@
+/* tandem ppl: perplexity over a text file in windows of --ctx tokens.
+ *
+ * As llama.cpp's perplexity tool does it: the text is tokenized once (with
+ * BOS if the model wants one), cut into consecutive windows of ctx tokens
+ * (the first token of each window replaced by BOS when the model uses one),
+ * and only the second half of each window is scored, so every scored token
+ * has at least ctx/2 tokens of context. PPL = exp(mean NLL). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tandem/log.h"
+#include "tool.h"
+
+int cmd_ppl(int argc, char **argv)
+{
+    tool_engine_opts_t eo;
+    tool_engine_opts_default(&eo);
+    const char *file = NULL;
+    int ctx = 512, max_chunks = 0;
+    tdm_flag_t flags[24];
+    size_t n = tool_engine_flags(&eo, flags);
+    tdm_flag_t more[] = {
+        {"file", 'f', TDM_FLAG_TYPE_STR, &file, "text file to score", NULL},
+        {"ctx", 'c', TDM_FLAG_TYPE_INT, &ctx, "window length in tokens", NULL},
+        {"chunks", 0, TDM_FLAG_TYPE_INT, &max_chunks, "score at most this many windows (0: all)",
+         NULL},
+    };
+    memcpy(flags + n, more, sizeof(more));
+    n += sizeof(more) / sizeof(more[0]);
+    int rc;
+    if (!tool_parse("ppl [-m MODEL] -f TEXT [--ctx N]",
+                    "Perplexity of a text file, scored in windows as llama.cpp's perplexity does.",
+                    flags, n, argc, argv, NULL, 0, NULL, &rc))
+        return rc;
+    if (file == NULL || ctx < 16) {
+        fprintf(stderr, "tandem ppl: give -f TEXT and a --ctx of at least 16\n");
+        return TOOL_EXIT_USAGE;
+    }
+    FILE *f = fopen(file, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "tandem ppl: cannot open %s\n", file);
+        return TOOL_EXIT_USAGE;
+    }
+    size_t len;
+    char *text = tool_read_all(f, &len);
+    fclose(f);
+    if (text == NULL)
+        return TOOL_EXIT_FAIL;
+    if (eo.max_model_len < ctx)
+        eo.max_model_len = ctx;
+    tdm_engine_t *e;
+    rc = tool_engine_create(&eo, &e);
+    if (rc != TOOL_EXIT_OK) {
+        free(text);
+        return rc;
+    }
+    const tdm_model_t *m = tdm_engine_model(e);
+    const tdm_tokenizer_t *tok = tdm_model_tokenizer(m);
+    int32_t V = tdm_model_hparams(m)->n_vocab;
+    size_t cap = len + 16, nt = 0;
+    int32_t *toks = malloc(cap * sizeof(int32_t));
+    int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
+    size_t off = bos >= 0 ? 1 : 0;
+    if (bos >= 0 && toks != NULL)
+        toks[0] = bos;
+    float *logits = malloc((size_t)ctx * (size_t)V * sizeof(float));
+    int32_t *win = malloc((size_t)ctx * sizeof(int32_t));
+    if (toks == NULL || logits == NULL || win == NULL ||
+        tdm_tokenizer_encode(tok, text, len, false, toks + off, cap - off, &nt) != TDM_OK) {
+        fprintf(stderr, "tandem ppl: out of memory or cannot tokenize\n");
+        rc = TOOL_EXIT_FAIL;
+        goto out;
+    }
+    nt += off;
+    size_t n_chunks = nt / (size_t)ctx;
+    if (max_chunks > 0 && n_chunks > (size_t)max_chunks)
+        n_chunks = (size_t)max_chunks;
+    if (n_chunks == 0) {
+        fprintf(stderr, "tandem ppl: the text has %zu tokens, fewer than one window of %d\n", nt,
+                ctx);
+        rc = TOOL_EXIT_USAGE;
+        goto out;
+    }
+    fprintf(stderr, "ppl: %zu tokens, %zu windows of %d, scoring the second half of each\n", nt,
+            n_chunks, ctx);
+    double nll = 0, nll2 = 0;
+    size_t count = 0;
+    int first = ctx / 2;
+    double t0 = tool_now();
+    for (size_t c = 0; c < n_chunks; c++) {
+        memcpy(win, toks + c * (size_t)ctx, (size_t)ctx * sizeof(int32_t));
+        if (bos >= 0)
+            win[0] = bos;
+        if (tdm_engine_eval(e, win, (size_t)ctx, logits) != TDM_OK) {
+            fprintf(stderr, "tandem ppl: evaluation failed\n");
+            rc = TOOL_EXIT_FAIL;
+            goto out;
+        }
+        for (int j = first; j < ctx - 1; j++) {
+            const float *l = logits + (size_t)j * (size_t)V;
+            double mx = l[0];
+            for (int32_t v = 1; v < V; v++)
+                mx = l[v] > mx ? l[v] : mx;
+            double sum = 0;
+            for (int32_t v = 0; v < V; v++)
+                sum += exp((double)l[v] - mx);
+            double lp = (double)l[toks[c * (size_t)ctx + (size_t)j + 1]] - mx - log(sum);
+            nll -= lp;
+            nll2 += lp * lp;
+            count++;
+        }
+        printf("[%zu]%.4f%s", c + 1, exp(nll / (double)count), c + 1 < n_chunks ? "," : "\n");
+        fflush(stdout);
+    }
+    double mean = nll / (double)count;
+    double var = nll2 / (double)count - mean * mean;
+    double err = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
+    printf("Final estimate: PPL = %.4f +/- %.5f\n", exp(mean), exp(mean) * err);
+    fprintf(stderr, "ppl: %zu tokens scored in %.1f s\n", count, tool_now() - t0);
+    rc = TOOL_EXIT_OK;
+out:
+    free(win);
+    free(logits);
+    free(toks);
+    free(text);
+    tdm_engine_destroy(e);
+    return rc;
+}

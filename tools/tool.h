@@ -1,0 +1,62 @@
+/* Shared pieces of the `tandem` subcommands. */
+#ifndef TANDEM_TOOLS_TOOL_H
+#define TANDEM_TOOLS_TOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tandem/engine.h"
+#include "tandem/flags.h"
+
+/* Exit statuses: 0 ok, 1 failure at run time, 2 bad input (flags, model
+ * file), as the issue and common CLI practice want. */
+#define TOOL_EXIT_OK    0
+#define TOOL_EXIT_FAIL  1
+#define TOOL_EXIT_USAGE 2
+
+#define DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+/* Engine flags shared by generate, bench, ppl. */
+typedef struct tool_engine_opts {
+    const char *model;
+    int threads;
+    int max_num_seqs;
+    int max_num_batched_tokens;
+    int max_model_len;
+    int block_size;
+    uint64_t kv_cache_memory;
+    bool enable_prefix_caching;
+    const char *cpu_isa;
+} tool_engine_opts_t;
+
+void tool_engine_opts_default(tool_engine_opts_t *o);
+/* Writes the engine flags into out (room for 9); returns how many. */
+size_t tool_engine_flags(tool_engine_opts_t *o, tdm_flag_t *out);
+/* Resolves the model path (-m, else $TANDEM_HOME/models/DEFAULT_MODEL_FILE)
+ * and fills an engine config. Prints the error and returns false when the
+ * default model is missing. */
+bool tool_engine_config(const tool_engine_opts_t *o, tdm_engine_config_t *cfg);
+/* Default model path into buf. */
+void tool_default_model_path(char *buf, size_t cap);
+/* Creates the engine; prints the error; returns the exit status to use. */
+int tool_engine_create(const tool_engine_opts_t *o, tdm_engine_t **out);
+
+/* Parses flags; prints usage on --help (returns 0 via *exit_now) or errors
+ * (returns 2). Returns true to continue. */
+bool tool_parse(const char *cmd, const char *summary, const tdm_flag_t *flags, size_t n, int argc,
+                char **argv, const char **pos, size_t max_pos, size_t *n_pos, int *exit_code);
+
+/* Reads all of a stream into a malloc'd buffer (NUL-terminated). */
+char *tool_read_all(FILE *f, size_t *len);
+double tool_now(void); /* monotonic seconds */
+
+int cmd_generate(int argc, char **argv);
+int cmd_logits(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_detokenize(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+int cmd_ppl(int argc, char **argv);
+int cmd_mkmodel(int argc, char **argv);
+
+#endif
