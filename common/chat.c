@@ -48,52 +48,57 @@ static size_t extract_default_system(const char *tpl, size_t n, char *out, size_
 {
     static const char *const heads[] = {"<|im_start|>system\n", "<|im_start|>system\\n"};
     for (size_t h = 0; h < 2; h++) {
-        const char *head = find_bytes(tpl, n, heads[h]);
-        if (head == NULL)
-            continue;
-        const char *start = head + strlen(heads[h]);
-        const char *end = find_bytes(start, n - (size_t)(start - tpl), "<|im_end|>");
-        if (end == NULL || end == start)
-            continue;
-        /* The literal's quote is the nearest quote before the head; if that
-         * quote closes inside [start, end), the text between is an
-         * expression (messages[0]['content'], a variable), not a default. */
-        char quote = 0;
-        for (const char *q = head; q > tpl; q--)
-            if (q[-1] == '\'' || q[-1] == '"') {
-                quote = q[-1];
-                break;
-            }
-        bool literal = true;
-        for (const char *q = start; q < end && literal; q++) {
-            if (*q == '\\' && q + 1 < end)
-                q++;
-            else if (quote != 0 && *q == quote)
-                literal = false;
-            else if (*q == '{' && q + 1 < end && (q[1] == '{' || q[1] == '%'))
-                literal = false;
-        }
-        if (!literal)
-            continue;
-        /* Unescape the literal as Jinja reads it (Python string escapes). */
-        size_t len = 0;
-        for (const char *q = start; q < end; q++) {
-            char ch = *q;
-            if (ch == '\\' && q + 1 < end) {
-                char e = q[1];
-                if (e == 'n' || e == 't' || e == 'r' || e == '\\' || e == '\'' || e == '"') {
-                    ch = e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
-                    q++;
+        const char *from = tpl;
+        const char *head;
+        /* Every occurrence in turn: templates such as Qwen2.5's write the
+         * header once with the user's system message and once with the
+         * default. */
+        for (; (head = find_bytes(from, n - (size_t)(from - tpl), heads[h])) != NULL;
+             from = head + 1) {
+            const char *start = head + strlen(heads[h]);
+            const char *end = find_bytes(start, n - (size_t)(start - tpl), "<|im_end|>");
+            if (end == NULL || end == start)
+                continue;
+            /* The literal's quote is the nearest quote before the head; if that
+             * quote closes inside [start, end), the text between is an
+             * expression (messages[0]['content'], a variable), not a default. */
+            char quote = 0;
+            for (const char *q = head; q > tpl; q--)
+                if (q[-1] == '\'' || q[-1] == '"') {
+                    quote = q[-1];
+                    break;
                 }
+            bool literal = true;
+            for (const char *q = start; q < end && literal; q++) {
+                if (*q == '\\' && q + 1 < end)
+                    q++;
+                else if (quote != 0 && *q == quote)
+                    literal = false;
+                else if (*q == '{' && q + 1 < end && (q[1] == '{' || q[1] == '%'))
+                    literal = false;
             }
-            if (len + 1 < cap)
-                out[len] = ch;
-            len++;
+            if (!literal)
+                continue;
+            /* Unescape the literal as Jinja reads it (Python string escapes). */
+            size_t len = 0;
+            for (const char *q = start; q < end; q++) {
+                char ch = *q;
+                if (ch == '\\' && q + 1 < end) {
+                    char e = q[1];
+                    if (e == 'n' || e == 't' || e == 'r' || e == '\\' || e == '\'' || e == '"') {
+                        ch = e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
+                        q++;
+                    }
+                }
+                if (len + 1 < cap)
+                    out[len] = ch;
+                len++;
+            }
+            if (len + 1 > cap)
+                return (size_t)-1;
+            out[len] = '\0';
+            return len;
         }
-        if (len + 1 > cap)
-            return (size_t)-1;
-        out[len] = '\0';
-        return len;
     }
     return 0;
 }

@@ -42,8 +42,7 @@
 /* Pre-tokenizer regexes. The contractions of Llama 3 are spelled out in both
  * cases instead of (?i:...) so that Unicode case folding (U+017F 'ſ' folds to
  * 's') does not make them match more than the reference does. */
-#define RE_GPT2                                                                                    \
-    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+#define RE_GPT2  "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 #define RE_DIGIT "\\p{N}"
 #define RE_LLAMA3                                                                                  \
     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"     \
@@ -68,7 +67,10 @@ static const tok_pre_t tok_pres[] = {
     {"smollm", {RE_DIGIT, RE_GPT2}, false, false},
     {"llama-bpe", {RE_LLAMA3}, true, true},
     {"llama3", {RE_LLAMA3}, true, true},
-    {"default", {RE_DEFAULT_PUNCT, RE_DEFAULT_GPT2, RE_DEFAULT_NUM, RE_DEFAULT_DIGIT}, false, false},
+    {"default",
+     {RE_DEFAULT_PUNCT, RE_DEFAULT_GPT2, RE_DEFAULT_NUM, RE_DEFAULT_DIGIT},
+     false,
+     false},
 };
 
 /* One merge "a b": the bytes of a and b back to back, and where b starts. */
@@ -106,7 +108,7 @@ struct tdm_tokenizer {
      * then id; by_byte lists their indexes grouped by first byte. */
     int32_t *special; /* n_special ids */
     int32_t n_special;
-    int32_t *special_by_byte;      /* n_special indexes into special */
+    int32_t *special_by_byte;       /* n_special indexes into special */
     int32_t special_start[256 + 1]; /* by_byte range of each first byte */
 
     pcre2_code *re[TOK_MAX_REGEX];
@@ -464,7 +466,8 @@ static tdm_status_t build_vocab(tdm_tokenizer_t *t, const tdm_str_t *toks, char 
     t->dec_off = malloc(n * sizeof(*t->dec_off));
     t->dec_len = malloc(n * sizeof(*t->dec_len));
     if (t->text_arena == NULL || t->dec_arena == NULL || t->text_off == NULL ||
-        t->text_len == NULL || t->dec_off == NULL || t->dec_len == NULL || !table_init(&t->vocab, n))
+        t->text_len == NULL || t->dec_off == NULL || t->dec_len == NULL ||
+        !table_init(&t->vocab, n))
         return TDM_ERR_NOMEM;
 
     int16_t cp_to_byte[0x144];
@@ -636,6 +639,7 @@ tdm_status_t tdm_tokenizer_create(const tdm_gguf_t *g, char *err, size_t err_len
     t->types = malloc((size_t)n_tok);
     if (t->types == NULL)
         goto fail_nomem;
+    uint64_t n_bad_types = 0, first_bad_type = 0;
     for (uint64_t i = 0; i < n_tok; i++) {
         int64_t v = TDM_TOKEN_TYPE_NORMAL;
         if (types_kv != NULL && !tdm_gguf_array_i64(types_kv, i, &v)) {
@@ -644,12 +648,17 @@ tdm_status_t tdm_tokenizer_create(const tdm_gguf_t *g, char *err, size_t err_len
             goto fail;
         }
         if (v < TDM_TOKEN_TYPE_UNDEFINED || v > TDM_TOKEN_TYPE_BYTE) {
-            tdm_log_warn(TOK_MOD, "token %" PRIu64 " has unknown type %" PRId64 "; taken as normal",
-                         i, v);
+            if (n_bad_types++ == 0)
+                first_bad_type = i;
             v = TDM_TOKEN_TYPE_NORMAL;
         }
         t->types[i] = (uint8_t)v;
     }
+    if (n_bad_types > 0)
+        tdm_log_warn(TOK_MOD,
+                     "%" PRIu64 " tokens (first: %" PRIu64 ") have an unknown token_type; taken "
+                     "as normal",
+                     n_bad_types, first_bad_type);
     build_byte_alphabet(t);
     st = build_vocab(t, toks, err, err_len);
     if (st == TDM_OK)
@@ -1080,8 +1089,8 @@ tdm_status_t tdm_tokenizer_decode(const tdm_tokenizer_t *t, const int32_t *ids, 
         if (ids[i] < 0 || ids[i] >= t->n_vocab)
             return TDM_ERR_INVALID;
         size_t room = total < cap ? cap - total : 0;
-        total += tdm_tokenizer_token_bytes(t, ids[i], render_special,
-                                           room > 0 ? buf + total : NULL, room);
+        total += tdm_tokenizer_token_bytes(t, ids[i], render_special, room > 0 ? buf + total : NULL,
+                                           room);
     }
     if (total < cap)
         buf[total] = '\0';

@@ -3,16 +3,25 @@
  * Candidates are 64-bit keys: the penalized logit (before temperature) as
  * order-preserving bits in the high half, the bitwise complement of the
  * token id in the low half. Larger key = higher logit, then lower id, so
- * every order below is total and deterministic, and the k best are found by
- * comparing integers. The candidates are never sorted whole: a prefix of
- * them is selected (quickselect) and sorted, 64 at first, then doubled while
- * top-p, min-p or the draw walk further down the order.
+ * every order below is total and deterministic (it is the order of
+ * descending probability, lowest id first on ties, except that two logits
+ * whose exp() rounds to the same float stay in logit order), and the k best
+ * are found by comparing integers. top-k = 1 is then exactly greedy.
  *
- * Float operations run in a fixed order: penalties per token
- * (repetition, then frequency, then presence), the probabilities summed in
- * index order (or in sorted order over the top-k), the nucleus and the draw
- * accumulated in sorted order, all sums in double. NaN logits count as -inf.
- * Token ids in the history outside [0, n_vocab) are ignored. */
+ * The candidates are never sorted whole unless a walk needs them all: a
+ * prefix is selected (quickselect) and sorted, 64 keys at first, then at
+ * least doubled (by as much as the weight still missing requires) while
+ * top-p, min-p or the draw walk further down the order; large stretches are
+ * sorted by radix. Keys within SAMPLER_NEAR_NATS of the best are kept apart
+ * from the others, so the selections usually scan a few hundred keys, not
+ * the vocabulary.
+ *
+ * Float operations run in a fixed order, so a seeded request gets the same
+ * tokens on every run: penalties per token (repetition, then frequency, then
+ * presence); sums over the vocabulary in SAMPLER_LANES interleaved partial
+ * sums added pairwise (lanes_total); over the top-k, the nucleus and the
+ * draw, in sorted order; all sums in double. NaN logits count as -inf. Token
+ * ids in the history outside [0, n_vocab) are ignored. */
 #include "tandem/sampler.h"
 
 #include <assert.h>
@@ -27,7 +36,9 @@
 
 #include "tandem/log.h"
 
-#define SAMPLER_FIRST_SORTED  64 /* candidates sorted before the first doubling */
+#define SAMPLER_FIRST_SORTED  64   /* candidates sorted before the first doubling */
+#define SAMPLER_RADIX_MIN     2048 /* sort at least this many at once by radix */
+#define SAMPLER_LANES         8    /* partial sums and maxima over the vocabulary */
 #define SAMPLER_INSERTION_MAX 16
 /* Candidates within this many nats of the best one (after temperature) are
  * searched first; those below weigh under e^-16 each, so the walks rarely
@@ -40,7 +51,9 @@ struct tdm_sampler {
     uint32_t *stamp;     /* (n_vocab) generation that last met the token in the history */
     uint32_t *count;     /* (n_vocab) occurrences in the output; all 0 between calls */
     uint64_t *keys;      /* (n_vocab) candidate keys, see the top of this file */
+    uint64_t *keys_tmp;  /* (n_vocab) the other buffer of the radix sort */
     float *prob;         /* (n_vocab) unnormalized probability of keys[j], for sorted j */
+    float *weight;       /* (n_vocab) unnormalized probability by token id, without top-k */
 };
 
 /* ---- parameters ---- */
@@ -165,17 +178,19 @@ void tdm_sample_state_init(tdm_sample_state_t *st, const tdm_sampling_params_t *
 /* ---- candidate keys ---- */
 
 /* Bits of x that compare as unsigned integers the way x compares as a float
- * (x not NaN; -0 and +0 made equal by the caller). */
+ * (x not NaN; -0 and +0 made equal by the caller): negative floats get all
+ * bits flipped, the others the sign bit. Branch-free, since logits' signs
+ * are a coin toss to the branch predictor. */
 static inline uint32_t float_order_bits(float x)
 {
     uint32_t u;
     memcpy(&u, &x, sizeof(u));
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return u ^ (-(u >> 31) | 0x80000000u);
 }
 
 static inline float float_from_order_bits(uint32_t u)
 {
-    u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+    u ^= ((u >> 31) - 1) | 0x80000000u;
     float x;
     memcpy(&x, &u, sizeof(x));
     return x;
@@ -321,6 +336,49 @@ static void keys_select(uint64_t *a, size_t n, size_t k)
     keys_insertion_sort(a + lo, hi - lo);
 }
 
+/* Sorts a[0..n) in descending order by LSD radix on bytes, through
+ * tmp[0..n); bytes that every key shares are skipped (the high bytes of
+ * the id half, usually). */
+static void keys_radix_sort(uint64_t *a, uint64_t *tmp, size_t n)
+{
+    uint64_t all_and = ~0ull, all_or = 0;
+    for (size_t i = 0; i < n; i++) {
+        all_and &= a[i];
+        all_or |= a[i];
+    }
+    int digits[8], n_digits = 0;
+    for (int d = 0; d < 8; d++)
+        if (((all_and ^ all_or) >> (8 * d)) & 0xff)
+            digits[n_digits++] = 8 * d;
+
+    size_t hist[8][256];
+    memset(hist, 0, sizeof(hist));
+    for (size_t i = 0; i < n; i++) {
+        uint64_t k = ~a[i]; /* ascending in ~key is descending in key */
+        for (int d = 0; d < n_digits; d++)
+            hist[d][(k >> digits[d]) & 0xff]++;
+    }
+    uint64_t *src = a, *dst = tmp;
+    for (int d = 0; d < n_digits; d++) {
+        size_t *h = hist[d], sum = 0;
+        const int shift = digits[d];
+        for (int b = 0; b < 256; b++) {
+            size_t c = h[b];
+            h[b] = sum;
+            sum += c;
+        }
+        for (size_t i = 0; i < n; i++) {
+            uint64_t k = src[i];
+            dst[h[(~k >> shift) & 0xff]++] = k;
+        }
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, n * sizeof(*a));
+}
+
 /* ---- the sampler ---- */
 
 tdm_status_t tdm_sampler_create(int32_t n_vocab, tdm_sampler_t **out)
@@ -343,12 +401,22 @@ tdm_status_t tdm_sampler_create(int32_t n_vocab, tdm_sampler_t **out)
     s->keys = malloc(n * sizeof(*s->keys));
     if (s->keys == NULL)
         goto err_free_count;
+    s->keys_tmp = malloc(n * sizeof(*s->keys_tmp));
+    if (s->keys_tmp == NULL)
+        goto err_free_keys;
     s->prob = malloc(n * sizeof(*s->prob));
     if (s->prob == NULL)
-        goto err_free_keys;
+        goto err_free_keys_tmp;
+    s->weight = malloc(n * sizeof(*s->weight));
+    if (s->weight == NULL)
+        goto err_free_prob;
     *out = s;
     return TDM_OK;
 
+err_free_prob:
+    free(s->prob);
+err_free_keys_tmp:
+    free(s->keys_tmp);
 err_free_keys:
     free(s->keys);
 err_free_count:
@@ -366,7 +434,9 @@ void tdm_sampler_destroy(tdm_sampler_t *s)
 {
     if (s == NULL)
         return;
+    free(s->weight);
     free(s->prob);
+    free(s->keys_tmp);
     free(s->keys);
     free(s->count);
     free(s->stamp);
@@ -437,23 +507,57 @@ static float log_softmax_at(float x, float max, double sum)
     return (float)(d - log(sum));
 }
 
+/* The largest of x[0..n), NaN ignored (-inf if all are), in interleaved
+ * lanes so that the comparisons do not wait on one another. */
+static float max_logit(const float *x, size_t n)
+{
+    float m[SAMPLER_LANES];
+    for (int j = 0; j < SAMPLER_LANES; j++)
+        m[j] = -INFINITY;
+    size_t i = 0;
+    for (; i + SAMPLER_LANES <= n; i += SAMPLER_LANES)
+        for (int j = 0; j < SAMPLER_LANES; j++)
+            m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    for (; i < n; i++)
+        m[0] = x[i] > m[0] ? x[i] : m[0];
+    float max = m[0];
+    for (int j = 1; j < SAMPLER_LANES; j++)
+        max = m[j] > max ? m[j] : max;
+    return max;
+}
+
+/* The fixed order of every sum over the vocabulary: lane j adds the terms
+ * i = j mod SAMPLER_LANES in index order, then the lanes add pairwise. */
+_Static_assert(SAMPLER_LANES == 8, "lanes_total adds 8 lanes");
+static double lanes_total(const double *part)
+{
+    return ((part[0] + part[1]) + (part[2] + part[3])) +
+           ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+/* Sum of weight_of(x[i], max) over x[0..n), NaN as -inf. */
+static double sum_weights(const float *x, size_t n, float max)
+{
+    double part[SAMPLER_LANES] = {0};
+    for (size_t i = 0; i < n; i++) {
+        float v = isnan(x[i]) ? -INFINITY : x[i];
+        part[i % SAMPLER_LANES] += (double)weight_of(v, max);
+    }
+    return lanes_total(part);
+}
+
 static int32_t sampler_greedy(const tdm_sampler_t *s, const float *logits, float *logprob)
 {
     int32_t n = s->n_vocab, best = 0;
-    float max = -INFINITY;
-    /* Strictly greater: NaN never wins, the lowest id wins ties. */
-    for (int32_t i = 0; i < n; i++)
-        if (logits[i] > max) {
-            max = logits[i];
-            best = i;
-        }
+    float max = max_logit(logits, (size_t)n);
+    /* The first at the maximum. With every logit -inf or NaN, all tie at
+     * -inf: token 0. */
+    if (max > -INFINITY)
+        while (!(logits[best] == max))
+            best++;
     if (logprob != NULL) {
-        double sum = 0.0;
-        for (int32_t i = 0; i < n; i++) {
-            float x = isnan(logits[i]) ? -INFINITY : logits[i];
-            sum += (double)weight_of(x, max);
-        }
-        *logprob = log_softmax_at(isnan(logits[best]) ? -INFINITY : logits[best], max, sum);
+        float x = isnan(logits[best]) ? -INFINITY : logits[best];
+        *logprob = log_softmax_at(x, max, sum_weights(logits, (size_t)n, max));
     }
     return best;
 }
@@ -466,10 +570,13 @@ static int32_t sampler_greedy(const tdm_sampler_t *s, const float *logits, float
 typedef struct sampler_cands {
     size_t n, n_near, n_sorted;
     const float *scaled; /* (n) logits / temperature, by token id */
+    const float *weight; /* (n) their weights by token id, or NULL: computed as sorted */
     float max_scaled;
 } sampler_cands_t;
 
-/* Extends the sorted prefix to want keys (capped at n). */
+/* Extends the sorted prefix to at least want keys (capped at n). When that
+ * is most of what is left in the range, all of it gets sorted; large
+ * stretches are sorted by radix. */
 static void sampler_sort_more(tdm_sampler_t *s, sampler_cands_t *c, size_t want)
 {
     size_t have = c->n_sorted;
@@ -478,19 +585,41 @@ static void sampler_sort_more(tdm_sampler_t *s, sampler_cands_t *c, size_t want)
     if (want <= have)
         return;
     size_t end = want <= c->n_near ? c->n_near : c->n;
-    keys_select(s->keys + have, end - have, want - have);
-    keys_sort(s->keys + have, want - have, keys_depth_limit(want - have));
+    if (2 * (want - have) >= end - have)
+        want = end;
+    else
+        keys_select(s->keys + have, end - have, want - have);
+    if (want - have >= SAMPLER_RADIX_MIN)
+        keys_radix_sort(s->keys + have, s->keys_tmp, want - have);
+    else
+        keys_sort(s->keys + have, want - have, keys_depth_limit(want - have));
     for (size_t j = have; j < want; j++)
-        s->prob[j] = weight_of(c->scaled[key_id(s->keys[j])], c->max_scaled);
+        s->prob[j] = c->weight != NULL ? c->weight[key_id(s->keys[j])]
+                                       : weight_of(c->scaled[key_id(s->keys[j])], c->max_scaled);
     c->n_sorted = want;
 }
 
-/* Makes sure the sorted prefix holds position j. */
-static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, size_t j)
+/* Makes sure the sorted prefix holds position j, when a walk still misses
+ * `missing` weight: the prefix at least doubles, and grows at least by as
+ * many keys as that weight needs if each weighed as much as the last sorted
+ * one (none weighs more). */
+static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, size_t j,
+                                        double missing)
 {
-    if (j >= c->n_sorted)
-        sampler_sort_more(
-            s, c, c->n_sorted < SAMPLER_FIRST_SORTED ? SAMPLER_FIRST_SORTED : 2 * c->n_sorted);
+    size_t have = c->n_sorted;
+    if (j < have)
+        return;
+    size_t want = have < SAMPLER_FIRST_SORTED ? SAMPLER_FIRST_SORTED : 2 * have;
+    /* The best weight is 1: weight_of(max, max). */
+    float last = have > 0 ? s->prob[have - 1] : 1.0f;
+    if (last > 0.0f) {
+        double more = missing / (double)last;
+        if (more > (double)(c->n - have))
+            more = (double)(c->n - have);
+        if (more > (double)(want - have))
+            want = have + (size_t)more;
+    }
+    sampler_sort_more(s, c, want);
 }
 
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
@@ -511,39 +640,19 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
 
     const double u = sample_state_uniform(st);
 
-    float max = -INFINITY; /* NaN never compares greater */
-    for (size_t i = 0; i < n; i++)
-        if (logits[i] > max)
-            max = logits[i];
+    const float max = max_logit(logits, n);
     /* Division by a positive number preserves order, so this is the
      * maximum of the scaled logits. */
     const float max_scaled = max / temp;
     /* Any threshold keeps the order right; this one only decides speed. */
     const float near = max - SAMPLER_NEAR_NATS * temp;
 
-    /* One pass: logits[] becomes logits / temperature, the weights are
-     * summed in index order (total for sampling, logprob_sum for the
-     * logprob, before temperature), the keys are written near ones from the
-     * front, the others from the back (branch-free: both slots written, the
-     * one not taken is overwritten later). */
-    const bool has_top_k = p->top_k > 0 && (size_t)p->top_k < n;
-    const bool want_logprob = logprob != NULL, same_scale = temp == 1.0f;
-    double total = 0.0, logprob_sum = 0.0;
+    /* Keys of the penalized logits, the near ones from the front, the others
+     * from the back (branch-free: both slots are written, the one not taken
+     * is overwritten later). */
     size_t front = 0, back = n;
     for (size_t i = 0; i < n; i++) {
-        float x = logits[i];
-        if (isnan(x))
-            x = -INFINITY;
-        float xs = x / temp;
-        logits[i] = xs;
-        if (!has_top_k) {
-            float w = weight_of(xs, max_scaled);
-            total += (double)w;
-            if (want_logprob)
-                logprob_sum += (double)(same_scale ? w : weight_of(x, max));
-        } else if (want_logprob) {
-            logprob_sum += (double)weight_of(x, max);
-        }
+        float x = isnan(logits[i]) ? -INFINITY : logits[i];
         uint64_t key = key_make(x, (int32_t)i);
         bool is_near = x >= near;
         s->keys[front] = key;
@@ -552,14 +661,47 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
         back -= !is_near;
     }
     assert(front == back);
+
+    /* The logprob is under the distribution before temperature. */
+    const bool has_top_k = p->top_k > 0 && (size_t)p->top_k < n;
+    const bool same_scale = temp == 1.0f;
+    double logprob_sum = 0.0;
+    if (logprob != NULL && (has_top_k || !same_scale))
+        logprob_sum = sum_weights(logits, n, max);
+
+    /* logits[] becomes logits / temperature; without top-k, the weights of
+     * all tokens are kept and summed. */
+    double total = 0.0;
+    if (has_top_k) {
+        for (size_t i = 0; i < n; i++)
+            logits[i] = (isnan(logits[i]) ? -INFINITY : logits[i]) / temp;
+    } else {
+        double part[SAMPLER_LANES] = {0};
+        for (size_t i = 0; i < n; i++) {
+            float xs = (isnan(logits[i]) ? -INFINITY : logits[i]) / temp;
+            float w = weight_of(xs, max_scaled);
+            logits[i] = xs;
+            s->weight[i] = w;
+            part[i % SAMPLER_LANES] += (double)w;
+        }
+        total = lanes_total(part);
+        if (same_scale)
+            logprob_sum = total;
+    }
     sampler_cands_t c = {
-        .n = n, .n_near = front, .n_sorted = 0, .scaled = logits, .max_scaled = max_scaled};
+        .n = n,
+        .n_near = front,
+        .n_sorted = 0,
+        .scaled = logits,
+        .weight = has_top_k ? NULL : s->weight,
+        .max_scaled = max_scaled,
+    };
 
     /* top-k: the candidates shrink to the k best, sorted, and their weights
      * are summed in sorted order. */
     if (has_top_k) {
         sampler_sort_more(s, &c, (size_t)p->top_k);
-        c.n = c.n_sorted;
+        c.n = c.n_sorted = (size_t)p->top_k; /* it may have sorted more */
         for (size_t j = 0; j < c.n; j++)
             total += (double)s->prob[j];
     }
@@ -573,7 +715,7 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
         double cum = 0.0;
         size_t j = 0;
         for (; j < c.n; j++) {
-            sampler_sort_through(s, &c, j);
+            sampler_sort_through(s, &c, j, has_top_p ? mass - cum : 0.0);
             /* prob[0] is the best one's weight, 1 */
             if (has_min_p && j > 0 && s->prob[j] < p->min_p * s->prob[0])
                 break;
@@ -594,7 +736,7 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
     double cum = 0.0;
     size_t chosen = 0;
     for (size_t j = 0; j < n_keep; j++) {
-        sampler_sort_through(s, &c, j);
+        sampler_sort_through(s, &c, j, target - cum);
         if (s->prob[j] > 0.0f)
             chosen = j;
         cum += (double)s->prob[j];

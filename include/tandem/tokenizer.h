@@ -8,7 +8,11 @@
  * the text of control/user-defined tokens ("<|im_start|>") becomes that one
  * token; without it, such text is tokenized as plain text. Decoding maps the
  * byte alphabet back, so detokenize(tokenize(text)) == text for every byte
- * string (invalid UTF-8 included).
+ * string (invalid UTF-8 included) made of bytes the vocabulary has a token
+ * for. A byte without one cannot be represented and is dropped, as llama.cpp
+ * does: StarCoder's and SmolLM2's vocabularies lack 0xC0, 0xC1, 0xF1 and
+ * 0xF5..0xFF (never in assigned-character UTF-8), SmolLM2's also 0xF2 and the
+ * control bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D.
  *
  * A tokenizer is immutable after creation and may be used from any number
  * of threads at once. */
@@ -94,8 +98,11 @@ typedef struct tdm_chat_msg {
 tdm_status_t tdm_chat_template_detect(const tdm_gguf_t *g, tdm_chat_template_t *tmpl,
                                       char *default_system, size_t default_system_cap);
 /* Renders messages; with add_generation_prompt, ends with the assistant
- * header. default_system may be NULL or "" for none. Output is text to be
- * tokenized with parse_special = true. The result is malloc'd into *out. */
+ * header. default_system may be NULL or "" for none; otherwise it is written
+ * as a system message before the first message when that one is not a
+ * system message. Output is text to be tokenized with parse_special = true.
+ * The Llama 3 output already starts with "<|begin_of_text|>" (its BOS as
+ * text): do not add another BOS. The result is malloc'd into *out. */
 tdm_status_t tdm_chat_render(tdm_chat_template_t tmpl, const char *default_system,
                              const tdm_chat_msg_t *msgs, size_t n, bool add_generation_prompt,
                              char **out);

@@ -369,6 +369,20 @@ static void expect_bad(const char *label, const uint8_t *img, size_t len, bool a
               strlen(tiny) < sizeof(tiny),
           "%s: small err buffer", label);
     printf("  ok %-28s %s\n", label, err);
+    /* For the command-line test (test_bad_models.sh): keep each refused file. */
+    const char *dir = getenv("TANDEM_TEST_GGUF_BAD_DIR");
+    if (dir != NULL && !allow_any) {
+        char path[512];
+        int n = snprintf(path, sizeof(path), "%s/", dir);
+        for (const char *c = label; *c != '\0' && n < (int)sizeof(path) - 6; c++)
+            path[n++] = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') ? *c : '_';
+        snprintf(path + n, sizeof(path) - (size_t)n, ".gguf");
+        FILE *f = fopen(path, "wb");
+        if (f != NULL) {
+            fwrite(copy, 1, len, f);
+            fclose(f);
+        }
+    }
     free(copy);
 }
 

@@ -102,6 +102,15 @@ static float ref_weight(float x, float max)
     return x == max ? 1.0f : expf(x - max);
 }
 
+/* Sums over the vocabulary go in 8 lanes (i mod 8), added pairwise. */
+static double ref_sum(const float *x, int32_t n, float max)
+{
+    double l[8] = {0};
+    for (int32_t i = 0; i < n; i++)
+        l[i % 8] += (double)ref_weight(x[i], max);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 static const float *ref_sort_logits;
 
 static int ref_cmp(const void *a, const void *b)
@@ -147,9 +156,7 @@ static int32_t ref_sample(const tdm_sampling_params_t *p, uint64_t rng[4], float
             max = x[i];
             best = i;
         }
-    double lse = 0.0;
-    for (int32_t i = 0; i < n; i++)
-        lse += (double)ref_weight(x[i], max);
+    double lse = ref_sum(x, n, max);
     int32_t token = best;
     if (p->temperature > 0.0f) {
         double u = ref_uniform(rng);
@@ -166,8 +173,7 @@ static int32_t ref_sample(const tdm_sampling_params_t *p, uint64_t rng[4], float
             for (int32_t j = 0; j < n_cand; j++)
                 total += (double)ref_weight(logits[order[j]], max_s);
         else
-            for (int32_t i = 0; i < n; i++)
-                total += (double)ref_weight(logits[i], max_s);
+            total = ref_sum(logits, n, max_s);
         int32_t n_keep = n_cand;
         if (p->top_p < 1.0f || p->min_p > 0.0f) {
             double cum = 0.0;
@@ -715,6 +721,33 @@ static void test_penalties(void)
     tdm_sampler_destroy(s);
 }
 
+/* One call of the sampler and of the oracle on copies of base[] from the
+ * same generator state: same token, same logprob bits, same logits[]
+ * after, same generator state after. st advances. */
+static int oracle_agrees(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
+                         const float *base, int32_t n, const int32_t *hist, size_t n_prompt,
+                         size_t n_output, float *a, float *b, int verbose, int32_t *token)
+{
+    uint64_t rng[4];
+    memcpy(rng, st->rng, sizeof(rng));
+    memcpy(a, base, (size_t)n * sizeof(float));
+    memcpy(b, base, (size_t)n * sizeof(float));
+    float lpa = 0.0f, lpb = 0.0f;
+    int32_t ta = tdm_sampler_sample(s, p, st, a, hist, n_prompt, hist + n_prompt, n_output, &lpa);
+    int32_t tb = ref_sample(p, rng, b, n, hist, n_prompt, hist + n_prompt, n_output, &lpb);
+    int ok = ta == tb && memcmp(&lpa, &lpb, sizeof(float)) == 0 &&
+             memcmp(rng, st->rng, sizeof(rng)) == 0 && memcmp(a, b, (size_t)n * sizeof(float)) == 0;
+    if (!ok && verbose)
+        fprintf(stderr,
+                "  oracle n=%d t=%.2f k=%d p=%.5f minp=%.3g: token %d vs %d, logprob %.9g vs "
+                "%.9g\n",
+                n, (double)p->temperature, p->top_k, (double)p->top_p, (double)p->min_p, ta, tb,
+                (double)lpa, (double)lpb);
+    if (token != NULL)
+        *token = ta;
+    return ok;
+}
+
 /* The sampler against the oracle on random logits: same token, same
  * logprob bits, same generator state after. */
 static void test_oracle(void)
@@ -760,24 +793,8 @@ static void test_oracle(void)
 
             tdm_sample_state_t st;
             tdm_sample_state_init(&st, &p);
-            uint64_t rng[4];
-            memcpy(rng, st.rng, sizeof(rng));
-            memcpy(a, base, (size_t)n * sizeof(float));
-            memcpy(b, base, (size_t)n * sizeof(float));
-            float lpa = 0.0f, lpb = 0.0f;
-            int32_t ta = tdm_sampler_sample(s, &p, &st, a, hist, n_prompt, hist + n_prompt,
-                                            n_hist - n_prompt, &lpa);
-            int32_t tb =
-                ref_sample(&p, rng, b, n, hist, n_prompt, hist + n_prompt, n_hist - n_prompt, &lpb);
-            int ok = ta == tb && memcmp(&lpa, &lpb, sizeof(float)) == 0 &&
-                     memcmp(rng, st.rng, sizeof(rng)) == 0 &&
-                     memcmp(a, b, (size_t)n * sizeof(float)) == 0;
-            if (!ok && mismatches < 5)
-                fprintf(stderr,
-                        "  oracle n=%d t=%.2f k=%d p=%.3f minp=%.3f: token %d vs %d, "
-                        "logprob %.9g vs %.9g\n",
-                        n, (double)p.temperature, p.top_k, (double)p.top_p, (double)p.min_p, ta, tb,
-                        (double)lpa, (double)lpb);
+            int ok = oracle_agrees(s, &p, &st, base, n, hist, n_prompt, n_hist - n_prompt, a, b,
+                                   mismatches < 5, NULL);
             mismatches += !ok;
             cases++;
         }
@@ -788,6 +805,57 @@ static void test_oracle(void)
     }
     printf("oracle: %d cases, %d mismatches\n", cases, mismatches);
     CHECK(mismatches == 0);
+}
+
+/* Tokens more than 16 nats under the best are searched only when a walk
+ * runs out of the others: one token 16.01 above 49151 at 0 puts 0.55% of
+ * the mass out there. */
+static void test_far_tail(void)
+{
+    enum { V = 49152, TOP = 777 };
+    tdm_sampler_t *s = sampler_new(V);
+    float *base = malloc(V * sizeof(float)), *a = malloc(V * sizeof(float)),
+          *b = malloc(V * sizeof(float));
+    for (int i = 0; i < V; i++)
+        base[i] = 0.0f;
+    base[TOP] = 16.01f;
+    int ok = 1;
+
+    /* top-p over the tail: the nucleus takes most of it. */
+    tdm_sampling_params_t p = params_seeded(1.0f, 41);
+    p.top_p = 0.9999f;
+    tdm_sample_state_t st;
+    tdm_sample_state_init(&st, &p);
+    for (int d = 0; d < 4; d++)
+        ok &= oracle_agrees(s, &p, &st, base, V, NULL, 0, 0, a, b, 1, NULL);
+    /* min-p under the tail's weight keeps it all. */
+    p = params_seeded(1.0f, 42);
+    p.min_p = 1e-8f;
+    tdm_sample_state_init(&st, &p);
+    for (int d = 0; d < 4; d++)
+        ok &= oracle_agrees(s, &p, &st, base, V, NULL, 0, 0, a, b, 1, NULL);
+    CHECK(ok);
+
+    /* No truncation: the draws that land in the tail agree with the
+     * oracle too. */
+    p = params_seeded(1.0f, 43);
+    tdm_sample_state_init(&st, &p);
+    int tail = 0;
+    for (int d = 0; d < 4000; d++) {
+        tdm_sample_state_t saved = st;
+        memcpy(a, base, V * sizeof(float));
+        int32_t t = tdm_sampler_sample(s, &p, &st, a, NULL, 0, NULL, 0, NULL);
+        if (t != TOP) {
+            tail++;
+            ok &= oracle_agrees(s, &p, &saved, base, V, NULL, 0, 0, a, b, 1, NULL);
+        }
+    }
+    printf("far tail: %d of 4000 draws in the tail\n", tail);
+    CHECK(ok && tail > 5 && tail < 60);
+    free(b);
+    free(a);
+    free(base);
+    tdm_sampler_destroy(s);
 }
 
 static double now_s(void)
@@ -860,6 +928,7 @@ int main(void)
     test_min_p();
     test_penalties();
     test_oracle();
+    test_far_tail();
     test_speed();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed == 0 ? 0 : 1;

@@ -1,0 +1,548 @@
+/* tandem CPU backend: AVX2 + FMA + F16C kernels, with and without AVX-VNNI.
+ * Compiled with those ISA flags; called only when CPUID says the CPU and OS
+ * have them. The canonical 16 float lanes of cpu_internal.h are two ymm
+ * registers here (lanes 0-7 and 8-15), so results equal the scalar and
+ * AVX-512 kernels bit for bit. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_internal.h"
+
+#define AI static inline __attribute__((always_inline))
+
+/* ---- shared helpers ---- */
+
+/* tdm_cpu_expf on 8 lanes, the same operations in the same order. */
+AI __m256 exp8(__m256 x)
+{
+    __m256 xc = _mm256_max_ps(_mm256_set1_ps(TDM_EXP_LO), x);
+    xc = _mm256_min_ps(_mm256_set1_ps(TDM_EXP_HI), xc);
+    __m256 t = _mm256_mul_ps(xc, _mm256_set1_ps(TDM_EXP_LOG2E));
+    __m256 nm = _mm256_add_ps(t, _mm256_set1_ps(TDM_EXP_MAGIC));
+    __m256 n = _mm256_sub_ps(nm, _mm256_set1_ps(TDM_EXP_MAGIC));
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-TDM_EXP_LN2HI), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-TDM_EXP_LN2LO), r);
+    __m256 p = _mm256_set1_ps(TDM_EXP_C6);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(TDM_EXP_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(TDM_EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(TDM_EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(TDM_EXP_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_sub_epi32(_mm256_castps_si256(nm), _mm256_set1_epi32(0x4b400000));
+    e = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+    __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(TDM_EXP_LO), _CMP_LT_OQ);
+    return _mm256_blendv_ps(res, _mm256_setzero_ps(), under);
+}
+
+/* tdm_cpu_tree16 of lanes lo (0-7) and hi (8-15). */
+AI float hsum16(__m256 lo, __m256 hi)
+{
+    __m256 b = _mm256_add_ps(lo, hi);
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+    __m128 e = _mm_add_ss(d, _mm_shuffle_ps(d, d, 1));
+    return _mm_cvtss_f32(e);
+}
+
+/* Lane p = the rest of tdm_cpu_tree16 (quarters, pairs) of b[p], where
+ * b[p] already holds the first step (lanes 0-7 + lanes 8-15). */
+AI __m256 tree8x8(const __m256 b[8])
+{
+    __m256 f[4], g[2];
+    for (int i = 0; i < 4; i++)
+        f[i] = _mm256_add_ps(_mm256_permute2f128_ps(b[2 * i], b[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(b[2 * i], b[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++)
+        g[i] = _mm256_add_ps(_mm256_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 h = _mm256_add_ps(_mm256_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* Lanes hold positions 0 2 4 6 | 1 3 5 7. */
+    return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+AI float hmax8(__m256 v)
+{
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+    return _mm_cvtss_f32(a);
+}
+
+AI int32_t load32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+AI float loadf(const void *p)
+{
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ---- quantized matmul ----
+ * A tile is 8 rows (half h of a packed group of 16) times T tokens. With
+ * AVX-VNNI the dot products are vpdpbusd; without, vpmaddubsw + vpmaddwd,
+ * which give the same exact int32 lanes (no i16 saturation: Q4 nibbles are
+ * at most 15, and Q8_0 goes through the sign trick |w| x sign(w)*a, each
+ * pair at most 2 * 128 * 127). */
+
+#define WT_Q4_0 0
+#define WT_Q4_1 1
+#define WT_Q8_0 2
+
+AI __m256i dp_u8s8(__m256i acc, __m256i w, __m256i a, const int vnni)
+{
+    if (vnni)
+        return _mm256_dpbusd_avx_epi32(acc, w, a);
+    return _mm256_add_epi32(acc,
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+}
+
+AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act,
+              size_t astride, const int T, const int wt, const int vnni, float *y, int64_t ldy,
+              int64_t nvalid)
+{
+    const int64_t nb = w->nb;
+    const int split = T <= 2;
+    /* Q8_0 without VNNI computes sum(q * a) directly, so it starts at 0. */
+    const int use_corr = wt == WT_Q4_0 || (wt == WT_Q8_0 && vnni);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off) + 8 * h;
+    const uint16_t *msc = (const uint16_t *)(grp + w->m_off) + 8 * h;
+    const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
+    const size_t doff = (size_t)nb * TDM_QK, xoff = (size_t)nb * (TDM_QK + 4);
+    __m256 facc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        facc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qs = grp + (size_t)b * qbytes + 32 * h;
+        const uint8_t *ab = act + (size_t)b * TDM_QK;
+        __m256i acc[4], acc2[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            acc[t] = use_corr ? _mm256_set1_epi32(load32(act + t * astride + xoff + 4 * b))
+                              : _mm256_setzero_si256();
+            acc2[t] = _mm256_setzero_si256();
+        }
+        if (wt == WT_Q8_0) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                __m256i wv = _mm256_load_si256((const __m256i *)(qs + 64 * c));
+                __m256i ws = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+                __m256i wabs = _mm256_abs_epi8(ws);
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    __m256i av = _mm256_set1_epi32(load32(ab + t * astride + 4 * c));
+                    __m256i *dst = split && (c & 1) ? &acc2[t] : &acc[t];
+                    if (vnni)
+                        *dst = _mm256_dpbusd_avx_epi32(*dst, wv, av);
+                    else
+                        *dst = dp_u8s8(*dst, wabs, _mm256_sign_epi8(av, ws), 0);
+                }
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                __m256i raw = _mm256_load_si256((const __m256i *)(qs + 64 * c));
+                __m256i lo = _mm256_and_si256(raw, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    __m256i alo = _mm256_set1_epi32(load32(ab + t * astride + 4 * c));
+                    __m256i ahi = _mm256_set1_epi32(load32(ab + t * astride + 16 + 4 * c));
+                    acc[t] = dp_u8s8(acc[t], lo, alo, vnni);
+                    if (split)
+                        acc2[t] = dp_u8s8(acc2[t], hi, ahi, vnni);
+                    else
+                        acc[t] = dp_u8s8(acc[t], hi, ahi, vnni);
+                }
+            }
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(dsc + b * TDM_CPU_RG)));
+        __m256 mw = _mm256_setzero_ps();
+        if (wt == WT_Q4_1)
+            mw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(msc + b * TDM_CPU_RG)));
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const uint8_t *arow = act + t * astride;
+            __m256i isum = split ? _mm256_add_epi32(acc[t], acc2[t]) : acc[t];
+            __m256 cc = _mm256_mul_ps(dw, _mm256_set1_ps(loadf(arow + doff + 4 * b)));
+            facc[t] = _mm256_fmadd_ps(cc, _mm256_cvtepi32_ps(isum), facc[t]);
+            if (wt == WT_Q4_1)
+                facc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(loadf(arow + xoff + 4 * b)), facc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+        if (nvalid >= 8) {
+            _mm256_storeu_ps(y + t * ldy, facc[t]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, facc[t]);
+            memcpy(y + t * ldy, tmp, (size_t)nvalid * sizeof(float));
+        }
+    }
+}
+
+AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
+                     int64_t g0, int64_t g1, const int wt, const int vnni)
+{
+    const size_t astride = tdm_cpu_act_stride(w->k);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *grp = (const uint8_t *)w->data + (size_t)g * w->group_bytes;
+        const int64_t nr = w->rows - g * TDM_CPU_RG;
+        for (int h = 0; h < 2 && nr > 8 * h; h++) {
+            float *yg = y + g * TDM_CPU_RG + 8 * h;
+            const int64_t nvalid = nr - 8 * h;
+            int64_t t = 0;
+            for (; t + 4 <= n; t += 4)
+                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy, nvalid);
+            const uint8_t *at = act + t * astride;
+            float *yt = yg + t * ldy;
+            switch (n - t) {
+            case 3: qtile(w, grp, h, at, astride, 3, wt, vnni, yt, ldy, nvalid); break;
+            case 2: qtile(w, grp, h, at, astride, 2, wt, vnni, yt, ldy, nvalid); break;
+            case 1: qtile(w, grp, h, at, astride, 1, wt, vnni, yt, ldy, nvalid); break;
+            default: break;
+            }
+        }
+    }
+}
+
+#define QMATMUL_FN(name, vnni)                                                                     \
+    static void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,             \
+                     int64_t ldy, int64_t g0, int64_t g1)                                          \
+    {                                                                                              \
+        switch (w->wtype) {                                                                        \
+        case TDM_DTYPE_Q4_0: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_0, vnni); break;        \
+        case TDM_DTYPE_Q4_1: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_1, vnni); break;        \
+        case TDM_DTYPE_Q8_0: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q8_0, vnni); break;        \
+        default: break;                                                                            \
+        }                                                                                          \
+    }
+
+QMATMUL_FN(qmatmul_avx2_vnni, 1)
+QMATMUL_FN(qmatmul_avx2, 0)
+
+/* ---- float matmul: R rows x T tokens, each 16 lanes as two ymm ---- */
+
+AI __m256 wload8(const void *base, int64_t idx, const int f16)
+{
+    if (f16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + idx)));
+    return _mm256_loadu_ps((const float *)base + idx);
+}
+
+AI void ftile(const tdm_bweight_t *w, const float *x, int64_t r, int64_t t, const int R,
+              const int T, const int f16, float *y, int64_t ldy)
+{
+    const int64_t k = w->k;
+    __m256 acc[2][2][2];
+#pragma GCC unroll 2
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 2
+        for (int u = 0; u < T; u++)
+            acc[i][u][0] = acc[i][u][1] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m256 wv[2][2];
+#pragma GCC unroll 2
+        for (int i = 0; i < R; i++) {
+            wv[i][0] = wload8(w->data, (r + i) * k + j, f16);
+            wv[i][1] = wload8(w->data, (r + i) * k + j + 8, f16);
+        }
+#pragma GCC unroll 2
+        for (int u = 0; u < T; u++) {
+            __m256 x0 = _mm256_loadu_ps(x + (t + u) * k + j);
+            __m256 x1 = _mm256_loadu_ps(x + (t + u) * k + j + 8);
+#pragma GCC unroll 2
+            for (int i = 0; i < R; i++) {
+                acc[i][u][0] = _mm256_fmadd_ps(wv[i][0], x0, acc[i][u][0]);
+                acc[i][u][1] = _mm256_fmadd_ps(wv[i][1], x1, acc[i][u][1]);
+            }
+        }
+    }
+    if (j < k) { /* tail: missing elements are zeros, as in the scalar code */
+        float wp[2][16], xp[2][16];
+        for (int i = 0; i < R; i++)
+            for (int l = 0; l < 16; l++) {
+                int64_t jj = j + l;
+                wp[i][l] = jj >= k  ? 0.0f
+                           : f16    ? tdm_f16_to_f32(((const uint16_t *)w->data)[(r + i) * k + jj])
+                                    : ((const float *)w->data)[(r + i) * k + jj];
+            }
+        for (int u = 0; u < T; u++)
+            for (int l = 0; l < 16; l++)
+                xp[u][l] = j + l < k ? x[(t + u) * k + j + l] : 0.0f;
+        for (int u = 0; u < T; u++)
+            for (int i = 0; i < R; i++) {
+                acc[i][u][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[i]), _mm256_loadu_ps(xp[u]),
+                                               acc[i][u][0]);
+                acc[i][u][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[i] + 8),
+                                               _mm256_loadu_ps(xp[u] + 8), acc[i][u][1]);
+            }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 2
+        for (int u = 0; u < T; u++)
+            y[(t + u) * ldy + r + i] = hsum16(acc[i][u][0], acc[i][u][1]);
+}
+
+AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                     int64_t r0, int64_t r1, const int f16)
+{
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        int64_t t = 0;
+        for (; t + 2 <= n; t += 2)
+            ftile(w, x, r, t, 2, 2, f16, y, ldy);
+        for (; t < n; t++)
+            ftile(w, x, r, t, 2, 1, f16, y, ldy);
+    }
+    for (; r < r1; r++) {
+        int64_t t = 0;
+        for (; t + 2 <= n; t += 2)
+            ftile(w, x, r, t, 1, 2, f16, y, ldy);
+        for (; t < n; t++)
+            ftile(w, x, r, t, 1, 1, f16, y, ldy);
+    }
+}
+
+static void fmatmul_avx2(const tdm_bweight_t *w, const float *x, int64_t n, float *y,
+                         int64_t ldy, int64_t r0, int64_t r1)
+{
+    if (w->wtype == TDM_DTYPE_F16)
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
+    else
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 0);
+}
+
+/* ---- activation quantization ---- */
+
+static void act_quant_avx2(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
+{
+    const int64_t nb = k / TDM_QK;
+    float *d = (float *)(act + nb * TDM_QK);
+    uint8_t *aux = act + nb * (TDM_QK + 4);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 xv[4];
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            xv[i] = _mm256_loadu_ps(x + b * TDM_QK + 8 * i);
+            mx = _mm256_max_ps(_mm256_and_ps(xv[i], absmask), mx);
+        }
+        float amax = hmax8(mx);
+        float db = amax / 127.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++)
+            q[i] = _mm256_setzero_si256();
+        if (amax != 0.0f) {
+            __m256 dv = _mm256_set1_ps(db);
+            for (int i = 0; i < 4; i++)
+                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(
+                    _mm256_div_ps(xv[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                        _mm256_packs_epi32(q[2], q[3]));
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(act + b * TDM_QK), p8);
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+        int32_t sum = _mm_cvtsi128_si32(s4);
+        d[b] = db;
+        int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;
+        float dsa = db * (float)sum;
+        memcpy(aux + 4 * b, wtype == TDM_DTYPE_Q4_1 ? (const void *)&dsa : (const void *)&corr, 4);
+    }
+}
+
+/* ---- row and elementwise ops ---- */
+
+static float sumsq_avx2(const float *x, int64_t d)
+{
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) {
+        __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+        lo = _mm256_fmadd_ps(a, a, lo);
+        hi = _mm256_fmadd_ps(b, b, hi);
+    }
+    if (j < d) {
+        float p[16];
+        for (int l = 0; l < 16; l++)
+            p[l] = j + l < d ? x[j + l] : 0.0f;
+        __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+        lo = _mm256_fmadd_ps(a, a, lo);
+        hi = _mm256_fmadd_ps(b, b, hi);
+    }
+    return hsum16(lo, hi);
+}
+
+static void scale_mul_avx2(const float *x, float scale, const float *w, int64_t d, float *out)
+{
+    __m256 s = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s),
+                                                _mm256_loadu_ps(w + i)));
+    for (; i < d; i++)
+        out[i] = (x[i] * scale) * w[i];
+}
+
+static void swiglu_avx2(const float *g, const float *u, int64_t count, float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_xor_ps(gv, sign));
+        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < count; i++) {
+        float e = tdm_cpu_expf(-g[i]);
+        float s = g[i] / (1.0f + e);
+        out[i] = s * u[i];
+    }
+}
+
+static void add_avx2(float *x, const float *y, int64_t count)
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < count; i++)
+        x[i] = x[i] + y[i];
+}
+
+static void to_f16_avx2(const float *x, int64_t count, uint16_t *out)
+{
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < count; i++)
+        out[i] = tdm_f32_to_f16(x[i]);
+}
+
+/* ---- attention ---- */
+
+static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                      const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+{
+    const int64_t hd = p->head_dim;
+    const int32_t nh = h1 - h0;
+    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || nh > TDM_CPU_MAX_HEADS_G) {
+        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
+        return;
+    }
+    const int64_t nd = hd / 8;
+    const int32_t kvh = h0 / (p->n_heads / p->n_kv_heads);
+    const int64_t ctx = p->ctx_len[t];
+    const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
+    const float *qrow = q + t * p->n_heads * hd;
+    float *orow = out + t * p->n_heads * hd;
+    _Alignas(32) float kf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
+    _Alignas(32) float vf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
+    _Alignas(32) float acc[TDM_CPU_MAX_HEADS_G * TDM_CPU_MAX_HD];
+    _Alignas(32) float pr[TDM_CPU_CHUNK];
+    float m[TDM_CPU_MAX_HEADS_G], l[TDM_CPU_MAX_HEADS_G];
+    for (int32_t h = 0; h < nh; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+        for (int64_t j = 0; j < hd; j++)
+            acc[h * hd + j] = 0.0f;
+    }
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i iota0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i iota1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
+        const int nv = ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
+        for (int i = 0; i < nv; i++) {
+            const uint16_t *kr = tdm_cpu_kv_row(p, ck, table, c0 + i, kvh);
+            const uint16_t *vr = tdm_cpu_kv_row(p, cv, table, c0 + i, kvh);
+            for (int64_t c = 0; c < nd; c++) {
+                _mm256_store_ps(kf + i * hd + 8 * c,
+                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * c))));
+                _mm256_store_ps(vf + i * hd + 8 * c,
+                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * c))));
+            }
+        }
+        const __m256i nvv = _mm256_set1_epi32(nv);
+        const __m256 valid0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nvv, iota0));
+        const __m256 valid1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nvv, iota1));
+        for (int32_t h = 0; h < nh; h++) {
+            const float *qh = qrow + (int64_t)(h0 + h) * hd;
+            __m256 b[16];
+            for (int i = 0; i < 16; i++) {
+                __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+                if (i < nv)
+                    for (int64_t c = 0; c < nd; c += 2) {
+                        lo = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c),
+                                             _mm256_load_ps(kf + i * hd + 8 * c), lo);
+                        hi = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8),
+                                             _mm256_load_ps(kf + i * hd + 8 * c + 8), hi);
+                    }
+                b[i] = _mm256_add_ps(lo, hi);
+            }
+            const __m256 sc = _mm256_set1_ps(p->scale);
+            __m256 s0 = _mm256_mul_ps(tree8x8(b), sc);
+            __m256 s1 = _mm256_mul_ps(tree8x8(b + 8), sc);
+            s0 = _mm256_blendv_ps(ninf, s0, valid0);
+            s1 = _mm256_blendv_ps(ninf, s1, valid1);
+            float mc = tdm_cpu_maxps(hmax8(_mm256_max_ps(s0, s1)), m[h]);
+            float *ah = acc + h * hd;
+            if (mc != m[h]) {
+                float alpha = tdm_cpu_expf(m[h] - mc);
+                l[h] = l[h] * alpha;
+                __m256 av = _mm256_set1_ps(alpha);
+                for (int64_t c = 0; c < nd; c++)
+                    _mm256_store_ps(ah + 8 * c, _mm256_mul_ps(_mm256_load_ps(ah + 8 * c), av));
+                m[h] = mc;
+            }
+            __m256 mv = _mm256_set1_ps(m[h]);
+            __m256 p0 = exp8(_mm256_sub_ps(s0, mv)), p1 = exp8(_mm256_sub_ps(s1, mv));
+            l[h] = l[h] + hsum16(p0, p1);
+            _mm256_store_ps(pr, p0);
+            _mm256_store_ps(pr + 8, p1);
+            for (int64_t c = 0; c < nd; c++) {
+                __m256 a = _mm256_load_ps(ah + 8 * c);
+                for (int i = 0; i < nv; i++)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(pr[i]), _mm256_load_ps(vf + i * hd + 8 * c),
+                                        a);
+                _mm256_store_ps(ah + 8 * c, a);
+            }
+        }
+    }
+    for (int32_t h = 0; h < nh; h++) {
+        float *oh = orow + (int64_t)(h0 + h) * hd;
+        for (int64_t c = 0; c < nd; c++) {
+            __m256 o = ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c),
+                                               _mm256_set1_ps(l[h]))
+                               : _mm256_setzero_ps();
+            _mm256_storeu_ps(oh + 8 * c, o);
+        }
+    }
+}
+
+#define AVX2_TABLE(qmm)                                                                            \
+    {                                                                                              \
+        .qmatmul = qmm, .fmatmul = fmatmul_avx2, .act_quant = act_quant_avx2,                      \
+        .sumsq = sumsq_avx2, .scale_mul = scale_mul_avx2, .swiglu = swiglu_avx2,                   \
+        .add = add_avx2, .to_f16 = to_f16_avx2, .attn = attn_avx2,                                 \
+    }
+
+const tdm_cpu_kernels_t tdm_cpu_kernels_avx2 = AVX2_TABLE(qmatmul_avx2);
+const tdm_cpu_kernels_t tdm_cpu_kernels_avx2_vnni = AVX2_TABLE(qmatmul_avx2_vnni);

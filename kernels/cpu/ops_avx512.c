@@ -1,0 +1,477 @@
+/* tandem CPU backend: AVX-512 (F/BW/VL/DQ + VNNI) kernels. Compiled with
+ * those ISA flags; called only when CPUID says the CPU and OS have them.
+ * Every kernel does the canonical arithmetic of cpu_internal.h, so results
+ * equal the scalar kernels bit for bit. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_internal.h"
+
+#define AI static inline __attribute__((always_inline))
+
+/* ---- shared helpers ---- */
+
+/* tdm_cpu_expf on 16 lanes, the same operations in the same order. */
+AI __m512 exp16(__m512 x)
+{
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(TDM_EXP_LO), x);
+    xc = _mm512_min_ps(_mm512_set1_ps(TDM_EXP_HI), xc);
+    __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(TDM_EXP_LOG2E));
+    __m512 nm = _mm512_add_ps(t, _mm512_set1_ps(TDM_EXP_MAGIC));
+    __m512 n = _mm512_sub_ps(nm, _mm512_set1_ps(TDM_EXP_MAGIC));
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-TDM_EXP_LN2HI), xc);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-TDM_EXP_LN2LO), r);
+    __m512 p = _mm512_set1_ps(TDM_EXP_C6);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(TDM_EXP_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(TDM_EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(TDM_EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(TDM_EXP_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_sub_epi32(_mm512_castps_si512(nm), _mm512_set1_epi32(0x4b400000));
+    e = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
+    __m512 res = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(TDM_EXP_LO), _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(under, res, _mm512_setzero_ps());
+}
+
+/* tdm_cpu_tree16 of one vector. */
+AI float hsum16(__m512 v)
+{
+    __m256 b = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+    __m128 e = _mm_add_ss(d, _mm_shuffle_ps(d, d, 1));
+    return _mm_cvtss_f32(e);
+}
+
+/* Lane p of the result = tdm_cpu_tree16(v[p]) for 16 vectors: the same
+ * tree (halves, quarters, pairs) done for all of them with shuffles. */
+AI __m512 tree16x16(const __m512 v[16])
+{
+    __m512 e[8], f[4], g[2];
+    for (int i = 0; i < 8; i++)
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    for (int i = 0; i < 4; i++)
+        f[i] = _mm512_add_ps(_mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0xdd));
+    for (int i = 0; i < 2; i++)
+        g[i] = _mm512_add_ps(_mm512_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 h = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* Lane 4r + s holds position r + 4s. */
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(idx, h);
+}
+
+AI int32_t load32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ---- quantized matmul ----
+ * A tile is the 16 rows of one packed group times T tokens. Per block the
+ * nibbles are loaded once and used for all T tokens; vpdpbusd with a
+ * broadcast of 4 activation bytes gives each row's partial dot product in
+ * its lane; the 8 chunks of a block add up to the exact block sum. With
+ * few tokens the chunks alternate between two accumulators (shorter
+ * dependency chains; integer adds are exact). */
+
+#define WT_Q4_0 0
+#define WT_Q4_1 1
+#define WT_Q8_0 2
+
+AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, size_t astride,
+              const int T, const int wt, float *y, int64_t ldy, __mmask16 smask)
+{
+    const int64_t nb = w->nb;
+    const int split = T <= 2;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
+    const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
+    const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
+    const size_t doff = (size_t)nb * TDM_QK, xoff = (size_t)nb * (TDM_QK + 4);
+    __m512 facc[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qs = grp + (size_t)b * qbytes;
+        const uint8_t *ab = act + (size_t)b * TDM_QK;
+        __m512i acc[8], acc2[8];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            acc[t] = wt == WT_Q4_1 ? _mm512_setzero_si512()
+                                   : _mm512_set1_epi32(load32(act + t * astride + xoff + 4 * b));
+            acc2[t] = _mm512_setzero_si512();
+        }
+        if (wt == WT_Q8_0) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                __m512i wv = _mm512_load_si512((const void *)(qs + 64 * c));
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    __m512i av = _mm512_set1_epi32(load32(ab + t * astride + 4 * c));
+                    if (split && (c & 1))
+                        acc2[t] = _mm512_dpbusd_epi32(acc2[t], wv, av);
+                    else
+                        acc[t] = _mm512_dpbusd_epi32(acc[t], wv, av);
+                }
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                __m512i raw = _mm512_load_si512((const void *)(qs + 64 * c));
+                __m512i lo = _mm512_and_si512(raw, m4);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    __m512i alo = _mm512_set1_epi32(load32(ab + t * astride + 4 * c));
+                    __m512i ahi = _mm512_set1_epi32(load32(ab + t * astride + 16 + 4 * c));
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, alo);
+                    if (split)
+                        acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, ahi);
+                    else
+                        acc[t] = _mm512_dpbusd_epi32(acc[t], hi, ahi);
+                }
+            }
+        }
+        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(dsc + b * TDM_CPU_RG)));
+        __m512 mw = _mm512_setzero_ps();
+        if (wt == WT_Q4_1)
+            mw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(msc + b * TDM_CPU_RG)));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            const uint8_t *arow = act + t * astride;
+            __m512i isum = split ? _mm512_add_epi32(acc[t], acc2[t]) : acc[t];
+            float da;
+            memcpy(&da, arow + doff + 4 * b, 4);
+            __m512 cc = _mm512_mul_ps(dw, _mm512_set1_ps(da));
+            facc[t] = _mm512_fmadd_ps(cc, _mm512_cvtepi32_ps(isum), facc[t]);
+            if (wt == WT_Q4_1) {
+                float dsa;
+                memcpy(&dsa, arow + xoff + 4 * b, 4);
+                facc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa), facc[t]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        _mm512_mask_storeu_ps(y + t * ldy, smask, facc[t]);
+}
+
+AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
+                     int64_t g0, int64_t g1, const int wt)
+{
+    const size_t astride = tdm_cpu_act_stride(w->k);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *grp = (const uint8_t *)w->data + (size_t)g * w->group_bytes;
+        int64_t nr = w->rows - g * TDM_CPU_RG;
+        __mmask16 smask = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+        float *yg = y + g * TDM_CPU_RG;
+        int64_t t = 0;
+        for (; t + 8 <= n; t += 8)
+            qtile(w, grp, act + t * astride, astride, 8, wt, yg + t * ldy, ldy, smask);
+        const uint8_t *at = act + t * astride;
+        float *yt = yg + t * ldy;
+        switch (n - t) {
+        case 7: qtile(w, grp, at, astride, 7, wt, yt, ldy, smask); break;
+        case 6: qtile(w, grp, at, astride, 6, wt, yt, ldy, smask); break;
+        case 5: qtile(w, grp, at, astride, 5, wt, yt, ldy, smask); break;
+        case 4: qtile(w, grp, at, astride, 4, wt, yt, ldy, smask); break;
+        case 3: qtile(w, grp, at, astride, 3, wt, yt, ldy, smask); break;
+        case 2: qtile(w, grp, at, astride, 2, wt, yt, ldy, smask); break;
+        case 1: qtile(w, grp, at, astride, 1, wt, yt, ldy, smask); break;
+        default: break;
+        }
+    }
+}
+
+static void qmatmul_q4_0(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
+                         int64_t ldy, int64_t g0, int64_t g1)
+{
+    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_0);
+}
+
+static void qmatmul_q4_1(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
+                         int64_t ldy, int64_t g0, int64_t g1)
+{
+    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_1);
+}
+
+static void qmatmul_q8_0(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
+                         int64_t ldy, int64_t g0, int64_t g1)
+{
+    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q8_0);
+}
+
+static void qmatmul_avx512(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
+                           int64_t ldy, int64_t g0, int64_t g1)
+{
+    switch (w->wtype) {
+    case TDM_DTYPE_Q4_0: qmatmul_q4_0(w, act, n, y, ldy, g0, g1); break;
+    case TDM_DTYPE_Q4_1: qmatmul_q4_1(w, act, n, y, ldy, g0, g1); break;
+    case TDM_DTYPE_Q8_0: qmatmul_q8_0(w, act, n, y, ldy, g0, g1); break;
+    default: break;
+    }
+}
+
+/* ---- float matmul: R rows x T tokens of 16-lane accumulators ---- */
+
+AI __m512 wload(const void *base, int64_t idx, const int f16, __mmask16 m)
+{
+    if (f16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + idx));
+    return _mm512_maskz_loadu_ps(m, (const float *)base + idx);
+}
+
+AI void ftile(const tdm_bweight_t *w, const float *x, int64_t r, int64_t t, const int R,
+              const int T, const int f16, float *y, int64_t ldy)
+{
+    const int64_t k = w->k;
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int u = 0; u < T; u++)
+            acc[i][u] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+        __mmask16 m = k - j >= 16 ? 0xffff : (__mmask16)((1u << (k - j)) - 1);
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++)
+            wv[i] = wload(w->data, (r + i) * k + j, f16, m);
+#pragma GCC unroll 4
+        for (int u = 0; u < T; u++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + (t + u) * k + j);
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++)
+                acc[i][u] = _mm512_fmadd_ps(wv[i], xv, acc[i][u]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int u = 0; u < T; u++)
+            y[(t + u) * ldy + r + i] = hsum16(acc[i][u]);
+}
+
+AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                     int64_t r0, int64_t r1, const int f16)
+{
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4)
+            ftile(w, x, r, t, 4, 4, f16, y, ldy);
+        for (; t < n; t++)
+            ftile(w, x, r, t, 4, 1, f16, y, ldy);
+    }
+    for (; r < r1; r++) {
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4)
+            ftile(w, x, r, t, 1, 4, f16, y, ldy);
+        for (; t < n; t++)
+            ftile(w, x, r, t, 1, 1, f16, y, ldy);
+    }
+}
+
+static void fmatmul_avx512(const tdm_bweight_t *w, const float *x, int64_t n, float *y,
+                           int64_t ldy, int64_t r0, int64_t r1)
+{
+    if (w->wtype == TDM_DTYPE_F16)
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
+    else
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 0);
+}
+
+/* ---- activation quantization ---- */
+
+static void act_quant_avx512(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
+{
+    const int64_t nb = k / TDM_QK;
+    float *d = (float *)(act + nb * TDM_QK);
+    uint8_t *aux = act + nb * (TDM_QK + 4);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 x0 = _mm512_loadu_ps(x + b * TDM_QK), x1 = _mm512_loadu_ps(x + b * TDM_QK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        float db = amax / 127.0f;
+        __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+        if (amax != 0.0f) {
+            __m512 dv = _mm512_set1_ps(db);
+            q0 = _mm512_cvt_roundps_epi32(_mm512_div_ps(x0, dv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q1 = _mm512_cvt_roundps_epi32(_mm512_div_ps(x1, dv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        _mm_storeu_si128((__m128i *)(act + b * TDM_QK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(act + b * TDM_QK + 16), _mm512_cvtepi32_epi8(q1));
+        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        d[b] = db;
+        int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;
+        float dsa = db * (float)sum;
+        memcpy(aux + 4 * b, wtype == TDM_DTYPE_Q4_1 ? (const void *)&dsa : (const void *)&corr, 4);
+    }
+}
+
+/* ---- row and elementwise ops ---- */
+
+static float sumsq_avx512(const float *x, int64_t d)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+        __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return hsum16(acc);
+}
+
+static void scale_mul_avx512(const float *x, float scale, const float *w, int64_t d, float *out)
+{
+    __m512 s = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 m = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+
+static void swiglu_avx512(const float *g, const float *u, int64_t count, float *out)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < count; i += 16) {
+        __mmask16 m = count - i >= 16 ? 0xffff : (__mmask16)((1u << (count - i)) - 1);
+        __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 e = exp16(_mm512_xor_ps(gv, _mm512_set1_ps(-0.0f))); /* -g */
+        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+}
+
+static void add_avx512(float *x, const float *y, int64_t count)
+{
+    for (int64_t i = 0; i < count; i += 16) {
+        __mmask16 m = count - i >= 16 ? 0xffff : (__mmask16)((1u << (count - i)) - 1);
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i));
+        _mm512_mask_storeu_ps(x + i, m, v);
+    }
+}
+
+static void to_f16_avx512(const float *x, int64_t count, uint16_t *out)
+{
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < count; i++)
+        out[i] = tdm_f32_to_f16(x[i]);
+}
+
+/* ---- attention ---- */
+
+/* Query heads [h0, h1) of row t (one kv head): per chunk of 16 positions,
+ * K and V are converted to f32 once and used by every head. */
+static void attn_avx512(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                        const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+{
+    const int64_t hd = p->head_dim;
+    const int32_t nh = h1 - h0;
+    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || nh > TDM_CPU_MAX_HEADS_G) {
+        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
+        return;
+    }
+    const int64_t nd = hd / 16;
+    const int32_t kvh = h0 / (p->n_heads / p->n_kv_heads);
+    const int64_t ctx = p->ctx_len[t];
+    const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
+    const float *qrow = q + t * p->n_heads * hd;
+    float *orow = out + t * p->n_heads * hd;
+    _Alignas(64) float kf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
+    _Alignas(64) float vf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
+    _Alignas(64) float acc[TDM_CPU_MAX_HEADS_G * TDM_CPU_MAX_HD];
+    _Alignas(64) float pr[TDM_CPU_CHUNK];
+    float m[TDM_CPU_MAX_HEADS_G], l[TDM_CPU_MAX_HEADS_G];
+    for (int32_t h = 0; h < nh; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+        for (int64_t j = 0; j < hd; j++)
+            acc[h * hd + j] = 0.0f;
+    }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
+        const int nv = ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
+        for (int i = 0; i < nv; i++) {
+            const uint16_t *kr = tdm_cpu_kv_row(p, ck, table, c0 + i, kvh);
+            const uint16_t *vr = tdm_cpu_kv_row(p, cv, table, c0 + i, kvh);
+            for (int64_t c = 0; c < nd; c++) {
+                _mm512_store_ps(kf + i * hd + 16 * c,
+                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kr + 16 * c))));
+                _mm512_store_ps(vf + i * hd + 16 * c,
+                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))));
+            }
+        }
+        const __mmask16 valid = (__mmask16)((1u << nv) - 1);
+        for (int32_t h = 0; h < nh; h++) {
+            const float *qh = qrow + (int64_t)(h0 + h) * hd;
+            __m512 dots[16];
+            for (int i = 0; i < 16; i++) {
+                __m512 a = _mm512_setzero_ps();
+                if (i < nv)
+                    for (int64_t c = 0; c < nd; c++)
+                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c),
+                                            _mm512_load_ps(kf + i * hd + 16 * c), a);
+                dots[i] = a;
+            }
+            __m512 s = _mm512_mul_ps(tree16x16(dots), _mm512_set1_ps(p->scale));
+            s = _mm512_mask_blend_ps(valid, ninf, s);
+            float mc = tdm_cpu_maxps(_mm512_reduce_max_ps(s), m[h]);
+            float *ah = acc + h * hd;
+            if (mc != m[h]) {
+                float alpha = tdm_cpu_expf(m[h] - mc);
+                l[h] = l[h] * alpha;
+                __m512 av = _mm512_set1_ps(alpha);
+                for (int64_t c = 0; c < nd; c++)
+                    _mm512_store_ps(ah + 16 * c, _mm512_mul_ps(_mm512_load_ps(ah + 16 * c), av));
+                m[h] = mc;
+            }
+            __m512 pv = exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[h])));
+            l[h] = l[h] + hsum16(pv);
+            _mm512_store_ps(pr, pv);
+            for (int64_t c = 0; c < nd; c++) {
+                __m512 a = _mm512_load_ps(ah + 16 * c);
+                for (int i = 0; i < nv; i++)
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pr[i]), _mm512_load_ps(vf + i * hd + 16 * c),
+                                        a);
+                _mm512_store_ps(ah + 16 * c, a);
+            }
+        }
+    }
+    for (int32_t h = 0; h < nh; h++) {
+        float *oh = orow + (int64_t)(h0 + h) * hd;
+        for (int64_t c = 0; c < nd; c++) {
+            __m512 o = ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c),
+                                               _mm512_set1_ps(l[h]))
+                               : _mm512_setzero_ps();
+            _mm512_storeu_ps(oh + 16 * c, o);
+        }
+    }
+}
+
+const tdm_cpu_kernels_t tdm_cpu_kernels_avx512 = {
+    .qmatmul = qmatmul_avx512,
+    .fmatmul = fmatmul_avx512,
+    .act_quant = act_quant_avx512,
+    .sumsq = sumsq_avx512,
+    .scale_mul = scale_mul_avx512,
+    .swiglu = swiglu_avx512,
+    .add = add_avx512,
+    .to_f16 = to_f16_avx512,
+    .attn = attn_avx512,
+};

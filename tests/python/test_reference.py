@@ -1,0 +1,163 @@
+"""tandem's logits and greedy output against the numpy reference (reference.py).
+
+For each prompt:
+  - the last position's logits from `tandem logits` must be within a relative
+    L2 error of 2e-2 of the reference's, with the same argmax;
+  - 32 greedy tokens from `tandem generate --temp 0` must equal the
+    reference's; a divergence is allowed only where the reference's top two
+    logits are within 0.5% of each other (a near tie), and then only the
+    tokens before it are compared.
+
+Environment: TANDEM_BIN (default <repo>/build/bin/tandem), TANDEM_MODEL
+(default $TANDEM_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf). Either one
+missing skips the tests with the reason.
+"""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import REPO
+
+MAX_REL_L2 = 2e-2
+NEAR_TIE = 5e-3  # top two reference logits within 0.5% of the top one
+N_GREEDY = 32
+TIMEOUT_S = 600
+
+PROMPTS = {
+    "chat": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "english": "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he",
+    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+}
+
+
+@pytest.fixture(scope="session")
+def tandem_bin():
+    path = os.environ.get("TANDEM_BIN") or os.path.join(REPO, "build", "bin", "tandem")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.skip("no tandem binary at %s (build it with `make`, or set TANDEM_BIN)" % path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    path = os.environ.get("TANDEM_MODEL") or reference.default_model_path()
+    if not os.path.isfile(path):
+        pytest.skip("no model at %s (fetch it with `make model`, or set TANDEM_MODEL)" % path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ref_model(model_path):
+    return reference.load(model_path)
+
+
+def run_tandem(tandem_bin, args, stdin_text=None):
+    """Runs tandem and returns its stdout; fails the test with its stderr."""
+    proc = subprocess.run(
+        [tandem_bin] + args,
+        input=stdin_text.encode("utf-8") if stdin_text is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            "tandem %s exited with %d:\n%s"
+            % (" ".join(args[:1]), proc.returncode, proc.stderr.decode("utf-8", "replace")[-3000:])
+        )
+    return proc.stdout.decode("utf-8")
+
+
+def parse_ids(text):
+    return [int(t) for t in text.split()]
+
+
+def tokenize(tandem_bin, model_path, prompt):
+    ids = parse_ids(run_tandem(tandem_bin, ["tokenize", "-m", model_path, "--special"], prompt))
+    assert ids, "tandem tokenize returned no ids"
+    return ids
+
+
+def relative_l2(a, b):
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_last_position_logits(name, tandem_bin, model_path, ref_model, tmp_path, report):
+    ids = tokenize(tandem_bin, model_path, PROMPTS[name])
+    out_file = str(tmp_path / "logits.f32")
+    ids_text = " ".join(str(i) for i in ids)
+    printed = run_tandem(tandem_bin, ["logits", "-m", model_path, "--ids", ids_text, "-o", out_file])
+    assert parse_ids(printed) == ids, "tandem logits echoed other ids than it was given"
+
+    got = np.fromfile(out_file, dtype=np.float32)
+    assert got.shape == (ref_model.n_vocab,), "expected %d float32 logits, got %d" % (
+        ref_model.n_vocab,
+        got.size,
+    )
+    assert np.all(np.isfinite(got)), "tandem's logits hold NaN or Inf"
+    want = reference.logits(ref_model, ids)
+
+    err = relative_l2(got, want)
+    got_top, want_top = int(np.argmax(got)), int(np.argmax(want))
+    max_abs = float(np.max(np.abs(got - want)))
+    report(
+        "logits %-8s %3d tokens: rel L2 %.3e  max |diff| %.3e  argmax tandem %d reference %d"
+        % (name, len(ids), err, max_abs, got_top, want_top)
+    )
+    assert err < MAX_REL_L2, "relative L2 error %.3e is not below %.0e" % (err, MAX_REL_L2)
+    assert got_top == want_top, "argmax differs: tandem %d, reference %d" % (got_top, want_top)
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_greedy_continuation(name, tandem_bin, model_path, ref_model, report):
+    prompt = PROMPTS[name]
+    # `generate -p` tokenizes the prompt as `tokenize --special` does, with a
+    # BOS in front only when the model asks for one.
+    prompt_ids = tokenize(tandem_bin, model_path, prompt)
+    if ref_model.add_bos and ref_model.bos_id >= 0:
+        prompt_ids = [ref_model.bos_id] + prompt_ids
+
+    got = parse_ids(
+        run_tandem(
+            tandem_bin,
+            ["generate", "-m", model_path, "-p", prompt, "--temp", "0", "-n", str(N_GREEDY), "--ignore-eos", "--output-ids"],
+        )
+    )
+    want, gaps, runners_up = reference.greedy(ref_model, prompt_ids, N_GREEDY)
+    assert len(got) == N_GREEDY, "tandem generated %d ids, expected %d: %s" % (len(got), N_GREEDY, got)
+
+    first_diff = next((i for i in range(N_GREEDY) if got[i] != want[i]), None)
+    closest = int(np.argmin(gaps))
+    if first_diff is None:
+        report(
+            "greedy %-8s %d tokens identical (closest reference step: %d, top-two gap %.2e)"
+            % (name, N_GREEDY, closest, gaps[closest])
+        )
+        return
+
+    gap = gaps[first_diff]
+    detail = "step %d: tandem %d, reference %d (runner-up %d), reference top-two gap %.3e" % (
+        first_diff,
+        got[first_diff],
+        want[first_diff],
+        runners_up[first_diff],
+        gap,
+    )
+    if gap < NEAR_TIE and got[first_diff] == runners_up[first_diff]:
+        report(
+            "greedy %-8s NEAR TIE at %s; the %d tokens before it are identical"
+            % (name, detail, first_diff)
+        )
+        return
+    report("greedy %-8s DIVERGES at %s" % (name, detail))
+    pytest.fail(
+        "greedy continuation diverges away from a near tie at %s\n  tandem:    %s\n  reference: %s"
+        % (detail, got, want)
+    )

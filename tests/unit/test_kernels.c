@@ -1,0 +1,765 @@
+/* Kernel parity and invariance tests for the CPU backend.
+ *
+ * For every ISA this CPU has (scalar, avx2, avx512, each forced through
+ * tdm_backend_cpu_create): every op against a double-precision reference
+ * computed here, outputs poisoned with NaN before each run; the ISAs
+ * against each other bit for bit; batch invariance (a row computed alone,
+ * in batches of 37 and 64, and with 1, 2 or 3 threads gives the same
+ * bits); and the thread pool. Fixed seeds. */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "tandem/dtype.h"
+#include "tandem/kernels.h"
+#include "tandem/log.h"
+#include "tandem/threadpool.h"
+#include "test_util.h"
+
+/* ---- helpers ---- */
+
+static uint64_t rng_state;
+
+static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
+
+static uint32_t rng_u32(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+/* Uniform in [-1, 1). */
+static float rng_f(void) { return (float)((double)rng_u32() / 2147483648.0 - 1.0); }
+
+static void fill(float *x, size_t n, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = rng_f() * scale;
+}
+
+static void poison(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = NAN;
+}
+
+static int all_finite(const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]))
+            return 0;
+    return 1;
+}
+
+static const uint32_t wtypes[] = {TDM_DTYPE_F32, TDM_DTYPE_F16, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,
+                                  TDM_DTYPE_Q8_0};
+#define N_WTYPES 5
+
+static int is_quant(uint32_t t)
+{
+    return t == TDM_DTYPE_Q4_0 || t == TDM_DTYPE_Q4_1 || t == TDM_DTYPE_Q8_0;
+}
+
+/* ISAs to test: the ones this CPU supports. */
+static tdm_cpu_isa_t isas[3];
+static int n_isas;
+
+static tdm_backend_t *make_be(tdm_cpu_isa_t isa, int threads)
+{
+    tdm_backend_t *be = NULL;
+    tdm_status_t st = tdm_backend_cpu_create(threads, isa, &be);
+    if (st != TDM_OK) {
+        printf("FAIL cannot create %s backend with %d threads\n", tdm_cpu_isa_name(isa),
+               threads);
+        exit(1);
+    }
+    return be;
+}
+
+/* A random [rows][k] weight of type wtype (host bytes) and its exact f32
+ * values after (de)quantization. */
+typedef struct tw {
+    uint32_t type;
+    int64_t rows, k;
+    void *data;
+    float *deq;
+} tw_t;
+
+static tw_t make_tw(uint32_t type, int64_t rows, int64_t k)
+{
+    tw_t w = {type, rows, k, NULL, NULL};
+    size_t rb = tdm_dtype_row_bytes(type, (uint64_t)k);
+    float *src = malloc((size_t)(rows * k) * sizeof(float));
+    fill(src, (size_t)(rows * k), 1.0f);
+    for (int64_t r = 0; r < rows; r += 7) /* some rows with a different scale */
+        for (int64_t j = 0; j < k; j++)
+            src[r * k + j] *= 0.01f;
+    w.data = malloc(rb * (size_t)rows);
+    w.deq = malloc((size_t)(rows * k) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        tdm_dtype_from_f32(type, src + r * k, (uint8_t *)w.data + r * rb, (uint64_t)k);
+        tdm_dtype_to_f32(type, (uint8_t *)w.data + r * rb, w.deq + r * k, (uint64_t)k);
+    }
+    free(src);
+    return w;
+}
+
+static void free_tw(tw_t *w)
+{
+    free(w->data);
+    free(w->deq);
+}
+
+/* The activations as the quantized matmul sees them: per 32-block,
+ * d = amax / 127, q = nearest-even(x / d), value q * d. */
+static void quant_ref(const float *x, int64_t k, double *out)
+{
+    for (int64_t b = 0; b < k / 32; b++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++)
+            amax = fabsf(x[b * 32 + j]) > amax ? fabsf(x[b * 32 + j]) : amax;
+        float d = amax / 127.0f;
+        for (int j = 0; j < 32; j++)
+            out[b * 32 + j] = amax == 0 ? 0.0 : (double)rintf(x[b * 32 + j] / d) * (double)d;
+    }
+}
+
+/* Runs the matmul of w over x[n][k] on be into y[n][ldy] (poisoned first). */
+static void run_matmul(tdm_backend_t *be, const tdm_bweight_t *bw, uint32_t type, const float *x,
+                       int64_t n, int64_t k, float *y, int64_t ldy)
+{
+    size_t asz = be->ops->act_size(type, n, k);
+    void *act = be->ops->buf_alloc(be, asz);
+    be->ops->act_prepare(be, type, x, n, k, act);
+    poison(y, (size_t)(n * ldy));
+    be->ops->matmul(be, bw, act, n, y, ldy);
+    be->ops->sync(be);
+    be->ops->buf_free(be, act);
+}
+
+/* ---- matmul ---- */
+
+static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
+{
+    static const int64_t ns[] = {1, 2, 3, 5, 17, 37, 64, 130};
+    const int64_t nmax = 130, ldy = rows + 3;
+    tw_t w = make_tw(type, rows, k);
+    float *x = malloc((size_t)(nmax * k) * sizeof(float));
+    fill(x, (size_t)(nmax * k), 2.0f);
+    for (int64_t j = 0; j < k; j++) /* an all-zero row: d = 0 blocks */
+        x[3 * k + j] = 0.0f;
+    for (int64_t j = 0; j < k / 2; j++) /* a row with a zero half */
+        x[4 * k + j] = 0.0f;
+    float *y = malloc((size_t)(nmax * ldy) * sizeof(float));
+    float *y1 = malloc((size_t)(nmax * ldy) * sizeof(float));
+    float *gold = malloc((size_t)(nmax * ldy) * sizeof(float)); /* scalar, n = 130 */
+    double *xq = malloc((size_t)k * sizeof(double));
+    char what[96];
+    snprintf(what, sizeof(what), "%s %lldx%lld", tdm_dtype_name(type), (long long)rows,
+             (long long)k);
+
+    for (int ii = 0; ii < n_isas; ii++) {
+        tdm_backend_t *be = make_be(isas[ii], 2);
+        tdm_bweight_t *bw = NULL;
+        CHECK(be->ops->weight_load(be, w.data, type, rows, k, &bw) == TDM_OK, "load %s", what);
+        /* Reference on the full batch. */
+        run_matmul(be, bw, type, x, nmax, k, y, ldy);
+        double max_err = 0, max_err_f = 0;
+        int pad_ok = 1;
+        for (int64_t t = 0; t < nmax; t++) {
+            if (is_quant(type))
+                quant_ref(x + t * k, k, xq);
+            else
+                for (int64_t j = 0; j < k; j++)
+                    xq[j] = x[t * k + j];
+            for (int64_t r = 0; r < rows; r++) {
+                double ref = 0, mag = 1e-6, reff = 0;
+                for (int64_t j = 0; j < k; j++) {
+                    ref += (double)w.deq[r * k + j] * xq[j];
+                    mag += fabs((double)w.deq[r * k + j] * xq[j]);
+                    reff += (double)w.deq[r * k + j] * x[t * k + j];
+                }
+                double e = fabs(y[t * ldy + r] - ref) / mag;
+                if (!(e <= max_err))
+                    max_err = isnan(e) ? INFINITY : e;
+                double ef = fabs(y[t * ldy + r] - reff) / mag;
+                if (!(ef <= max_err_f))
+                    max_err_f = isnan(ef) ? INFINITY : ef;
+            }
+            for (int64_t r = rows; r < ldy; r++)
+                pad_ok &= isnan(y[t * ldy + r]);
+        }
+        CHECK(max_err < 2e-6, "%s matmul %s: error %g vs the double reference",
+              tdm_cpu_isa_name(isas[ii]), what, max_err);
+        CHECK(max_err_f < (is_quant(type) ? 2e-2 : 2e-6),
+              "%s matmul %s: error %g vs f32 activations", tdm_cpu_isa_name(isas[ii]), what,
+              max_err_f);
+        CHECK(pad_ok, "%s matmul %s wrote past its rows", tdm_cpu_isa_name(isas[ii]), what);
+        if (ii == 0)
+            memcpy(gold, y, (size_t)(nmax * ldy) * sizeof(float));
+        else
+            CHECK(memcmp(gold, y, (size_t)(nmax * ldy) * sizeof(float)) == 0,
+                  "%s matmul %s differs from scalar bits", tdm_cpu_isa_name(isas[ii]), what);
+
+        /* Batch invariance: each n, each row equals the n = 130 result. */
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+            int64_t n = ns[ni];
+            int64_t t0 = n == 1 ? 77 : 0; /* a row from the middle too */
+            for (int64_t s = 0; s < (n == 1 ? 2 : 1); s++) {
+                int64_t off = s == 0 ? 0 : t0;
+                run_matmul(be, bw, type, x + off * k, n, k, y1, ldy);
+                int same = 1;
+                for (int64_t t = 0; t < n; t++)
+                    same &= memcmp(y1 + t * ldy, gold + (t + off) * ldy,
+                                   (size_t)rows * sizeof(float)) == 0;
+                CHECK(same, "%s matmul %s: n=%lld rows differ from the n=130 batch",
+                      tdm_cpu_isa_name(isas[ii]), what, (long long)n);
+            }
+        }
+        be->ops->weight_free(be, bw);
+        tdm_backend_destroy(be);
+
+        /* Thread counts 1 and 3 give the same bits. */
+        for (int th = 1; th <= 3; th += 2) {
+            tdm_backend_t *b2 = make_be(isas[ii], th);
+            tdm_bweight_t *bw2 = NULL;
+            b2->ops->weight_load(b2, w.data, type, rows, k, &bw2);
+            run_matmul(b2, bw2, type, x, nmax, k, y1, ldy);
+            CHECK(memcmp(y1, gold, (size_t)(nmax * ldy) * sizeof(float)) == 0,
+                  "%s matmul %s: %d threads differ", tdm_cpu_isa_name(isas[ii]), what, th);
+            b2->ops->weight_free(b2, bw2);
+            tdm_backend_destroy(b2);
+        }
+    }
+    free(xq);
+    free(gold);
+    free(y1);
+    free(y);
+    free(x);
+    free_tw(&w);
+}
+
+static void test_matmul(void)
+{
+    for (int ti = 0; ti < N_WTYPES; ti++) {
+        uint32_t type = wtypes[ti];
+        test_matmul_shape(type, 37, 64);
+        test_matmul_shape(type, 50, 576);
+        test_matmul_shape(type, 16, 1536);
+        test_matmul_shape(type, 5, 96);
+        if (!is_quant(type))
+            test_matmul_shape(type, 7, 50); /* a row length with a 16-lane tail */
+    }
+}
+
+/* Big values, tiny values, zeros: the act quantization of each ISA agrees
+ * (checked through the matmul, whose result depends on every q and d). */
+static void test_act_extremes(void)
+{
+    const int64_t k = 256, rows = 16, n = 4;
+    tw_t w = make_tw(TDM_DTYPE_Q4_1, rows, k);
+    float x[4 * 256];
+    fill(x, (size_t)(n * k), 1.0f);
+    for (int j = 0; j < 32; j++) {
+        x[j] = 1e30f * (j % 2 ? 1 : -1);
+        x[k + j] = 1e-30f * (float)j;
+        x[2 * k + j] = (float)(j - 16) / 127.0f * 2.5f; /* exact halves after scaling */
+        x[3 * k + j] = 0.0f;
+    }
+    float gold[4 * 16], y[4 * 16];
+    for (int ii = 0; ii < n_isas; ii++) {
+        for (int q = 0; q < 3; q++) {
+            uint32_t type = q == 0 ? TDM_DTYPE_Q4_0 : q == 1 ? TDM_DTYPE_Q4_1 : TDM_DTYPE_Q8_0;
+            tw_t wq = q == 1 ? w : make_tw(type, rows, k);
+            tdm_backend_t *be = make_be(isas[ii], 1);
+            tdm_bweight_t *bw = NULL;
+            be->ops->weight_load(be, wq.data, type, rows, k, &bw);
+            run_matmul(be, bw, type, x, n, k, y, rows);
+            if (ii == 0 && q == 1)
+                memcpy(gold, y, sizeof(gold));
+            else if (q == 1)
+                CHECK(memcmp(gold, y, sizeof(gold)) == 0, "%s act extremes differ from scalar",
+                      tdm_cpu_isa_name(isas[ii]));
+            CHECK(all_finite(y + rows, (size_t)(3 * rows)), "%s act extremes: non-finite output",
+                  tdm_cpu_isa_name(isas[ii]));
+            be->ops->weight_free(be, bw);
+            tdm_backend_destroy(be);
+            if (q != 1)
+                free_tw(&wq);
+        }
+    }
+    free_tw(&w);
+}
+
+/* ---- embed ---- */
+
+static void test_embed(void)
+{
+    const int64_t rows = 45, k = 96;
+    int32_t ids[6] = {0, 44, 17, 16, 15, 17};
+    for (int ti = 0; ti < N_WTYPES; ti++) {
+        tw_t w = make_tw(wtypes[ti], rows, k);
+        for (int ii = 0; ii < n_isas; ii++) {
+            tdm_backend_t *be = make_be(isas[ii], 2);
+            tdm_bweight_t *bw = NULL;
+            be->ops->weight_load(be, w.data, wtypes[ti], rows, k, &bw);
+            float out[6 * 96];
+            poison(out, 6 * 96);
+            be->ops->embed(be, bw, ids, 6, out);
+            int ok = 1;
+            for (int t = 0; t < 6; t++)
+                ok &= memcmp(out + t * k, w.deq + ids[t] * k, (size_t)k * sizeof(float)) == 0;
+            CHECK(ok, "%s embed %s differs from the reference dequantization",
+                  tdm_cpu_isa_name(isas[ii]), tdm_dtype_name(wtypes[ti]));
+            be->ops->weight_free(be, bw);
+            tdm_backend_destroy(be);
+        }
+        free_tw(&w);
+    }
+}
+
+/* ---- rmsnorm, swiglu, add, gather, rope ---- */
+
+static void test_rowops(void)
+{
+    const int64_t n = 33, dims[2] = {576, 50};
+    float *gold[8] = {0};
+    for (int ii = 0; ii < n_isas; ii++) {
+        const char *isa = tdm_cpu_isa_name(isas[ii]);
+        tdm_backend_t *be = make_be(isas[ii], 2);
+        int slot = 0;
+        for (int di = 0; di < 2; di++) {
+            const int64_t d = dims[di];
+            float *x = malloc((size_t)(n * d) * sizeof(float));
+            float *w = malloc((size_t)d * sizeof(float));
+            float *out = malloc((size_t)(n * d) * sizeof(float));
+            rng_seed(100 + (uint64_t)di);
+            fill(x, (size_t)(n * d), 3.0f);
+            fill(w, (size_t)d, 1.5f);
+
+            /* rmsnorm */
+            poison(out, (size_t)(n * d));
+            be->ops->rmsnorm(be, x, w, n, d, 1e-5f, out);
+            double err = 0;
+            for (int64_t t = 0; t < n; t++) {
+                double ss = 0;
+                for (int64_t i = 0; i < d; i++)
+                    ss += (double)x[t * d + i] * x[t * d + i];
+                double sc = 1.0 / sqrt(ss / (double)d + 1e-5);
+                for (int64_t i = 0; i < d; i++) {
+                    double ref = x[t * d + i] * sc * w[i];
+                    double e = fabs(out[t * d + i] - ref) / (fabs(ref) + 1e-6);
+                    err = e <= err ? err : (isnan(e) ? INFINITY : e);
+                }
+            }
+            CHECK(err < 2e-6, "%s rmsnorm d=%lld: error %g", isa, (long long)d, err);
+            /* in place gives the same bits */
+            float *xi = malloc((size_t)(n * d) * sizeof(float));
+            memcpy(xi, x, (size_t)(n * d) * sizeof(float));
+            be->ops->rmsnorm(be, xi, w, n, d, 1e-5f, xi);
+            CHECK(memcmp(xi, out, (size_t)(n * d) * sizeof(float)) == 0,
+                  "%s rmsnorm in place differs", isa);
+            free(xi);
+            if (ii == 0)
+                gold[slot] = memcpy(malloc((size_t)(n * d) * 4), out, (size_t)(n * d) * 4);
+            else
+                CHECK(memcmp(gold[slot], out, (size_t)(n * d) * 4) == 0,
+                      "%s rmsnorm differs from scalar bits", isa);
+            slot++;
+
+            /* swiglu, with some large gates */
+            float *u = malloc((size_t)(n * d) * sizeof(float));
+            fill(u, (size_t)(n * d), 2.0f);
+            float *g = malloc((size_t)(n * d) * sizeof(float));
+            memcpy(g, x, (size_t)(n * d) * sizeof(float));
+            g[0] = 100.0f;
+            g[1] = -100.0f;
+            g[2] = 87.5f;
+            g[3] = -87.5f;
+            g[4] = 0.0f;
+            g[5] = -0.0f;
+            poison(out, (size_t)(n * d));
+            be->ops->swiglu(be, g, u, n, d, out);
+            err = 0;
+            for (int64_t i = 0; i < n * d; i++) {
+                double ref = (double)g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+                double e = fabs(out[i] - ref) / (fabs(ref) + 1e-30);
+                if (fabs(ref) < 1e-30)
+                    e = fabs(out[i]) < 1e-30 ? 0 : 1;
+                err = e <= err ? err : (isnan(e) ? INFINITY : e);
+            }
+            CHECK(err < 2e-6, "%s swiglu d=%lld: error %g", isa, (long long)d, err);
+            if (ii == 0)
+                gold[slot] = memcpy(malloc((size_t)(n * d) * 4), out, (size_t)(n * d) * 4);
+            else
+                CHECK(memcmp(gold[slot], out, (size_t)(n * d) * 4) == 0,
+                      "%s swiglu differs from scalar bits", isa);
+            slot++;
+            /* in place (out aliases gate) */
+            be->ops->swiglu(be, g, u, n, d, g);
+            CHECK(memcmp(g, out, (size_t)(n * d) * 4) == 0, "%s swiglu in place differs", isa);
+
+            /* add */
+            memcpy(out, x, (size_t)(n * d) * sizeof(float));
+            be->ops->add(be, out, u, n * d);
+            int ok = 1;
+            for (int64_t i = 0; i < n * d; i++)
+                ok &= out[i] == x[i] + u[i];
+            CHECK(ok, "%s add", isa);
+
+            /* gather_rows */
+            int32_t idx[4] = {32, 0, 5, 5};
+            poison(out, (size_t)(4 * d));
+            be->ops->gather_rows(be, x, idx, 4, d, out);
+            ok = 1;
+            for (int t = 0; t < 4; t++)
+                ok &= memcmp(out + t * d, x + idx[t] * d, (size_t)d * 4) == 0;
+            CHECK(ok, "%s gather_rows", isa);
+            free(g);
+            free(u);
+            free(out);
+            free(w);
+            free(x);
+        }
+
+        /* rope: 5 heads of 64, n_rot 64 and 32 (partial) */
+        for (int nr = 0; nr < 2; nr++) {
+            const int32_t heads = 5, hd = 64, n_rot = nr == 0 ? 64 : 32;
+            const int64_t nn = 40;
+            float *x = malloc((size_t)(nn * heads * hd) * sizeof(float));
+            float *xr = malloc((size_t)(nn * heads * hd) * sizeof(float));
+            int32_t pos[40];
+            for (int t = 0; t < nn; t++)
+                pos[t] = t * 211 % 8192;
+            rng_seed(7);
+            fill(x, (size_t)(nn * heads * hd), 1.0f);
+            memcpy(xr, x, (size_t)(nn * heads * hd) * sizeof(float));
+            be->ops->rope(be, xr, pos, nn, heads, hd, n_rot, 10000.0f);
+            double err = 0;
+            for (int t = 0; t < nn; t++)
+                for (int h = 0; h < heads; h++)
+                    for (int i = 0; i < hd / 2; i++) {
+                        const float *v = x + (t * heads + h) * hd;
+                        const float *o = xr + (t * heads + h) * hd;
+                        double r0 = v[2 * i], r1 = v[2 * i + 1];
+                        if (2 * i < n_rot) {
+                            double a = pos[t] * pow(10000.0, -2.0 * i / n_rot);
+                            r0 = v[2 * i] * cos(a) - v[2 * i + 1] * sin(a);
+                            r1 = v[2 * i] * sin(a) + v[2 * i + 1] * cos(a);
+                        }
+                        double e = fmax(fabs(o[2 * i] - r0), fabs(o[2 * i + 1] - r1));
+                        err = e <= err ? err : (isnan(e) ? INFINITY : e);
+                    }
+            CHECK(err < 1e-6, "%s rope n_rot=%d: error %g", isa, n_rot, err);
+            if (ii == 0)
+                gold[slot] = memcpy(malloc((size_t)(nn * heads * hd) * 4), xr,
+                                    (size_t)(nn * heads * hd) * 4);
+            else
+                CHECK(memcmp(gold[slot], xr, (size_t)(nn * heads * hd) * 4) == 0,
+                      "%s rope differs from scalar bits", isa);
+            slot++;
+            free(xr);
+            free(x);
+        }
+        tdm_backend_destroy(be);
+    }
+    for (int i = 0; i < 8; i++)
+        free(gold[i]);
+}
+
+/* ---- kv_write ---- */
+
+static void test_kv_write(void)
+{
+    const int64_t n = 9, kv_dim = 3 * 64 + 8, n_slots = 32; /* 200: a 16- and 8-lane tail */
+    float *k = malloc((size_t)(n * kv_dim) * 4), *v = malloc((size_t)(n * kv_dim) * 4);
+    rng_seed(11);
+    fill(k, (size_t)(n * kv_dim), 4.0f);
+    fill(v, (size_t)(n * kv_dim), 70000.0f); /* some overflow to inf */
+    const float special[] = {0.0f,    -0.0f,   65504.0f, 65520.0f, 65519.0f, 1e-8f,
+                             -3e-7f,  6.1e-5f, 5.96e-8f, 2.98e-8f, 1e-10f,   INFINITY,
+                             -INFINITY, 1.00048828125f, 1.00146484375f, 2049.0f};
+    for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
+        k[i] = special[i];
+    int32_t slot[9] = {3, 7, -1, 0, 31, 12, 13, 14, 1};
+    uint16_t *ck = malloc((size_t)(n_slots * kv_dim) * 2), *cv = malloc((size_t)(n_slots * kv_dim) * 2);
+    for (int ii = 0; ii < n_isas; ii++) {
+        tdm_backend_t *be = make_be(isas[ii], 2);
+        memset(ck, 0xAB, (size_t)(n_slots * kv_dim) * 2);
+        memset(cv, 0xAB, (size_t)(n_slots * kv_dim) * 2);
+        be->ops->kv_write(be, k, v, slot, n, kv_dim, ck, cv);
+        int ok = 1, untouched = 1;
+        for (int64_t t = 0; t < n; t++) {
+            if (slot[t] < 0)
+                continue;
+            for (int64_t j = 0; j < kv_dim; j++) {
+                ok &= ck[slot[t] * kv_dim + j] == tdm_f32_to_f16(k[t * kv_dim + j]);
+                ok &= cv[slot[t] * kv_dim + j] == tdm_f32_to_f16(v[t * kv_dim + j]);
+            }
+        }
+        for (int64_t s = 0; s < n_slots; s++) {
+            int used = 0;
+            for (int t = 0; t < n; t++)
+                used |= slot[t] == s;
+            if (!used)
+                for (int64_t j = 0; j < kv_dim; j++)
+                    untouched &= ck[s * kv_dim + j] == 0xABAB && cv[s * kv_dim + j] == 0xABAB;
+        }
+        CHECK(ok, "%s kv_write differs from tdm_f32_to_f16", tdm_cpu_isa_name(isas[ii]));
+        CHECK(untouched, "%s kv_write touched other slots", tdm_cpu_isa_name(isas[ii]));
+        tdm_backend_destroy(be);
+    }
+    free(ck);
+    free(cv);
+    free(k);
+    free(v);
+}
+
+/* ---- attention ---- */
+
+typedef struct attn_case {
+    int32_t n_heads, n_kv, hd, bs;
+} attn_case_t;
+
+static void attn_ref(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                     const uint16_t *cv, int64_t t, int32_t h, double *out)
+{
+    const int64_t hd = p->head_dim, ctx = p->ctx_len[t];
+    const int32_t kvh = h / (p->n_heads / p->n_kv_heads);
+    const int32_t *table = p->block_tables + p->table_of_row[t] * p->bt_stride;
+    double *s = malloc((size_t)ctx * sizeof(double));
+    double mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < ctx; i++) {
+        int64_t slot = (int64_t)table[i / p->block_size] * p->block_size + i % p->block_size;
+        const uint16_t *kr = ck + slot * p->n_kv_heads * hd + kvh * hd;
+        double d = 0;
+        for (int64_t j = 0; j < hd; j++)
+            d += (double)q[(t * p->n_heads + h) * hd + j] * tdm_f16_to_f32(kr[j]);
+        s[i] = d * p->scale;
+        mx = s[i] > mx ? s[i] : mx;
+    }
+    for (int64_t j = 0; j < hd; j++)
+        out[j] = 0;
+    for (int64_t i = 0; i < ctx; i++) {
+        int64_t slot = (int64_t)table[i / p->block_size] * p->block_size + i % p->block_size;
+        const uint16_t *vr = cv + slot * p->n_kv_heads * hd + kvh * hd;
+        double e = exp(s[i] - mx);
+        sum += e;
+        for (int64_t j = 0; j < hd; j++)
+            out[j] += e * tdm_f16_to_f32(vr[j]);
+    }
+    for (int64_t j = 0; j < hd; j++)
+        out[j] /= sum;
+    free(s);
+}
+
+static void test_attention_case(attn_case_t c)
+{
+    const int32_t n_tables = 3, max_ctx = 300;
+    const int32_t bt_stride = (max_ctx + c.bs - 1) / c.bs;
+    const int32_t n_blocks = n_tables * bt_stride + 2;
+    const int64_t kv_dim = (int64_t)c.n_kv * c.hd, qd = (int64_t)c.n_heads * c.hd;
+    uint16_t *ck = malloc((size_t)(n_blocks * c.bs * kv_dim) * 2);
+    uint16_t *cv = malloc((size_t)(n_blocks * c.bs * kv_dim) * 2);
+    rng_seed((uint64_t)(c.hd * 100 + c.bs));
+    for (int64_t i = 0; i < n_blocks * c.bs * kv_dim; i++) {
+        ck[i] = tdm_f32_to_f16(rng_f() * 2.0f);
+        cv[i] = tdm_f32_to_f16(rng_f() * 3.0f);
+    }
+    /* Tables: a shuffled permutation of the blocks. */
+    int32_t *tables = malloc((size_t)(n_tables * bt_stride) * 4);
+    int32_t *perm = malloc((size_t)n_blocks * 4);
+    for (int i = 0; i < n_blocks; i++)
+        perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rng_u32() % (uint32_t)(i + 1));
+        int32_t tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    for (int i = 0; i < n_tables * bt_stride; i++)
+        tables[i] = perm[i];
+    /* Rows: assorted context lengths over the tables. */
+    static const int32_t ctxs[] = {1, 2, 15, 16, 17, 31, 33, 100, 255, 300, 64, 5};
+    const int64_t n = 40;
+    int32_t ctx[40], tor[40];
+    for (int t = 0; t < n; t++) {
+        ctx[t] = ctxs[t % 12];
+        tor[t] = t % n_tables;
+    }
+    float *q = malloc((size_t)(n * qd) * 4);
+    fill(q, (size_t)(n * qd), 2.0f);
+    for (int64_t j = 0; j < qd; j++)
+        q[5 * qd + j] *= 8.0f; /* a peaky softmax */
+    tdm_attn_params_t p = {.n = n,
+                           .n_heads = c.n_heads,
+                           .n_kv_heads = c.n_kv,
+                           .head_dim = c.hd,
+                           .block_size = c.bs,
+                           .scale = 1.0f / sqrtf((float)c.hd),
+                           .ctx_len = ctx,
+                           .block_tables = tables,
+                           .table_of_row = tor,
+                           .bt_stride = bt_stride};
+    float *out = malloc((size_t)(n * qd) * 4), *gold = malloc((size_t)(n * qd) * 4);
+    float *o1 = malloc((size_t)qd * 4);
+    double *ref = malloc((size_t)c.hd * sizeof(double));
+    char what[64];
+    snprintf(what, sizeof(what), "heads %d/%d hd %d bs %d", c.n_heads, c.n_kv, c.hd, c.bs);
+    for (int ii = 0; ii < n_isas; ii++) {
+        const char *isa = tdm_cpu_isa_name(isas[ii]);
+        for (int th = 1; th <= 3; th++) {
+            tdm_backend_t *be = make_be(isas[ii], th);
+            poison(out, (size_t)(n * qd));
+            p.n = n;
+            be->ops->attention(be, &p, q, ck, cv, out);
+            if (ii == 0 && th == 1) {
+                double err = 0;
+                for (int64_t t = 0; t < n; t++)
+                    for (int32_t h = 0; h < c.n_heads; h++) {
+                        attn_ref(&p, q, ck, cv, t, h, ref);
+                        for (int j = 0; j < c.hd; j++) {
+                            double e = fabs(out[(t * c.n_heads + h) * c.hd + j] - ref[j]) / 3.0;
+                            err = e <= err ? err : (isnan(e) ? INFINITY : e);
+                        }
+                    }
+                CHECK(err < 2e-6, "%s attention %s: error %g", isa, what, err);
+                memcpy(gold, out, (size_t)(n * qd) * 4);
+            } else {
+                CHECK(memcmp(gold, out, (size_t)(n * qd) * 4) == 0,
+                      "%s attention %s, %d threads: differs from scalar/1-thread bits", isa,
+                      what, th);
+            }
+            /* Each row alone (decode-style split) gives the batch's bits. */
+            if (th == 2) {
+                int same = 1;
+                for (int64_t t = 0; t < n; t++) {
+                    tdm_attn_params_t p1 = p;
+                    p1.n = 1;
+                    p1.ctx_len = ctx + t;
+                    p1.table_of_row = tor + t;
+                    poison(o1, (size_t)qd);
+                    be->ops->attention(be, &p1, q + t * qd, ck, cv, o1);
+                    same &= memcmp(o1, gold + t * qd, (size_t)qd * 4) == 0;
+                }
+                CHECK(same, "%s attention %s: a row alone differs from the batch", isa, what);
+            }
+            tdm_backend_destroy(be);
+        }
+    }
+    free(ref);
+    free(o1);
+    free(gold);
+    free(out);
+    free(q);
+    free(perm);
+    free(tables);
+    free(cv);
+    free(ck);
+}
+
+static void test_attention(void)
+{
+    test_attention_case((attn_case_t){9, 3, 64, 16}); /* SmolLM2 */
+    test_attention_case((attn_case_t){4, 4, 32, 8});  /* MHA, blocks smaller than a chunk */
+    test_attention_case((attn_case_t){4, 1, 40, 16}); /* head dim the SIMD code does not take */
+    test_attention_case((attn_case_t){8, 2, 128, 32});
+}
+
+/* ---- weight_load refusals ---- */
+
+static void test_weight_errors(void)
+{
+    tdm_backend_t *be = make_be(TDM_CPU_ISA_SCALAR, 1);
+    tdm_bweight_t *bw = NULL;
+    uint8_t buf[1024] = {0};
+    tdm_log_set_level(TDM_LOG_LEVEL_ERROR + 0); /* the refusals log errors; expected */
+    CHECK(be->ops->weight_load(be, buf, TDM_DTYPE_Q4_1, 2, 48, &bw) != TDM_OK && bw == NULL,
+          "k not a multiple of 32 accepted");
+    CHECK(be->ops->weight_load(be, buf, 12 /* Q4_K */, 2, 256, &bw) != TDM_OK && bw == NULL,
+          "unsupported type accepted");
+    CHECK(be->ops->weight_load(be, buf, TDM_DTYPE_F32, 0, 16, &bw) != TDM_OK && bw == NULL,
+          "empty weight accepted");
+    tdm_log_set_level(TDM_LOG_LEVEL_INFO);
+    tdm_backend_destroy(be);
+    tdm_backend_destroy(NULL);
+}
+
+/* ---- thread pool ---- */
+
+typedef struct pool_arg {
+    atomic_int calls[8];
+    int nth_seen;
+    long long sum[8];
+} pool_arg_t;
+
+static void pool_fn(void *p, int ith, int nth)
+{
+    pool_arg_t *a = p;
+    atomic_fetch_add(&a->calls[ith], 1);
+    a->sum[ith] += ith + 1;
+    if (ith == 0)
+        a->nth_seen = nth;
+}
+
+static void test_threadpool(void)
+{
+    for (int n = 1; n <= 4; n++) {
+        tdm_threadpool_t *pool = NULL;
+        CHECK(tdm_threadpool_create(n, &pool) == TDM_OK, "pool of %d", n);
+        CHECK(tdm_threadpool_size(pool) == n, "pool size %d", n);
+        pool_arg_t a;
+        memset(&a, 0, sizeof(a));
+        const int runs = 20000;
+        for (int r = 0; r < runs; r++) {
+            tdm_threadpool_run(pool, pool_fn, &a);
+            if (r % 5000 == 4999) { /* let workers fall asleep: the futex path */
+                struct timespec ts = {0, 5 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+        }
+        int ok = a.nth_seen == n;
+        for (int i = 0; i < n; i++)
+            ok &= atomic_load(&a.calls[i]) == runs && a.sum[i] == (long long)runs * (i + 1);
+        CHECK(ok, "pool of %d: every thread ran every run once", n);
+        tdm_threadpool_destroy(pool);
+    }
+    tdm_threadpool_destroy(NULL);
+    CHECK(tdm_cpu_count() >= 1, "cpu count");
+}
+
+int main(void)
+{
+    tdm_cpu_isa_t best = tdm_cpu_isa_detect();
+    isas[n_isas++] = TDM_CPU_ISA_SCALAR;
+    if (best >= TDM_CPU_ISA_AVX2)
+        isas[n_isas++] = TDM_CPU_ISA_AVX2;
+    if (best >= TDM_CPU_ISA_AVX512)
+        isas[n_isas++] = TDM_CPU_ISA_AVX512;
+    tdm_log_set_level(TDM_LOG_LEVEL_WARN); /* one line per backend created is noise here */
+    printf("ISAs under test:");
+    for (int i = 0; i < n_isas; i++)
+        printf(" %s", tdm_cpu_isa_name(isas[i]));
+    printf("\n");
+
+    rng_seed(1);
+    test_threadpool();
+    test_weight_errors();
+    tdm_log_set_level(TDM_LOG_LEVEL_WARN);
+    rng_seed(2);
+    test_matmul();
+    rng_seed(3);
+    test_act_extremes();
+    rng_seed(4);
+    test_embed();
+    test_rowops();
+    test_kv_write();
+    test_attention();
+    return t_finish();
+}

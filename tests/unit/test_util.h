@@ -1,0 +1,59 @@
+/* Small helpers shared by the unit tests (header-only). */
+#ifndef TANDEM_TEST_UTIL_H
+#define TANDEM_TEST_UTIL_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int t_pass, t_fail;
+
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (cond) {                                                                                \
+            t_pass++;                                                                              \
+        } else {                                                                                   \
+            t_fail++;                                                                              \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
+            printf(__VA_ARGS__);                                                                   \
+            printf("\n");                                                                          \
+        }                                                                                          \
+    } while (0)
+
+static inline int t_finish(void)
+{
+    printf("%d passed, %d failed\n", t_pass, t_fail);
+    return t_fail == 0 ? 0 : 1;
+}
+
+/* The default model if it is present, else NULL. */
+static inline const char *t_default_model(void)
+{
+    static char path[1024];
+    const char *home = getenv("TANDEM_HOME");
+    if (home != NULL && home[0] != '\0')
+        snprintf(path, sizeof(path), "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", home);
+    else
+        snprintf(path, sizeof(path), "%s/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 getenv("HOME") ? getenv("HOME") : ".");
+    struct stat sb;
+    return stat(path, &sb) == 0 ? path : NULL;
+}
+
+/* Writes a synthetic model with `tandem mkmodel ARGS` into a temp file;
+ * returns its path (static buffer per call site is the caller's job). */
+static inline int t_mkmodel(char *out, size_t cap, const char *args)
+{
+    const char *bin = getenv("TANDEM_BIN_DIR");
+    snprintf(out, cap, "/tmp/tandem-test-%d-%ld.gguf", (int)getpid(), random());
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd), "%s/tandem mkmodel -o %s %s 2>/dev/null", bin ? bin : "build/bin",
+             out, args);
+    return system(cmd);
+}
+
+static inline int t_sanitized(void) { return getenv("TANDEM_TEST_SANITIZED") != NULL; }
+
+#endif
