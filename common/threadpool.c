@@ -37,7 +37,8 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#define TDM_POOL_SPIN_NS 2000000 /* how long an idle worker spins before sleeping */
+#define TDM_POOL_SPIN_NS  2000000 /* how long an idle worker spins before sleeping */
+#define TDM_POOL_YIELD_NS 20000   /* after this much spinning, yield the CPU between checks */
 
 typedef struct tdm_pool_worker {
     tdm_threadpool_t *pool;
@@ -88,22 +89,28 @@ static void futex_wake_all(atomic_uint *addr)
     syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Waits until pool->gen differs from seen; returns the new value. */
+/* Waits until pool->gen differs from seen; returns the new value. Spins
+ * for TDM_POOL_YIELD_NS, then spins with sched_yield (so that oversubscribed
+ * or busy CPUs still run the thread that has work), then sleeps. */
 static unsigned wait_next(tdm_threadpool_t *pool, unsigned seen)
 {
-    uint64_t t0 = 0;
+    uint64_t t0 = 0, spun = 0;
     for (unsigned i = 1;; i++) {
         unsigned g = atomic_load_explicit(&pool->gen, memory_order_acquire);
         if (g != seen)
             return g;
-        if ((i & 255) == 0) {
+        if ((i & 63) == 0) {
             uint64_t t = now_ns();
             if (t0 == 0)
                 t0 = t;
-            else if (t - t0 > TDM_POOL_SPIN_NS)
+            spun = t - t0;
+            if (spun > TDM_POOL_SPIN_NS)
                 break;
         }
-        cpu_relax();
+        if (spun > TDM_POOL_YIELD_NS)
+            sched_yield();
+        else
+            cpu_relax();
     }
     for (;;) {
         atomic_fetch_add_explicit(&pool->sleepers, 1, memory_order_seq_cst);
@@ -209,9 +216,11 @@ void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *ar
     atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
     publish(pool);
     fn(arg, 0, pool->n);
+    /* Workers finish about when the caller does; if one does not, it was
+     * descheduled or is starved: give it the CPU. */
     for (unsigned i = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) != 0; i++) {
-        if ((i & 0xffff) == 0)
-            sched_yield(); /* a worker was descheduled: let it run */
+        if (i > 2048)
+            sched_yield();
         else
             cpu_relax();
     }

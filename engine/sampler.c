@@ -143,7 +143,7 @@ static double sample_state_uniform(tdm_sample_state_t *st)
     return (double)(xoshiro256ss_next(st->rng) >> 11) * 0x1.0p-53;
 }
 
-static uint64_t sample_state_os_seed(void)
+static uint64_t sample_state_os_seed(const tdm_sample_state_t *st)
 {
     uint64_t seed;
     size_t got = 0;
@@ -157,19 +157,18 @@ static uint64_t sample_state_os_seed(void)
     }
     if (got == sizeof(seed))
         return seed;
-    /* No getrandom(2): mix the clock, the pid and a counter; unseeded
-     * requests only need to differ, not to be unpredictable. */
-    static _Atomic uint64_t fallback_counter;
+    /* No getrandom(2): mix the clock, the pid and the state's address;
+     * unseeded requests only need to differ, not to be unpredictable. */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t x = ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
-                 ((uint64_t)getpid() << 32) ^ (fallback_counter += 0x9e3779b97f4a7c15ull);
+                 ((uint64_t)getpid() << 32) ^ ((uint64_t)(uintptr_t)st * 0x9e3779b97f4a7c15ull);
     return splitmix64_next(&x);
 }
 
 void tdm_sample_state_init(tdm_sample_state_t *st, const tdm_sampling_params_t *p)
 {
-    uint64_t x = (p != NULL && p->has_seed) ? p->seed : sample_state_os_seed();
+    uint64_t x = (p != NULL && p->has_seed) ? p->seed : sample_state_os_seed(st);
     /* splitmix64 never yields four zero words in a row, so the state is valid. */
     for (int i = 0; i < 4; i++)
         st->rng[i] = splitmix64_next(&x);
@@ -493,8 +492,14 @@ static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_
     }
 }
 
-/* exp(x - max) with exp(0) for x == max, so that a +inf or an all -inf
- * maximum gives weight 1 to the tokens at it instead of NaN. */
+static inline float sanitize(float x)
+{
+    return isnan(x) ? -INFINITY : x;
+}
+
+/* The unnormalized probability of a logit x: e^(x - max), and 1 at the
+ * maximum itself, so that a +inf maximum or an all -inf vocabulary weighs
+ * the tokens at the maximum 1 each instead of NaN. */
 static inline float weight_of(float x, float max)
 {
     return x == max ? 1.0f : expf(x - max);
@@ -540,8 +545,23 @@ static double sum_weights(const float *x, size_t n, float max)
 {
     double part[SAMPLER_LANES] = {0};
     for (size_t i = 0; i < n; i++) {
-        float v = isnan(x[i]) ? -INFINITY : x[i];
-        part[i % SAMPLER_LANES] += (double)weight_of(v, max);
+        part[i % SAMPLER_LANES] += (double)weight_of(sanitize(x[i]), max);
+    }
+    return lanes_total(part);
+}
+
+/* logits[i] = logits[i] / temp (NaN as -inf) and weight[i] its weight;
+ * returns the sum of the weights. */
+static double sampler_scale_and_weigh(float *logits, float *weight, size_t n, float temp,
+                                      float max_scaled)
+{
+    double part[SAMPLER_LANES] = {0};
+    for (size_t i = 0; i < n; i++) {
+        float xs = sanitize(logits[i]) / temp;
+        float w = weight_of(xs, max_scaled);
+        logits[i] = xs;
+        weight[i] = w;
+        part[i % SAMPLER_LANES] += (double)w;
     }
     return lanes_total(part);
 }
@@ -556,8 +576,7 @@ static int32_t sampler_greedy(const tdm_sampler_t *s, const float *logits, float
         while (!(logits[best] == max))
             best++;
     if (logprob != NULL) {
-        float x = isnan(logits[best]) ? -INFINITY : logits[best];
-        *logprob = log_softmax_at(x, max, sum_weights(logits, (size_t)n, max));
+        *logprob = log_softmax_at(sanitize(logits[best]), max, sum_weights(logits, (size_t)n, max));
     }
     return best;
 }
@@ -652,7 +671,7 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
      * is overwritten later). */
     size_t front = 0, back = n;
     for (size_t i = 0; i < n; i++) {
-        float x = isnan(logits[i]) ? -INFINITY : logits[i];
+        float x = sanitize(logits[i]);
         uint64_t key = key_make(x, (int32_t)i);
         bool is_near = x >= near;
         s->keys[front] = key;
@@ -674,17 +693,9 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
     double total = 0.0;
     if (has_top_k) {
         for (size_t i = 0; i < n; i++)
-            logits[i] = (isnan(logits[i]) ? -INFINITY : logits[i]) / temp;
+            logits[i] = sanitize(logits[i]) / temp;
     } else {
-        double part[SAMPLER_LANES] = {0};
-        for (size_t i = 0; i < n; i++) {
-            float xs = (isnan(logits[i]) ? -INFINITY : logits[i]) / temp;
-            float w = weight_of(xs, max_scaled);
-            logits[i] = xs;
-            s->weight[i] = w;
-            part[i % SAMPLER_LANES] += (double)w;
-        }
-        total = lanes_total(part);
+        total = sampler_scale_and_weigh(logits, s->weight, n, temp, max_scaled);
         if (same_scale)
             logprob_sum = total;
     }

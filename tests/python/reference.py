@@ -260,6 +260,32 @@ def greedy(model, token_ids, n):
     return ids, gaps, runners_up
 
 
+def write_f32_copy(src, dst):
+    """Writes a copy of the GGUF at src to dst with every tensor dequantized to
+    F32 (metadata unchanged but general.file_type). llama.cpp run on the copy
+    computes in float32 on exactly the reference's weights, which checks this
+    module independently of any quantized kernel."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, arch=_field(reader, "general.architecture"))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            writer.add_uint32(key, 0)  # all F32
+        elif f.types[0] == GGUFValueType.ARRAY:
+            writer.add_array(key, f.contents())
+        else:
+            writer.add_key_value(key, f.contents(), f.types[0])
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main(argv):
     if len(argv) < 3:
         print("usage: reference.py MODEL.gguf ID [ID ...]", file=sys.stderr)

@@ -27,10 +27,12 @@ NEAR_TIE = 5e-3  # top two reference logits within 0.5% of the top one
 N_GREEDY = 32
 TIMEOUT_S = 600
 
+# Chosen so that the reference's top two logits at each prompt's last position
+# are well apart (by 6%, 5% and 17%): the argmax check is then no coin toss.
 PROMPTS = {
     "chat": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "english": "The old lighthouse keeper climbed the stairs every evening, and on the night of the storm he",
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "code": "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return",
 }
 
 

@@ -373,6 +373,12 @@ static void test_seeds(void)
     tdm_sample_state_init(&c, &p);
     CHECK(memcmp(&a, &b, sizeof(a)) == 0);
     CHECK(memcmp(&a, &c, sizeof(a)) != 0);
+    /* The state is splitmix64's stream from the seed: from 0, its first
+     * output is 0xe220a8397b1dcdaf. */
+    tdm_sampling_params_t z = params_seeded(1.0f, 0);
+    tdm_sample_state_t sz;
+    tdm_sample_state_init(&sz, &z);
+    CHECK(sz.rng[0] == 0xe220a8397b1dcdafull);
 
     int same_ab = 0, same_ac = 0;
     for (int d = 0; d < DRAWS; d++) {
