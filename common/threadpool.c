@@ -47,7 +47,8 @@ typedef struct tdm_pool_worker {
 } tdm_pool_worker_t;
 
 struct tdm_threadpool {
-    int n; /* threads, the caller included */
+    int n;                      /* threads, the caller included */
+    uint64_t yield_ns;          /* spin this long before yielding (0 if oversubscribed) */
     tdm_pool_worker_t *workers; /* [n - 1] */
     tdm_threadpool_fn_t fn;
     void *arg;
@@ -107,7 +108,7 @@ static unsigned wait_next(tdm_threadpool_t *pool, unsigned seen)
             if (spun > TDM_POOL_SPIN_NS)
                 break;
         }
-        if (spun > TDM_POOL_YIELD_NS)
+        if (spun >= pool->yield_ns)
             sched_yield();
         else
             cpu_relax();
@@ -163,6 +164,7 @@ tdm_status_t tdm_threadpool_create(int n_threads, tdm_threadpool_t **out)
     if (pool == NULL)
         return TDM_ERR_NOMEM;
     pool->n = n_threads;
+    pool->yield_ns = n_threads > tdm_cpu_count() ? 0 : TDM_POOL_YIELD_NS;
     pool->fn = NULL;
     pool->arg = NULL;
     atomic_init(&pool->gen, 0);
@@ -203,7 +205,10 @@ void tdm_threadpool_destroy(tdm_threadpool_t *pool)
     free(pool);
 }
 
-int tdm_threadpool_size(const tdm_threadpool_t *pool) { return pool->n; }
+int tdm_threadpool_size(const tdm_threadpool_t *pool)
+{
+    return pool->n;
+}
 
 void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *arg)
 {
@@ -219,7 +224,7 @@ void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *ar
     /* Workers finish about when the caller does; if one does not, it was
      * descheduled or is starved: give it the CPU. */
     for (unsigned i = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) != 0; i++) {
-        if (i > 2048)
+        if (i > (pool->yield_ns ? 2048u : 16u))
             sched_yield();
         else
             cpu_relax();

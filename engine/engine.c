@@ -775,6 +775,17 @@ static void register_blocks(tdm_engine_t *e, tdm_seq_t *s)
     s->n_registered = n_full;
 }
 
+/* Copies the scheduler's counts where other threads read them. */
+static void publish_stats(tdm_engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    e->stats.num_running = e->n_running;
+    e->stats.num_waiting = e->n_waiting;
+    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
+    e->stats.num_cached_blocks = e->pool.n_lru;
+    pthread_mutex_unlock(&e->lock);
+}
+
 tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
 {
     take_ops(e);
@@ -860,29 +871,23 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
         budget -= chunk;
     }
 
-    if (n_rows == 0) {
-        *did_work = false;
-        return TDM_OK;
+    tdm_status_t st = TDM_OK;
+    if (n_rows > 0) {
+        st = tdm_engine_forward(e, n_rows, n_tables, n_logits);
+        if (st == TDM_OK) {
+            e->stats.steps++;
+            for (int32_t i = 0; i < n_batch; i++) {
+                tdm_seq_t *s = batch[i];
+                s->n_computed += s->chunk;
+                register_blocks(e, s);
+                if (s->logit_row >= 0 && sample_and_deliver(e, s))
+                    retire(e, s, true);
+            }
+        }
     }
-    tdm_status_t st = tdm_engine_forward(e, n_rows, n_tables, n_logits);
-    if (st != TDM_OK)
-        return st;
-    e->stats.steps++;
-    for (int32_t i = 0; i < n_batch; i++) {
-        tdm_seq_t *s = batch[i];
-        s->n_computed += s->chunk;
-        register_blocks(e, s);
-        if (s->logit_row >= 0 && sample_and_deliver(e, s))
-            retire(e, s, true);
-    }
-    pthread_mutex_lock(&e->lock);
-    e->stats.num_running = e->n_running;
-    e->stats.num_waiting = e->n_waiting;
-    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
-    e->stats.num_cached_blocks = e->pool.n_lru;
-    pthread_mutex_unlock(&e->lock);
-    *did_work = true;
-    return TDM_OK;
+    publish_stats(e);
+    *did_work = n_rows > 0;
+    return st;
 }
 
 static bool has_work(tdm_engine_t *e)

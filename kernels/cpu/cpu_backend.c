@@ -29,7 +29,10 @@ typedef struct cpu_backend {
     int n_threads;
 } cpu_backend_t;
 
-static cpu_backend_t *cpu_of(tdm_backend_t *be) { return (cpu_backend_t *)be; }
+static cpu_backend_t *cpu_of(tdm_backend_t *be)
+{
+    return (cpu_backend_t *)be;
+}
 
 /* [*lo, *hi) of n units for thread ith of nth, contiguous. */
 static void split_range(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi)
@@ -51,7 +54,10 @@ static void *cpu_buf_alloc(tdm_backend_t *be, size_t bytes)
     return aligned_alloc(64, sz ? sz : 64);
 }
 
-static void cpu_buf_free(tdm_backend_t *be, void *buf) { free(buf); }
+static void cpu_buf_free(tdm_backend_t *be, void *buf)
+{
+    free(buf);
+}
 
 static void cpu_copy(tdm_backend_t *be, void *dst, const void *src, size_t bytes)
 {
@@ -103,8 +109,8 @@ static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_
     w->owned = aligned_alloc(64, (size_t)w->n_groups * w->group_bytes);
     if (w->owned == NULL) {
         free(w);
-        tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight",
-                      (long long)rows, (long long)k, tdm_dtype_name(wtype));
+        tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight", (long long)rows,
+                      (long long)k, tdm_dtype_name(wtype));
         return TDM_ERR_NOMEM;
     }
     memset(w->owned, 0, (size_t)w->n_groups * w->group_bytes);
@@ -177,8 +183,8 @@ static void act_task_fn(void *arg, int ith, int nth)
         t->k->act_quant(t->wtype, t->x + r * t->kk, t->kk, t->act + (size_t)r * stride);
 }
 
-static void cpu_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n,
-                            int64_t k, void *act)
+static void cpu_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n, int64_t k,
+                            void *act)
 {
     cpu_backend_t *cb = cpu_of(be);
     if (!is_quant(wtype)) {
@@ -454,8 +460,8 @@ static void run_ew(cpu_backend_t *cb, ew_task_t *t)
         tdm_threadpool_run(cb->pool, ew_task_fn, t);
 }
 
-static void cpu_swiglu(tdm_backend_t *be, const float *gate, const float *up, int64_t n,
-                       int64_t f, float *out)
+static void cpu_swiglu(tdm_backend_t *be, const float *gate, const float *up, int64_t n, int64_t f,
+                       float *out)
 {
     ew_task_t t = {cpu_of(be)->k, 0, gate, up, out, n * f};
     run_ew(cpu_of(be), &t);
@@ -607,8 +613,12 @@ tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backen
 {
     tdm_cpu_features_t f;
     tdm_cpu_features_get(&f);
-    tdm_cpu_isa_t best = f.avx512 ? TDM_CPU_ISA_AVX512 : f.avx2 ? TDM_CPU_ISA_AVX2
-                                                                : TDM_CPU_ISA_SCALAR;
+    const char *vnni_env = getenv("TANDEM_CPU_AVXVNNI"); /* "0": test the AVX2 path without it */
+    if (vnni_env != NULL && strcmp(vnni_env, "0") == 0)
+        f.avx_vnni = 0;
+    tdm_cpu_isa_t best = f.avx512 ? TDM_CPU_ISA_AVX512
+                         : f.avx2 ? TDM_CPU_ISA_AVX2
+                                  : TDM_CPU_ISA_SCALAR;
     if (isa == TDM_CPU_ISA_AUTO) {
         const char *env = getenv("TANDEM_CPU_ISA");
         if (env == NULL || env[0] == '\0' || strcmp(env, "auto") == 0)

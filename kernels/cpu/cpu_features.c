@@ -22,8 +22,8 @@ void tdm_cpu_features_get(tdm_cpu_features_t *f)
     if (!osxsave || !avx)
         return;
     uint64_t xcr0 = xgetbv0();
-    int ymm_ok = (xcr0 & 0x6) == 0x6;    /* SSE + AVX state */
-    int zmm_ok = (xcr0 & 0xe6) == 0xe6;  /* + opmask, ZMM_Hi256, Hi16_ZMM */
+    int ymm_ok = (xcr0 & 0x6) == 0x6;   /* SSE + AVX state */
+    int zmm_ok = (xcr0 & 0xe6) == 0xe6; /* + opmask, ZMM_Hi256, Hi16_ZMM */
     unsigned max_leaf = __get_cpuid_max(0, NULL);
     if (max_leaf < 7 || !ymm_ok)
         return;
@@ -38,5 +38,8 @@ void tdm_cpu_features_get(tdm_cpu_features_t *f)
     f->avx512 = f->avx2 && zmm_ok && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
 }
 #else
-void tdm_cpu_features_get(tdm_cpu_features_t *f) { memset(f, 0, sizeof(*f)); }
+void tdm_cpu_features_get(tdm_cpu_features_t *f)
+{
+    memset(f, 0, sizeof(*f));
+}
 #endif

@@ -84,8 +84,14 @@ static inline float tdm_cpu_u2f(uint32_t u)
 }
 
 /* x86 maxps/minps semantics: the second operand when unordered. */
-static inline float tdm_cpu_maxps(float a, float b) { return a > b ? a : b; }
-static inline float tdm_cpu_minps(float a, float b) { return a < b ? a : b; }
+static inline float tdm_cpu_maxps(float a, float b)
+{
+    return a > b ? a : b;
+}
+static inline float tdm_cpu_minps(float a, float b)
+{
+    return a < b ? a : b;
+}
 
 /* Constants of tdm_cpu_expf. */
 #define TDM_EXP_LO    -87.0f
@@ -140,7 +146,10 @@ static inline float tdm_cpu_tree16(const float a[16])
 }
 
 /* Nearest-even integer of v for |v| < 2^22, as a float. */
-static inline float tdm_cpu_rint(float v) { return (v + TDM_EXP_MAGIC) - TDM_EXP_MAGIC; }
+static inline float tdm_cpu_rint(float v)
+{
+    return (v + TDM_EXP_MAGIC) - TDM_EXP_MAGIC;
+}
 
 /* Address of position pos's K or V row of kv head kvh in the paged cache. */
 static inline const uint16_t *tdm_cpu_kv_row(const tdm_attn_params_t *p, const uint16_t *cache,
@@ -171,8 +180,8 @@ typedef struct tdm_cpu_kernels {
     void (*add)(float *x, const float *y, int64_t count);
     void (*to_f16)(const float *x, int64_t count, uint16_t *out);
     /* Query heads [h0, h1) of row t, all of one kv head. */
-    void (*attn)(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                 const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1);
+    void (*attn)(const tdm_attn_params_t *p, const float *q, const uint16_t *ck, const uint16_t *cv,
+                 float *out, int64_t t, int32_t h0, int32_t h1);
 } tdm_cpu_kernels_t;
 
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_scalar;
@@ -187,9 +196,9 @@ void tdm_cpu_attn_scalar(const tdm_attn_params_t *p, const float *q, const uint1
 
 /* CPUID. */
 typedef struct tdm_cpu_features {
-    int avx2;       /* AVX2 + FMA + F16C, OS saves ymm */
-    int avx_vnni;   /* AVX-VNNI (VEX vpdpbusd) */
-    int avx512;     /* AVX-512 F/BW/VL/DQ + VNNI, OS saves zmm */
+    int avx2;     /* AVX2 + FMA + F16C, OS saves ymm */
+    int avx_vnni; /* AVX-VNNI (VEX vpdpbusd) */
+    int avx512;   /* AVX-512 F/BW/VL/DQ + VNNI, OS saves zmm */
 } tdm_cpu_features_t;
 void tdm_cpu_features_get(tdm_cpu_features_t *f);
 

@@ -105,9 +105,8 @@ AI __m256i dp_u8s8(__m256i acc, __m256i w, __m256i a, const int vnni)
                             _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 }
 
-AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act,
-              size_t astride, const int T, const int wt, const int vnni, float *y, int64_t ldy,
-              int64_t nvalid)
+AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act, size_t astride,
+              const int T, const int wt, const int vnni, float *y, int64_t ldy, int64_t nvalid)
 {
     const int64_t nb = w->nb;
     const int split = T <= 2;
@@ -204,7 +203,8 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
             const int64_t nvalid = nr - 8 * h;
             int64_t t = 0;
             for (; t + 4 <= n; t += 4)
-                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy, nvalid);
+                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy,
+                      nvalid);
             const uint8_t *at = act + t * astride;
             float *yt = yg + t * ldy;
             switch (n - t) {
@@ -218,8 +218,8 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
 }
 
 #define QMATMUL_FN(name, vnni)                                                                     \
-    static void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,             \
-                     int64_t ldy, int64_t g0, int64_t g1)                                          \
+    static void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy, \
+                     int64_t g0, int64_t g1)                                                       \
     {                                                                                              \
         switch (w->wtype) {                                                                        \
         case TDM_DTYPE_Q4_0: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_0, vnni); break;        \
@@ -275,17 +275,17 @@ AI void ftile(const tdm_bweight_t *w, const float *x, int64_t r, int64_t t, cons
         for (int i = 0; i < R; i++)
             for (int l = 0; l < 16; l++) {
                 int64_t jj = j + l;
-                wp[i][l] = jj >= k  ? 0.0f
-                           : f16    ? tdm_f16_to_f32(((const uint16_t *)w->data)[(r + i) * k + jj])
-                                    : ((const float *)w->data)[(r + i) * k + jj];
+                wp[i][l] = jj >= k ? 0.0f
+                           : f16   ? tdm_f16_to_f32(((const uint16_t *)w->data)[(r + i) * k + jj])
+                                   : ((const float *)w->data)[(r + i) * k + jj];
             }
         for (int u = 0; u < T; u++)
             for (int l = 0; l < 16; l++)
                 xp[u][l] = j + l < k ? x[(t + u) * k + j + l] : 0.0f;
         for (int u = 0; u < T; u++)
             for (int i = 0; i < R; i++) {
-                acc[i][u][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[i]), _mm256_loadu_ps(xp[u]),
-                                               acc[i][u][0]);
+                acc[i][u][0] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(wp[i]), _mm256_loadu_ps(xp[u]), acc[i][u][0]);
                 acc[i][u][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[i] + 8),
                                                _mm256_loadu_ps(xp[u] + 8), acc[i][u][1]);
             }
@@ -317,8 +317,8 @@ AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y
     }
 }
 
-static void fmatmul_avx2(const tdm_bweight_t *w, const float *x, int64_t n, float *y,
-                         int64_t ldy, int64_t r0, int64_t r1)
+static void fmatmul_avx2(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                         int64_t r0, int64_t r1)
 {
     if (w->wtype == TDM_DTYPE_F16)
         fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
@@ -352,8 +352,8 @@ static void act_quant_avx2(uint32_t wtype, const float *x, int64_t k, uint8_t *a
                 q[i] = _mm256_cvtps_epi32(_mm256_round_ps(
                     _mm256_div_ps(xv[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         }
-        __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
-                                        _mm256_packs_epi32(q[2], q[3]));
+        __m256i p8 =
+            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(act + b * TDM_QK), p8);
         __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
@@ -529,9 +529,9 @@ static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t
     for (int32_t h = 0; h < nh; h++) {
         float *oh = orow + (int64_t)(h0 + h) * hd;
         for (int64_t c = 0; c < nd; c++) {
-            __m256 o = ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c),
-                                               _mm256_set1_ps(l[h]))
-                               : _mm256_setzero_ps();
+            __m256 o =
+                ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c), _mm256_set1_ps(l[h]))
+                        : _mm256_setzero_ps();
             _mm256_storeu_ps(oh + 8 * c, o);
         }
     }
@@ -539,9 +539,9 @@ static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t
 
 #define AVX2_TABLE(qmm)                                                                            \
     {                                                                                              \
-        .qmatmul = qmm, .fmatmul = fmatmul_avx2, .act_quant = act_quant_avx2,                      \
-        .sumsq = sumsq_avx2, .scale_mul = scale_mul_avx2, .swiglu = swiglu_avx2,                   \
-        .add = add_avx2, .to_f16 = to_f16_avx2, .attn = attn_avx2,                                 \
+        .qmatmul = qmm, .fmatmul = fmatmul_avx2, .act_quant = act_quant_avx2, .sumsq = sumsq_avx2, \
+        .scale_mul = scale_mul_avx2, .swiglu = swiglu_avx2, .add = add_avx2,                       \
+        .to_f16 = to_f16_avx2, .attn = attn_avx2,                                                  \
     }
 
 const tdm_cpu_kernels_t tdm_cpu_kernels_avx2 = AVX2_TABLE(qmatmul_avx2);

@@ -281,8 +281,8 @@ AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y
     }
 }
 
-static void fmatmul_avx512(const tdm_bweight_t *w, const float *x, int64_t n, float *y,
-                           int64_t ldy, int64_t r0, int64_t r1)
+static void fmatmul_avx512(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                           int64_t r0, int64_t r1)
 {
     if (w->wtype == TDM_DTYPE_F16)
         fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
@@ -367,9 +367,9 @@ static void to_f16_avx512(const float *x, int64_t count, uint16_t *out)
 {
     int64_t i = 0;
     for (; i + 16 <= count; i += 16)
-        _mm256_storeu_si256((__m256i *)(out + i),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm256_storeu_si256(
+            (__m256i *)(out + i),
+            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     for (; i < count; i++)
         out[i] = tdm_f32_to_f16(x[i]);
 }
@@ -411,10 +411,10 @@ static void attn_avx512(const tdm_attn_params_t *p, const float *q, const uint16
             const uint16_t *kr = tdm_cpu_kv_row(p, ck, table, c0 + i, kvh);
             const uint16_t *vr = tdm_cpu_kv_row(p, cv, table, c0 + i, kvh);
             for (int64_t c = 0; c < nd; c++) {
-                _mm512_store_ps(kf + i * hd + 16 * c,
-                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kr + 16 * c))));
-                _mm512_store_ps(vf + i * hd + 16 * c,
-                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vr + 16 * c))));
+                _mm512_store_ps(kf + i * hd + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                          (const __m256i *)(kr + 16 * c))));
+                _mm512_store_ps(vf + i * hd + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                          (const __m256i *)(vr + 16 * c))));
             }
         }
         const __mmask16 valid = (__mmask16)((1u << nv) - 1);
@@ -456,9 +456,9 @@ static void attn_avx512(const tdm_attn_params_t *p, const float *q, const uint16
     for (int32_t h = 0; h < nh; h++) {
         float *oh = orow + (int64_t)(h0 + h) * hd;
         for (int64_t c = 0; c < nd; c++) {
-            __m512 o = ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c),
-                                               _mm512_set1_ps(l[h]))
-                               : _mm512_setzero_ps();
+            __m512 o =
+                ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c), _mm512_set1_ps(l[h]))
+                        : _mm512_setzero_ps();
             _mm512_storeu_ps(oh + 16 * c, o);
         }
     }

@@ -67,8 +67,8 @@ static float wval(const tdm_bweight_t *w, int64_t r, int64_t j)
     return ((const float *)w->data)[r * w->k + j];
 }
 
-static void fmatmul_scalar(const tdm_bweight_t *w, const float *x, int64_t n, float *y,
-                           int64_t ldy, int64_t r0, int64_t r1)
+static void fmatmul_scalar(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
+                           int64_t r0, int64_t r1)
 {
     const int64_t k = w->k;
     for (int64_t t = 0; t < n; t++)

@@ -50,6 +50,13 @@ def default_model_path():
     return os.path.join(home, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def open_model(path, threads, n_ctx, flash_attn):
     return llama_cpp.Llama(
         model_path=path,
@@ -207,7 +214,8 @@ def logits_of(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default=default_model_path())
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=available_cores(),
+                    help="threads for llama.cpp (default: the cores this process may use)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batched", type=int, nargs="*", default=[32],
                     help="sequence counts for batched decode (none: skip it)")

@@ -13,6 +13,7 @@ Environment: TANDEM_BIN (default <repo>/build/bin/tandem), TANDEM_MODEL
 missing skips the tests with the reason.
 """
 
+import json
 import os
 import subprocess
 
@@ -135,31 +136,97 @@ def test_greedy_continuation(name, tandem_bin, model_path, ref_model, report):
     want, gaps, runners_up = reference.greedy(ref_model, prompt_ids, N_GREEDY)
     assert len(got) == N_GREEDY, "tandem generated %d ids, expected %d: %s" % (len(got), N_GREEDY, got)
 
-    first_diff = next((i for i in range(N_GREEDY) if got[i] != want[i]), None)
+    check_greedy("greedy", name, got, want, gaps, runners_up, report)
+
+
+def check_greedy(label, name, got, want, gaps, runners_up, report):
+    """Fails unless got == want, or they part at a near tie of the reference
+    (top two within NEAR_TIE, got taking the runner-up) with every token
+    before it the same."""
+    n = len(want)
+    first_diff = next((i for i in range(n) if got[i] != want[i]), None)
     closest = int(np.argmin(gaps))
     if first_diff is None:
         report(
-            "greedy %-8s %d tokens identical (closest reference step: %d, top-two gap %.2e)"
-            % (name, N_GREEDY, closest, gaps[closest])
+            "%s %-8s %d tokens identical (closest reference step: %d, top-two gap %.2e)"
+            % (label, name, n, closest, gaps[closest])
         )
         return
-
-    gap = gaps[first_diff]
-    detail = "step %d: tandem %d, reference %d (runner-up %d), reference top-two gap %.3e" % (
+    detail = "step %d: got %d, reference %d (runner-up %d), reference top-two gap %.3e" % (
         first_diff,
         got[first_diff],
         want[first_diff],
         runners_up[first_diff],
-        gap,
+        gaps[first_diff],
     )
-    if gap < NEAR_TIE and got[first_diff] == runners_up[first_diff]:
-        report(
-            "greedy %-8s NEAR TIE at %s; the %d tokens before it are identical"
-            % (name, detail, first_diff)
-        )
+    if gaps[first_diff] < NEAR_TIE and got[first_diff] == runners_up[first_diff]:
+        report("%s %-8s NEAR TIE at %s; the %d tokens before it are identical" % (label, name, detail, first_diff))
         return
-    report("greedy %-8s DIVERGES at %s" % (name, detail))
+    report("%s %-8s DIVERGES at %s" % (label, name, detail))
     pytest.fail(
-        "greedy continuation diverges away from a near tie at %s\n  tandem:    %s\n  reference: %s"
+        "greedy continuation diverges away from a near tie at %s\n  got:       %s\n  reference: %s"
         % (detail, got, want)
     )
+
+
+# ---- the reference itself against llama.cpp (llama-cpp-python) ----
+#
+# Run where a Python with llama-cpp-python is at LLAMACPP_PYTHON (default
+# <repo>/.venv-bench/bin/python, see requirements-bench.txt); skipped
+# otherwise. llama.cpp runs on an F32 copy of the model (the very weights the
+# reference uses, so it computes in float32 too): that must agree closely.
+# llama.cpp on the quantized file, which rounds activations to 8 bits before
+# each matmul, is measured and printed only.
+
+MAX_REL_L2_F32 = 5e-3
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_llamacpp.py")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_python():
+    path = os.environ.get("LLAMACPP_PYTHON") or os.path.join(REPO, ".venv-bench", "bin", "python")
+    if not os.access(path, os.X_OK):
+        pytest.skip("no llama-cpp-python at %s (set LLAMACPP_PYTHON; see requirements-bench.txt)" % path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def f32_model(model_path, llamacpp_python, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("f32") / "model-f32.gguf")
+    reference.write_f32_copy(model_path, path)
+    yield path
+    os.unlink(path)
+
+
+def run_llamacpp(python, model, prompt, out_file, n_greedy):
+    """llama.cpp's token ids, greedy ids and last-position logits of prompt."""
+    proc = subprocess.run(
+        [python, BENCH_SCRIPT, "-m", model, "--logits-of", prompt, "-o", out_file, "--greedy", str(n_greedy)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        pytest.fail("bench_llamacpp.py --logits-of failed:\n" + proc.stderr.decode("utf-8", "replace")[-3000:])
+    result = json.loads(proc.stdout)
+    return result["ids"], result["greedy"], np.fromfile(out_file, dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_reference_against_llamacpp(name, llamacpp_python, model_path, f32_model, ref_model, tmp_path, report):
+    out_file = str(tmp_path / "logits.f32")
+    ids, got_greedy, got = run_llamacpp(llamacpp_python, f32_model, PROMPTS[name], out_file, N_GREEDY)
+    want = reference.logits(ref_model, ids)
+    want_greedy, gaps, runners_up = reference.greedy(ref_model, ids, N_GREEDY)
+
+    q_ids, _, q_got = run_llamacpp(llamacpp_python, model_path, PROMPTS[name], out_file, 0)
+    assert q_ids == ids
+    report(
+        "llama.cpp %-8s %3d tokens: F32 copy rel L2 %.3e; quantized file rel L2 %.3e (argmax %s)"
+        % (name, len(ids), relative_l2(got, want), relative_l2(q_got, want),
+           "same" if np.argmax(q_got) == np.argmax(want) else "differs")
+    )
+    err = relative_l2(got, want)
+    assert err < MAX_REL_L2_F32, "reference vs llama.cpp (F32 copy): rel L2 %.3e" % err
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    check_greedy("llama.cpp", name, got_greedy, want_greedy, gaps, runners_up, report)

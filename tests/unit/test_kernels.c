@@ -24,7 +24,10 @@
 
 static uint64_t rng_state;
 
-static void rng_seed(uint64_t s) { rng_state = s * 0x9e3779b97f4a7c15ull + 1; }
+static void rng_seed(uint64_t s)
+{
+    rng_state = s * 0x9e3779b97f4a7c15ull + 1;
+}
 
 static uint32_t rng_u32(void)
 {
@@ -35,7 +38,10 @@ static uint32_t rng_u32(void)
 }
 
 /* Uniform in [-1, 1). */
-static float rng_f(void) { return (float)((double)rng_u32() / 2147483648.0 - 1.0); }
+static float rng_f(void)
+{
+    return (float)((double)rng_u32() / 2147483648.0 - 1.0);
+}
 
 static void fill(float *x, size_t n, float scale)
 {
@@ -66,17 +72,28 @@ static int is_quant(uint32_t t)
     return t == TDM_DTYPE_Q4_0 || t == TDM_DTYPE_Q4_1 || t == TDM_DTYPE_Q8_0;
 }
 
-/* ISAs to test: the ones this CPU supports. */
-static tdm_cpu_isa_t isas[3];
+/* ISAs to test: the ones this CPU supports; AVX2 also without AVX-VNNI
+ * where the CPU has it (TANDEM_CPU_AVXVNNI=0). */
+static tdm_cpu_isa_t isas[4];
+static int isa_novnni[4];
 static int n_isas;
+static int cur_novnni; /* make_be creates without AVX-VNNI */
+
+static const char *isa_label(int ii)
+{
+    return isa_novnni[ii] ? "avx2-novnni" : tdm_cpu_isa_name(isas[ii]);
+}
 
 static tdm_backend_t *make_be(tdm_cpu_isa_t isa, int threads)
 {
     tdm_backend_t *be = NULL;
+    if (cur_novnni)
+        setenv("TANDEM_CPU_AVXVNNI", "0", 1);
+    else
+        unsetenv("TANDEM_CPU_AVXVNNI");
     tdm_status_t st = tdm_backend_cpu_create(threads, isa, &be);
     if (st != TDM_OK) {
-        printf("FAIL cannot create %s backend with %d threads\n", tdm_cpu_isa_name(isa),
-               threads);
+        printf("FAIL cannot create %s backend with %d threads\n", tdm_cpu_isa_name(isa), threads);
         exit(1);
     }
     return be;
@@ -165,6 +182,7 @@ static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
              (long long)k);
 
     for (int ii = 0; ii < n_isas; ii++) {
+        cur_novnni = isa_novnni[ii];
         tdm_backend_t *be = make_be(isas[ii], 2);
         tdm_bweight_t *bw = NULL;
         CHECK(be->ops->weight_load(be, w.data, type, rows, k, &bw) == TDM_OK, "load %s", what);
@@ -195,17 +213,16 @@ static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
             for (int64_t r = rows; r < ldy; r++)
                 pad_ok &= isnan(y[t * ldy + r]);
         }
-        CHECK(max_err < 2e-6, "%s matmul %s: error %g vs the double reference",
-              tdm_cpu_isa_name(isas[ii]), what, max_err);
+        CHECK(max_err < 2e-6, "%s matmul %s: error %g vs the double reference", isa_label(ii), what,
+              max_err);
         CHECK(max_err_f < (is_quant(type) ? 2e-2 : 2e-6),
-              "%s matmul %s: error %g vs f32 activations", tdm_cpu_isa_name(isas[ii]), what,
-              max_err_f);
-        CHECK(pad_ok, "%s matmul %s wrote past its rows", tdm_cpu_isa_name(isas[ii]), what);
+              "%s matmul %s: error %g vs f32 activations", isa_label(ii), what, max_err_f);
+        CHECK(pad_ok, "%s matmul %s wrote past its rows", isa_label(ii), what);
         if (ii == 0)
             memcpy(gold, y, (size_t)(nmax * ldy) * sizeof(float));
         else
             CHECK(memcmp(gold, y, (size_t)(nmax * ldy) * sizeof(float)) == 0,
-                  "%s matmul %s differs from scalar bits", tdm_cpu_isa_name(isas[ii]), what);
+                  "%s matmul %s differs from scalar bits", isa_label(ii), what);
 
         /* Batch invariance: each n, each row equals the n = 130 result. */
         for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
@@ -218,8 +235,8 @@ static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
                 for (int64_t t = 0; t < n; t++)
                     same &= memcmp(y1 + t * ldy, gold + (t + off) * ldy,
                                    (size_t)rows * sizeof(float)) == 0;
-                CHECK(same, "%s matmul %s: n=%lld rows differ from the n=130 batch",
-                      tdm_cpu_isa_name(isas[ii]), what, (long long)n);
+                CHECK(same, "%s matmul %s: n=%lld rows differ from the n=130 batch", isa_label(ii),
+                      what, (long long)n);
             }
         }
         be->ops->weight_free(be, bw);
@@ -232,7 +249,7 @@ static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
             b2->ops->weight_load(b2, w.data, type, rows, k, &bw2);
             run_matmul(b2, bw2, type, x, nmax, k, y1, ldy);
             CHECK(memcmp(y1, gold, (size_t)(nmax * ldy) * sizeof(float)) == 0,
-                  "%s matmul %s: %d threads differ", tdm_cpu_isa_name(isas[ii]), what, th);
+                  "%s matmul %s: %d threads differ", isa_label(ii), what, th);
             b2->ops->weight_free(b2, bw2);
             tdm_backend_destroy(b2);
         }
@@ -274,6 +291,7 @@ static void test_act_extremes(void)
     }
     float gold[4 * 16], y[4 * 16];
     for (int ii = 0; ii < n_isas; ii++) {
+        cur_novnni = isa_novnni[ii];
         for (int q = 0; q < 3; q++) {
             uint32_t type = q == 0 ? TDM_DTYPE_Q4_0 : q == 1 ? TDM_DTYPE_Q4_1 : TDM_DTYPE_Q8_0;
             tw_t wq = q == 1 ? w : make_tw(type, rows, k);
@@ -285,9 +303,9 @@ static void test_act_extremes(void)
                 memcpy(gold, y, sizeof(gold));
             else if (q == 1)
                 CHECK(memcmp(gold, y, sizeof(gold)) == 0, "%s act extremes differ from scalar",
-                      tdm_cpu_isa_name(isas[ii]));
+                      isa_label(ii));
             CHECK(all_finite(y + rows, (size_t)(3 * rows)), "%s act extremes: non-finite output",
-                  tdm_cpu_isa_name(isas[ii]));
+                  isa_label(ii));
             be->ops->weight_free(be, bw);
             tdm_backend_destroy(be);
             if (q != 1)
@@ -306,6 +324,7 @@ static void test_embed(void)
     for (int ti = 0; ti < N_WTYPES; ti++) {
         tw_t w = make_tw(wtypes[ti], rows, k);
         for (int ii = 0; ii < n_isas; ii++) {
+            cur_novnni = isa_novnni[ii];
             tdm_backend_t *be = make_be(isas[ii], 2);
             tdm_bweight_t *bw = NULL;
             be->ops->weight_load(be, w.data, wtypes[ti], rows, k, &bw);
@@ -315,8 +334,8 @@ static void test_embed(void)
             int ok = 1;
             for (int t = 0; t < 6; t++)
                 ok &= memcmp(out + t * k, w.deq + ids[t] * k, (size_t)k * sizeof(float)) == 0;
-            CHECK(ok, "%s embed %s differs from the reference dequantization",
-                  tdm_cpu_isa_name(isas[ii]), tdm_dtype_name(wtypes[ti]));
+            CHECK(ok, "%s embed %s differs from the reference dequantization", isa_label(ii),
+                  tdm_dtype_name(wtypes[ti]));
             be->ops->weight_free(be, bw);
             tdm_backend_destroy(be);
         }
@@ -331,7 +350,8 @@ static void test_rowops(void)
     const int64_t n = 33, dims[2] = {576, 50};
     float *gold[8] = {0};
     for (int ii = 0; ii < n_isas; ii++) {
-        const char *isa = tdm_cpu_isa_name(isas[ii]);
+        cur_novnni = isa_novnni[ii];
+        const char *isa = isa_label(ii);
         tdm_backend_t *be = make_be(isas[ii], 2);
         int slot = 0;
         for (int di = 0; di < 2; di++) {
@@ -482,14 +502,16 @@ static void test_kv_write(void)
     rng_seed(11);
     fill(k, (size_t)(n * kv_dim), 4.0f);
     fill(v, (size_t)(n * kv_dim), 70000.0f); /* some overflow to inf */
-    const float special[] = {0.0f,    -0.0f,   65504.0f, 65520.0f, 65519.0f, 1e-8f,
-                             -3e-7f,  6.1e-5f, 5.96e-8f, 2.98e-8f, 1e-10f,   INFINITY,
-                             -INFINITY, 1.00048828125f, 1.00146484375f, 2049.0f};
+    const float special[] = {
+        0.0f,     -0.0f,    65504.0f, 65520.0f, 65519.0f,  1e-8f,          -3e-7f,         6.1e-5f,
+        5.96e-8f, 2.98e-8f, 1e-10f,   INFINITY, -INFINITY, 1.00048828125f, 1.00146484375f, 2049.0f};
     for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
         k[i] = special[i];
     int32_t slot[9] = {3, 7, -1, 0, 31, 12, 13, 14, 1};
-    uint16_t *ck = malloc((size_t)(n_slots * kv_dim) * 2), *cv = malloc((size_t)(n_slots * kv_dim) * 2);
+    uint16_t *ck = malloc((size_t)(n_slots * kv_dim) * 2),
+             *cv = malloc((size_t)(n_slots * kv_dim) * 2);
     for (int ii = 0; ii < n_isas; ii++) {
+        cur_novnni = isa_novnni[ii];
         tdm_backend_t *be = make_be(isas[ii], 2);
         memset(ck, 0xAB, (size_t)(n_slots * kv_dim) * 2);
         memset(cv, 0xAB, (size_t)(n_slots * kv_dim) * 2);
@@ -511,8 +533,8 @@ static void test_kv_write(void)
                 for (int64_t j = 0; j < kv_dim; j++)
                     untouched &= ck[s * kv_dim + j] == 0xABAB && cv[s * kv_dim + j] == 0xABAB;
         }
-        CHECK(ok, "%s kv_write differs from tdm_f32_to_f16", tdm_cpu_isa_name(isas[ii]));
-        CHECK(untouched, "%s kv_write touched other slots", tdm_cpu_isa_name(isas[ii]));
+        CHECK(ok, "%s kv_write differs from tdm_f32_to_f16", isa_label(ii));
+        CHECK(untouched, "%s kv_write touched other slots", isa_label(ii));
         tdm_backend_destroy(be);
     }
     free(ck);
@@ -613,7 +635,8 @@ static void test_attention_case(attn_case_t c)
     char what[64];
     snprintf(what, sizeof(what), "heads %d/%d hd %d bs %d", c.n_heads, c.n_kv, c.hd, c.bs);
     for (int ii = 0; ii < n_isas; ii++) {
-        const char *isa = tdm_cpu_isa_name(isas[ii]);
+        cur_novnni = isa_novnni[ii];
+        const char *isa = isa_label(ii);
         for (int th = 1; th <= 3; th++) {
             tdm_backend_t *be = make_be(isas[ii], th);
             poison(out, (size_t)(n * qd));
@@ -633,8 +656,8 @@ static void test_attention_case(attn_case_t c)
                 memcpy(gold, out, (size_t)(n * qd) * 4);
             } else {
                 CHECK(memcmp(gold, out, (size_t)(n * qd) * 4) == 0,
-                      "%s attention %s, %d threads: differs from scalar/1-thread bits", isa,
-                      what, th);
+                      "%s attention %s, %d threads: differs from scalar/1-thread bits", isa, what,
+                      th);
             }
             /* Each row alone (decode-style split) gives the batch's bits. */
             if (th == 2) {
@@ -676,6 +699,7 @@ static void test_attention(void)
 
 static void test_weight_errors(void)
 {
+    cur_novnni = 0;
     tdm_backend_t *be = make_be(TDM_CPU_ISA_SCALAR, 1);
     tdm_bweight_t *bw = NULL;
     uint8_t buf[1024] = {0};
@@ -742,10 +766,14 @@ int main(void)
         isas[n_isas++] = TDM_CPU_ISA_AVX2;
     if (best >= TDM_CPU_ISA_AVX512)
         isas[n_isas++] = TDM_CPU_ISA_AVX512;
+    if (best >= TDM_CPU_ISA_AVX2) {
+        isa_novnni[n_isas] = 1;
+        isas[n_isas++] = TDM_CPU_ISA_AVX2;
+    }
     tdm_log_set_level(TDM_LOG_LEVEL_WARN); /* one line per backend created is noise here */
     printf("ISAs under test:");
     for (int i = 0; i < n_isas; i++)
-        printf(" %s", tdm_cpu_isa_name(isas[i]));
+        printf(" %s", isa_label(i));
     printf("\n");
 
     rng_seed(1);
