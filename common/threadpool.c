@@ -1,18 +1,27 @@
 /* tandem: the worker pool behind data-parallel kernels.
  *
- * A run is published by bumping `gen` (the futex word) after writing fn,
- * arg and pending. Workers wait for gen to change: first spinning with
- * pause for about TDM_POOL_SPIN_NS, then sleeping in FUTEX_WAIT. Each
- * worker runs fn once and decrements `pending`; the caller runs its share
- * as thread 0 and spins until pending is 0.
+ * A run has n slots (ith = 0 .. n-1); slot 0 is the caller's. The caller
+ * publishes a run by storing `work` = (run id << 32) | 1: the run id and
+ * the next unclaimed slot. Workers claim slots with a CAS on that word and
+ * run fn(arg, slot, n); the caller runs slot 0 and then claims whatever
+ * slots no worker has taken yet, so a worker that is descheduled (other
+ * processes, or more threads than CPUs) never holds up a run it has not
+ * started. What a slot computes depends only on its ith, not on which
+ * thread runs it, so results do not change. `pending` counts the slots
+ * 1..n-1 not yet finished; the caller returns when it reaches 0.
  *
- * Memory ordering: fn/arg/pending are written before the seq_cst bump of
- * gen and read after an acquire load of it; each worker's results are
- * published by its release decrement of pending and acquired by the
- * caller's load. Sleeping uses the Dekker pattern: a worker increments
- * `sleepers` and then re-reads gen (inside FUTEX_WAIT, atomically); the
- * caller bumps gen and then reads sleepers, all seq_cst, so either the
- * worker sees the new gen or the caller sees the sleeper and wakes it. */
+ * Idle workers spin on `work` with pause, then spin with sched_yield, then
+ * sleep on the `wake` futex word, which the caller bumps on every publish.
+ *
+ * Memory ordering: fn/arg/pending are written before the release store of
+ * `work`; a successful claim (acquire CAS, in that store's release
+ * sequence) makes them visible. A slot's results are published by the
+ * release decrement of pending, acquired by the caller's load. fn/arg are
+ * rewritten only after pending reached 0, when no claimed slot is left.
+ * Sleeping is the Dekker pattern on seq_cst operations: a worker
+ * increments `sleepers`, reads `wake`, re-reads `work` and sleeps only if
+ * no new run is there; the caller stores `work`, bumps `wake`, then reads
+ * `sleepers` and wakes them if any. */
 #define _GNU_SOURCE
 #include "tandem/threadpool.h"
 
@@ -42,20 +51,21 @@
 
 typedef struct tdm_pool_worker {
     tdm_threadpool_t *pool;
-    int ith;
     pthread_t thread;
 } tdm_pool_worker_t;
 
 struct tdm_threadpool {
     int n;                      /* threads, the caller included */
     uint64_t yield_ns;          /* spin this long before yielding (0 if oversubscribed) */
+    uint32_t run_id;            /* the caller's count of runs */
     tdm_pool_worker_t *workers; /* [n - 1] */
     tdm_threadpool_fn_t fn;
     void *arg;
-    _Alignas(64) atomic_uint gen; /* run generation; the futex word */
+    _Alignas(64) _Atomic uint64_t work; /* (run id << 32) | next unclaimed slot */
+    _Alignas(64) atomic_uint wake;      /* futex word, bumped on every publish */
     atomic_int sleepers;
     atomic_int stop;
-    _Alignas(64) atomic_int pending; /* workers still running the current run */
+    _Alignas(64) atomic_int pending; /* slots 1..n-1 of the run not finished */
 };
 
 int tdm_cpu_count(void)
@@ -90,16 +100,28 @@ static void futex_wake_all(atomic_uint *addr)
     syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Waits until pool->gen differs from seen; returns the new value. Spins
- * for TDM_POOL_YIELD_NS, then spins with sched_yield (so that oversubscribed
- * or busy CPUs still run the thread that has work), then sleeps. */
-static unsigned wait_next(tdm_threadpool_t *pool, unsigned seen)
+/* Claims the next slot of run `run`; -1 when that run has none left. */
+static int claim(tdm_threadpool_t *pool, uint32_t run)
+{
+    uint64_t w = atomic_load_explicit(&pool->work, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(w >> 32) != run || (uint32_t)w >= (uint32_t)pool->n)
+            return -1;
+        if (atomic_compare_exchange_weak_explicit(&pool->work, &w, w + 1, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return (int)(uint32_t)w;
+    }
+}
+
+/* Waits until a run other than `seen` is published; returns its id. */
+static uint32_t wait_next(tdm_threadpool_t *pool, uint32_t seen)
 {
     uint64_t t0 = 0, spun = 0;
     for (unsigned i = 1;; i++) {
-        unsigned g = atomic_load_explicit(&pool->gen, memory_order_acquire);
-        if (g != seen)
-            return g;
+        uint32_t run =
+            (uint32_t)(atomic_load_explicit(&pool->work, memory_order_acquire) >> 32);
+        if (run != seen)
+            return run;
         if ((i & 63) == 0) {
             uint64_t t = now_ns();
             if (t0 == 0)
@@ -115,12 +137,14 @@ static unsigned wait_next(tdm_threadpool_t *pool, unsigned seen)
     }
     for (;;) {
         atomic_fetch_add_explicit(&pool->sleepers, 1, memory_order_seq_cst);
-        if (atomic_load_explicit(&pool->gen, memory_order_seq_cst) == seen)
-            futex_wait(&pool->gen, seen);
+        unsigned v = atomic_load_explicit(&pool->wake, memory_order_seq_cst);
+        uint32_t run = (uint32_t)(atomic_load_explicit(&pool->work, memory_order_seq_cst) >> 32);
+        if (run == seen)
+            futex_wait(&pool->wake, v);
         atomic_fetch_sub_explicit(&pool->sleepers, 1, memory_order_seq_cst);
-        unsigned g = atomic_load_explicit(&pool->gen, memory_order_acquire);
-        if (g != seen)
-            return g;
+        run = (uint32_t)(atomic_load_explicit(&pool->work, memory_order_acquire) >> 32);
+        if (run != seen)
+            return run;
     }
 }
 
@@ -128,29 +152,40 @@ static void *worker_main(void *p)
 {
     tdm_pool_worker_t *w = p;
     tdm_threadpool_t *pool = w->pool;
-    unsigned seen = 0;
+    uint32_t seen = 0;
     for (;;) {
         seen = wait_next(pool, seen);
-        if (atomic_load_explicit(&pool->stop, memory_order_relaxed))
+        if (atomic_load_explicit(&pool->stop, memory_order_acquire))
             break;
-        pool->fn(pool->arg, w->ith, pool->n);
-        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
+        for (int slot; (slot = claim(pool, seen)) >= 0;) {
+            pool->fn(pool->arg, slot, pool->n);
+            atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
+        }
     }
     return NULL;
 }
 
-/* Wakes every worker for a new generation (a run or the stop). */
-static void publish(tdm_threadpool_t *pool)
+/* Publishes run `run` with its first free slot and wakes sleeping workers. */
+static void publish(tdm_threadpool_t *pool, uint32_t run, uint32_t first_slot)
 {
-    atomic_fetch_add_explicit(&pool->gen, 1, memory_order_seq_cst);
+    atomic_store_explicit(&pool->work, ((uint64_t)run << 32) | first_slot, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&pool->wake, 1, memory_order_seq_cst);
     if (atomic_load_explicit(&pool->sleepers, memory_order_seq_cst) > 0)
-        futex_wake_all(&pool->gen);
+        futex_wake_all(&pool->wake);
+}
+
+/* The next run id; never 0, which is what workers start having seen. */
+static uint32_t next_run(tdm_threadpool_t *pool)
+{
+    if (++pool->run_id == 0)
+        pool->run_id = 1;
+    return pool->run_id;
 }
 
 static void stop_workers(tdm_threadpool_t *pool, int started)
 {
-    atomic_store_explicit(&pool->stop, 1, memory_order_relaxed);
-    publish(pool);
+    atomic_store_explicit(&pool->stop, 1, memory_order_release);
+    publish(pool, next_run(pool), (uint32_t)pool->n); /* a run with no slots: they exit */
     for (int i = 0; i < started; i++)
         pthread_join(pool->workers[i].thread, NULL);
 }
@@ -165,9 +200,11 @@ tdm_status_t tdm_threadpool_create(int n_threads, tdm_threadpool_t **out)
         return TDM_ERR_NOMEM;
     pool->n = n_threads;
     pool->yield_ns = n_threads > tdm_cpu_count() ? 0 : TDM_POOL_YIELD_NS;
+    pool->run_id = 0;
     pool->fn = NULL;
     pool->arg = NULL;
-    atomic_init(&pool->gen, 0);
+    atomic_init(&pool->work, 0);
+    atomic_init(&pool->wake, 0);
     atomic_init(&pool->sleepers, 0);
     atomic_init(&pool->stop, 0);
     atomic_init(&pool->pending, 0);
@@ -177,7 +214,6 @@ tdm_status_t tdm_threadpool_create(int n_threads, tdm_threadpool_t **out)
     for (; started < n_threads - 1; started++) {
         tdm_pool_worker_t *w = &pool->workers[started];
         w->pool = pool;
-        w->ith = started + 1;
         int rc = pthread_create(&w->thread, NULL, worker_main, w);
         if (rc != 0) {
             tdm_log_error("threadpool", "cannot start worker thread %d of %d: error %d",
@@ -205,10 +241,7 @@ void tdm_threadpool_destroy(tdm_threadpool_t *pool)
     free(pool);
 }
 
-int tdm_threadpool_size(const tdm_threadpool_t *pool)
-{
-    return pool->n;
-}
+int tdm_threadpool_size(const tdm_threadpool_t *pool) { return pool->n; }
 
 void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *arg)
 {
@@ -216,13 +249,19 @@ void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *ar
         fn(arg, 0, 1);
         return;
     }
+    uint32_t run = next_run(pool);
     pool->fn = fn;
     pool->arg = arg;
     atomic_store_explicit(&pool->pending, pool->n - 1, memory_order_relaxed);
-    publish(pool);
+    publish(pool, run, 1);
     fn(arg, 0, pool->n);
-    /* Workers finish about when the caller does; if one does not, it was
-     * descheduled or is starved: give it the CPU. */
+    /* Slots no worker has started: run them here. */
+    for (int slot; (slot = claim(pool, run)) >= 0;) {
+        fn(arg, slot, pool->n);
+        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
+    }
+    /* Workers that started a slot finish about when the caller does; if one
+     * does not, it was descheduled: give it the CPU. */
     for (unsigned i = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) != 0; i++) {
         if (i > (pool->yield_ns ? 2048u : 16u))
             sched_yield();

@@ -1,12 +1,15 @@
 /* Microbenchmark of the CPU kernels on SmolLM2-135M shapes.
  *
  *   bench_kernels [threads] [isa]      (isa: scalar, avx2, avx512; default best)
+ *   env: BENCH_ONLY=substring of a case, BENCH_CASE=substring of a model
+ *   step, BENCH_CPUTIME=1 (thread CPU time; with 1 thread on a busy machine)
  *
  * n = 1 (decode): weight GB/s (GGUF bytes per second) cycling through copies
  * of the weight that together exceed the L3, beside a plain read of the
  * same bytes with the same threads in the same run. n = 32, 64, 512: GOP/s
  * (2 ops per multiply-add) on one copy. Also the pool's run latency, the
- * act_prepare cost and attention at decode and prefill shapes.
+ * act_prepare cost, attention at decode and prefill shapes, and whole
+ * SmolLM2-135M-shaped steps (decode at batch 1/32/64, prefill of 512).
  *
  * Build (after configuring the tree into /tmp/build-kern):
  *   cmake --build /tmp/build-kern --target tandem_kernels
@@ -29,10 +32,15 @@
 #include "tandem/log.h"
 #include "tandem/threadpool.h"
 
+/* BENCH_CPUTIME=1: the calling thread's CPU time instead of the wall clock,
+ * for 1-thread runs on a machine shared with other work. */
 static double now_s(void)
 {
+    static int cputime = -1;
+    if (cputime < 0)
+        cputime = getenv("BENCH_CPUTIME") != NULL;
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(cputime ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -259,6 +267,190 @@ static void bench_attention(tdm_backend_t *be, int64_t n, int32_t ctx_max, int c
     ops->buf_free(be, ck);
 }
 
+/* ---- a SmolLM2-135M-shaped forward step through the ops table ----
+ * 30 layers of Q4_1 weights (random), Q8_0 tied embedding/output; what the
+ * engine does per step, without sampling. Decode: n sequences, one token
+ * each, every one attending ctx positions; prefill: n tokens of one
+ * sequence (causal), logits for the last token only. */
+
+#define NL 30
+#define D 576
+#define FF 1536
+#define NH 9
+#define NKV 3
+#define HD 64
+#define VOCAB 49152
+
+static tdm_bweight_t *rand_weight(tdm_backend_t *be, uint32_t type, int64_t rows, int64_t k,
+                                  void **keep)
+{
+    size_t rb = tdm_dtype_row_bytes(type, (uint64_t)k);
+    uint8_t *h = malloc(rb * (size_t)rows);
+    float *src = malloc((size_t)k * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t j = 0; j < k; j++)
+            src[j] = frand() * 0.05f;
+        tdm_dtype_from_f32(type, src, h + (size_t)r * rb, (uint64_t)k);
+    }
+    free(src);
+    tdm_bweight_t *w = NULL;
+    be->ops->weight_load(be, h, type, rows, k, &w);
+    *keep = h;
+    return w;
+}
+
+static void bench_model(tdm_backend_t *be)
+{
+    const tdm_backend_ops_t *ops = be->ops;
+    tdm_bweight_t *W[NL][7];
+    void *keep[NL * 7 + 1];
+    static const int64_t shp[7][2] = {{D, D}, {NKV * HD, D}, {NKV * HD, D}, {D, D},
+                                      {FF, D},  {FF, D},       {D, FF}};
+    for (int l = 0; l < NL; l++)
+        for (int i = 0; i < 7; i++)
+            W[l][i] = rand_weight(be, TDM_DTYPE_Q4_1, shp[i][0], shp[i][1], &keep[l * 7 + i]);
+    tdm_bweight_t *out_w = rand_weight(be, TDM_DTYPE_Q8_0, VOCAB, D, &keep[NL * 7]);
+    float *norm = malloc(D * sizeof(float));
+    for (int i = 0; i < D; i++)
+        norm[i] = 1.0f;
+    const int64_t R = 512, bs = 16, max_ctx = 1024, n_seq_max = 64;
+    const int32_t bt_stride = (int32_t)(max_ctx / bs);
+    const int64_t n_blocks = n_seq_max * bt_stride;
+    uint16_t *ck[NL], *cv[NL];
+    for (int l = 0; l < NL; l++) {
+        ck[l] = ops->buf_alloc(be, (size_t)(n_blocks * bs * NKV * HD) * 2);
+        cv[l] = ops->buf_alloc(be, (size_t)(n_blocks * bs * NKV * HD) * 2);
+        memset(ck[l], 0x11, (size_t)(n_blocks * bs * NKV * HD) * 2);
+        memset(cv[l], 0x11, (size_t)(n_blocks * bs * NKV * HD) * 2);
+    }
+    float *x = malloc((size_t)(R * D) * 4), *xn = malloc((size_t)(R * D) * 4);
+    float *q = malloc((size_t)(R * D) * 4), *k = malloc((size_t)(R * NKV * HD) * 4);
+    float *v = malloc((size_t)(R * NKV * HD) * 4), *att = malloc((size_t)(R * D) * 4);
+    float *tmp = malloc((size_t)(R * D) * 4), *gate = malloc((size_t)(R * FF) * 4);
+    float *up = malloc((size_t)(R * FF) * 4);
+    float *logits = malloc((size_t)n_seq_max * VOCAB * 4);
+    void *act = ops->buf_alloc(be, ops->act_size(TDM_DTYPE_Q4_1, R, FF));
+    int32_t *ids = malloc(R * 4), *pos = malloc(R * 4), *slot = malloc(R * 4);
+    int32_t *ctx = malloc(R * 4), *tor = malloc(R * 4), *lidx = malloc(R * 4);
+    int32_t *tables = malloc((size_t)(n_seq_max * bt_stride) * 4);
+    for (int64_t i = 0; i < n_seq_max * bt_stride; i++)
+        tables[i] = (int32_t)i;
+
+    struct {
+        const char *name;
+        int64_t n;   /* rows in the step */
+        int prefill; /* one sequence, causal */
+        int32_t ctx; /* decode: context length */
+    } cases[] = {{"decode batch 1, ctx 128", 1, 0, 128},
+                 {"decode batch 1, ctx 1024", 1, 0, 1024},
+                 {"decode batch 32, ctx 128", 32, 0, 128},
+                 {"decode batch 64, ctx 128", 64, 0, 128},
+                 {"prefill 512", 512, 1, 0}};
+    const char *only_case = getenv("BENCH_CASE");
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        if (only_case != NULL && strstr(cases[ci].name, only_case) == NULL)
+            continue;
+        const int64_t n = cases[ci].n;
+        int64_t n_logits = cases[ci].prefill ? 1 : n;
+        for (int64_t t = 0; t < n; t++) {
+            ids[t] = (int32_t)(t * 7919 % VOCAB);
+            if (cases[ci].prefill) {
+                pos[t] = (int32_t)t;
+                ctx[t] = (int32_t)t + 1;
+                tor[t] = 0;
+            } else {
+                pos[t] = cases[ci].ctx - 1;
+                ctx[t] = cases[ci].ctx;
+                tor[t] = (int32_t)t;
+            }
+            slot[t] = tor[t] * bt_stride * (int32_t)bs + pos[t];
+        }
+        for (int64_t t = 0; t < n_logits; t++)
+            lidx[t] = (int32_t)(cases[ci].prefill ? n - 1 : t);
+        tdm_attn_params_t ap = {.n = n,
+                                .n_heads = NH,
+                                .n_kv_heads = NKV,
+                                .head_dim = HD,
+                                .block_size = (int32_t)bs,
+                                .scale = 0.125f,
+                                .ctx_len = ctx,
+                                .block_tables = tables,
+                                .table_of_row = tor,
+                                .bt_stride = bt_stride};
+        double best = 1e30, best_attn = 0;
+        int reps = cases[ci].prefill ? 3 : 10;
+        for (int rep = 0; rep < reps + 1; rep++) {
+            double t_attn = 0;
+            double t0 = now_s();
+            ops->embed(be, out_w, ids, n, x);
+            for (int l = 0; l < NL; l++) {
+                ops->rmsnorm(be, x, norm, n, D, 1e-5f, xn);
+                ops->act_prepare(be, TDM_DTYPE_Q4_1, xn, n, D, act);
+                ops->matmul(be, W[l][0], act, n, q, D);
+                ops->matmul(be, W[l][1], act, n, k, NKV * HD);
+                ops->matmul(be, W[l][2], act, n, v, NKV * HD);
+                ops->rope(be, q, pos, n, NH, HD, HD, 10000.0f);
+                ops->rope(be, k, pos, n, NKV, HD, HD, 10000.0f);
+                ops->kv_write(be, k, v, slot, n, NKV * HD, ck[l], cv[l]);
+                double ta = now_s();
+                ops->attention(be, &ap, q, ck[l], cv[l], att);
+                t_attn += now_s() - ta;
+                ops->act_prepare(be, TDM_DTYPE_Q4_1, att, n, D, act);
+                ops->matmul(be, W[l][3], act, n, tmp, D);
+                ops->add(be, x, tmp, n * D);
+                ops->rmsnorm(be, x, norm, n, D, 1e-5f, xn);
+                ops->act_prepare(be, TDM_DTYPE_Q4_1, xn, n, D, act);
+                ops->matmul(be, W[l][4], act, n, gate, FF);
+                ops->matmul(be, W[l][5], act, n, up, FF);
+                ops->swiglu(be, gate, up, n, FF, gate);
+                ops->act_prepare(be, TDM_DTYPE_Q4_1, gate, n, FF, act);
+                ops->matmul(be, W[l][6], act, n, tmp, D);
+                ops->add(be, x, tmp, n * D);
+            }
+            ops->gather_rows(be, x, lidx, n_logits, D, xn);
+            ops->rmsnorm(be, xn, norm, n_logits, D, 1e-5f, xn);
+            ops->act_prepare(be, TDM_DTYPE_Q8_0, xn, n_logits, D, act);
+            ops->matmul(be, out_w, act, n_logits, logits, VOCAB);
+            ops->sync(be);
+            double dt = now_s() - t0;
+            if (rep > 0 && dt < best) {
+                best = dt;
+                best_attn = t_attn;
+            }
+        }
+        printf("%-26s %8.2f ms/step  %8.1f tok/s  (attention %.2f ms)\n", cases[ci].name,
+               best * 1e3, (double)n / best, best_attn * 1e3);
+    }
+    free(tables);
+    free(lidx);
+    free(tor);
+    free(ctx);
+    free(slot);
+    free(pos);
+    free(ids);
+    ops->buf_free(be, act);
+    free(logits);
+    free(up);
+    free(gate);
+    free(tmp);
+    free(att);
+    free(v);
+    free(k);
+    free(q);
+    free(xn);
+    free(x);
+    for (int l = 0; l < NL; l++) {
+        ops->buf_free(be, ck[l]);
+        ops->buf_free(be, cv[l]);
+        for (int i = 0; i < 7; i++)
+            ops->weight_free(be, W[l][i]);
+    }
+    ops->weight_free(be, out_w);
+    for (int i = 0; i < NL * 7 + 1; i++)
+        free(keep[i]);
+    free(norm);
+}
+
 static void noop(void *arg, int ith, int nth) {}
 
 int main(int argc, char **argv)
@@ -294,6 +486,8 @@ int main(int argc, char **argv)
         {"F16 1536x576", TDM_DTYPE_F16, 1536, 576},
     };
     const char *only = getenv("BENCH_ONLY");
+    if (only == NULL || strstr("model", only) != NULL)
+        bench_model(be);
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         if (only == NULL || strstr(cases[i].name, only) != NULL)
             bench_matmul(be, pool, cases[i]);

@@ -151,13 +151,39 @@ static inline float tdm_cpu_rint(float v)
     return (v + TDM_EXP_MAGIC) - TDM_EXP_MAGIC;
 }
 
-/* Address of position pos's K or V row of kv head kvh in the paged cache. */
-static inline const uint16_t *tdm_cpu_kv_row(const tdm_attn_params_t *p, const uint16_t *cache,
-                                             const int32_t *table, int64_t pos, int32_t kvh)
+/* Element offsets into the paged cache of the K/V rows of kv head kvh for
+ * positions c0 .. c0+nv-1 (one division per chunk, not per position). */
+static inline void tdm_cpu_kv_rows(const tdm_attn_params_t *p, const int32_t *table, int64_t c0,
+                                   int nv, int32_t kvh, int64_t *off)
 {
-    int64_t bs = p->block_size;
-    int64_t slot = (int64_t)table[pos / bs] * bs + pos % bs;
-    return cache + slot * (int64_t)p->n_kv_heads * p->head_dim + (int64_t)kvh * p->head_dim;
+    const int64_t bs = p->block_size, kvd = (int64_t)p->n_kv_heads * p->head_dim;
+    int64_t bi = c0 / bs, o = c0 % bs;
+    for (int i = 0; i < nv; i++) {
+        off[i] = ((int64_t)table[bi] * bs + o) * kvd + (int64_t)kvh * p->head_dim;
+        if (++o == bs) {
+            o = 0;
+            bi++;
+        }
+    }
+}
+
+/* Prefetches the K and V rows of the first two chunks of kv head kvh for
+ * row t, so that a kernel starting on them does not wait for memory. */
+static inline void tdm_cpu_attn_prefetch(const tdm_attn_params_t *p, const uint16_t *ck,
+                                         const uint16_t *cv, int64_t t, int32_t kvh)
+{
+    const int64_t ctx = p->ctx_len[t];
+    const int nv = ctx < 2 * TDM_CPU_CHUNK ? (int)ctx : 2 * TDM_CPU_CHUNK;
+    const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
+    int64_t off[2 * TDM_CPU_CHUNK];
+    if (nv <= 0)
+        return;
+    tdm_cpu_kv_rows(p, table, 0, nv, kvh, off);
+    for (int i = 0; i < nv; i++)
+        for (int64_t o = 0; o < (int64_t)p->head_dim * 2; o += 64) {
+            __builtin_prefetch((const char *)(ck + off[i]) + o);
+            __builtin_prefetch((const char *)(cv + off[i]) + o);
+        }
 }
 
 /* What each ISA provides. Ranges are half-open; all functions are pure and

@@ -106,8 +106,11 @@ AI __m256i dp_u8s8(__m256i acc, __m256i w, __m256i a, const int vnni)
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act, size_t astride,
-              const int T, const int wt, const int vnni, float *y, int64_t ldy, int64_t nvalid)
+              const int T, const int wt, const int vnni, float *y, int64_t ldy, int64_t nvalid,
+              const uint8_t *pf)
 {
+    /* pf: a later group to prefetch, one block's share of lines per block. */
+    const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
     const int split = T <= 2;
     /* Q8_0 without VNNI computes sum(q * a) directly, so it starts at 0. */
@@ -124,6 +127,10 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qs = grp + (size_t)b * qbytes + 32 * h;
         const uint8_t *ab = act + (size_t)b * TDM_QK;
+        if (pf != NULL)
+            for (size_t o = (size_t)b * pf_step & ~(size_t)63; o < (size_t)(b + 1) * pf_step;
+                 o += 64)
+                _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
         __m256i acc[4], acc2[4];
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
@@ -195,22 +202,36 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
                      int64_t g0, int64_t g1, const int wt, const int vnni)
 {
     const size_t astride = tdm_cpu_act_stride(w->k);
+    /* Weights stream from memory (decode, big matrices): prefetch about 8 KB
+     * ahead. */
+    const int64_t pf_groups = w->group_bytes >= 8192 ? 1 : 2;
+    {
+        const uint8_t *start = (const uint8_t *)w->data + (size_t)g0 * w->group_bytes;
+        size_t len = (size_t)(g1 - g0 < pf_groups ? g1 - g0 : pf_groups) * w->group_bytes;
+        for (size_t o = 0; o < len; o += 64)
+            _mm_prefetch((const char *)(start + o), _MM_HINT_T0);
+    }
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *grp = (const uint8_t *)w->data + (size_t)g * w->group_bytes;
         const int64_t nr = w->rows - g * TDM_CPU_RG;
         for (int h = 0; h < 2 && nr > 8 * h; h++) {
             float *yg = y + g * TDM_CPU_RG + 8 * h;
             const int64_t nvalid = nr - 8 * h;
+            /* The group's first tile prefetches the group pf_groups ahead. */
+            const uint8_t *pf =
+                h == 0 && g + pf_groups < g1 ? grp + pf_groups * w->group_bytes : NULL;
             int64_t t = 0;
-            for (; t + 4 <= n; t += 4)
+            for (; t + 4 <= n; t += 4) {
                 qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy,
-                      nvalid);
+                      nvalid, pf);
+                pf = NULL;
+            }
             const uint8_t *at = act + t * astride;
             float *yt = yg + t * ldy;
             switch (n - t) {
-            case 3: qtile(w, grp, h, at, astride, 3, wt, vnni, yt, ldy, nvalid); break;
-            case 2: qtile(w, grp, h, at, astride, 2, wt, vnni, yt, ldy, nvalid); break;
-            case 1: qtile(w, grp, h, at, astride, 1, wt, vnni, yt, ldy, nvalid); break;
+            case 3: qtile(w, grp, h, at, astride, 3, wt, vnni, yt, ldy, nvalid, pf); break;
+            case 2: qtile(w, grp, h, at, astride, 2, wt, vnni, yt, ldy, nvalid, pf); break;
+            case 1: qtile(w, grp, h, at, astride, 1, wt, vnni, yt, ldy, nvalid, pf); break;
             default: break;
             }
         }
@@ -300,8 +321,15 @@ AI void ftile(const tdm_bweight_t *w, const float *x, int64_t r, int64_t t, cons
 AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
                      int64_t r0, int64_t r1, const int f16)
 {
+    /* Prefetch the rows two tiles ahead: at small n the weights stream. */
+    const size_t es = f16 ? 2 : 4, tile_bytes = (size_t)w->k * es * 2;
     int64_t r = r0;
     for (; r + 2 <= r1; r += 2) {
+        if (r + 3 * 2 <= r1) {
+            const char *pf = (const char *)w->data + (size_t)(r + 2 * 2) * (size_t)w->k * es;
+            for (size_t o = 0; o < tile_bytes; o += 64)
+                _mm_prefetch(pf + o, _MM_HINT_T0);
+        }
         int64_t t = 0;
         for (; t + 2 <= n; t += 2)
             ftile(w, x, r, t, 2, 2, f16, y, ldy);
@@ -439,16 +467,14 @@ static void to_f16_avx2(const float *x, int64_t count, uint16_t *out)
 
 /* ---- attention ---- */
 
-static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                      const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+/* Query heads [h0, h1) of row t (one kv head); see ops_avx512.c. ND =
+ * head_dim / 16 when known at compile time, 0 for any multiple of 16. */
+AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                  const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, const int ND)
 {
     const int64_t hd = p->head_dim;
+    const int64_t nd = ND ? 2 * ND : hd / 8; /* ymm per head row */
     const int32_t nh = h1 - h0;
-    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || nh > TDM_CPU_MAX_HEADS_G) {
-        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
-        return;
-    }
-    const int64_t nd = hd / 8;
     const int32_t kvh = h0 / (p->n_heads / p->n_kv_heads);
     const int64_t ctx = p->ctx_len[t];
     const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
@@ -465,14 +491,28 @@ static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t
         for (int64_t j = 0; j < hd; j++)
             acc[h * hd + j] = 0.0f;
     }
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), sc = _mm256_set1_ps(p->scale);
     const __m256i iota0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i iota1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t off[TDM_CPU_CHUNK], off_pf[TDM_CPU_CHUNK];
     for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
         const int nv = ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
+        tdm_cpu_kv_rows(p, table, c0, nv, kvh, off);
+        /* K and V rows come from memory (a long or cold cache): ask for
+         * the chunk after next now (the first two: tdm_cpu_attn_prefetch). */
+        const int64_t c2 = c0 + 2 * TDM_CPU_CHUNK;
+        if (c2 < ctx) {
+            const int nv2 = ctx - c2 < TDM_CPU_CHUNK ? (int)(ctx - c2) : TDM_CPU_CHUNK;
+            tdm_cpu_kv_rows(p, table, c2, nv2, kvh, off_pf);
+            for (int i = 0; i < nv2; i++)
+                for (int64_t o = 0; o < hd * 2; o += 64) {
+                    _mm_prefetch((const char *)(ck + off_pf[i]) + o, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(cv + off_pf[i]) + o, _MM_HINT_T0);
+                }
+        }
         for (int i = 0; i < nv; i++) {
-            const uint16_t *kr = tdm_cpu_kv_row(p, ck, table, c0 + i, kvh);
-            const uint16_t *vr = tdm_cpu_kv_row(p, cv, table, c0 + i, kvh);
+            const uint16_t *kr = ck + off[i], *vr = cv + off[i];
+#pragma GCC unroll 16
             for (int64_t c = 0; c < nd; c++) {
                 _mm256_store_ps(kf + i * hd + 8 * c,
                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * c))));
@@ -486,28 +526,29 @@ static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t
         for (int32_t h = 0; h < nh; h++) {
             const float *qh = qrow + (int64_t)(h0 + h) * hd;
             __m256 b[16];
+#pragma GCC unroll 16
             for (int i = 0; i < 16; i++) {
                 __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-                if (i < nv)
+                if (i < nv) {
+#pragma GCC unroll 16
                     for (int64_t c = 0; c < nd; c += 2) {
                         lo = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c),
                                              _mm256_load_ps(kf + i * hd + 8 * c), lo);
                         hi = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8),
                                              _mm256_load_ps(kf + i * hd + 8 * c + 8), hi);
                     }
+                }
                 b[i] = _mm256_add_ps(lo, hi);
             }
-            const __m256 sc = _mm256_set1_ps(p->scale);
-            __m256 s0 = _mm256_mul_ps(tree8x8(b), sc);
-            __m256 s1 = _mm256_mul_ps(tree8x8(b + 8), sc);
-            s0 = _mm256_blendv_ps(ninf, s0, valid0);
-            s1 = _mm256_blendv_ps(ninf, s1, valid1);
+            __m256 s0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b), sc), valid0);
+            __m256 s1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b + 8), sc), valid1);
             float mc = tdm_cpu_maxps(hmax8(_mm256_max_ps(s0, s1)), m[h]);
             float *ah = acc + h * hd;
             if (mc != m[h]) {
                 float alpha = tdm_cpu_expf(m[h] - mc);
                 l[h] = l[h] * alpha;
                 __m256 av = _mm256_set1_ps(alpha);
+#pragma GCC unroll 16
                 for (int64_t c = 0; c < nd; c++)
                     _mm256_store_ps(ah + 8 * c, _mm256_mul_ps(_mm256_load_ps(ah + 8 * c), av));
                 m[h] = mc;
@@ -517,24 +558,52 @@ static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t
             l[h] = l[h] + hsum16(p0, p1);
             _mm256_store_ps(pr, p0);
             _mm256_store_ps(pr + 8, p1);
-            for (int64_t c = 0; c < nd; c++) {
-                __m256 a = _mm256_load_ps(ah + 8 * c);
-                for (int i = 0; i < nv; i++)
-                    a = _mm256_fmadd_ps(_mm256_set1_ps(pr[i]), _mm256_load_ps(vf + i * hd + 8 * c),
-                                        a);
-                _mm256_store_ps(ah + 8 * c, a);
+            if (ND) { /* the head's accumulator in registers (hd 64: 8 ymm) */
+                __m256 a[2 * (TDM_CPU_MAX_HD / 16)];
+#pragma GCC unroll 16
+                for (int64_t c = 0; c < nd; c++)
+                    a[c] = _mm256_load_ps(ah + 8 * c);
+                for (int i = 0; i < nv; i++) {
+                    __m256 pb = _mm256_set1_ps(pr[i]);
+#pragma GCC unroll 16
+                    for (int64_t c = 0; c < nd; c++)
+                        a[c] = _mm256_fmadd_ps(pb, _mm256_load_ps(vf + i * hd + 8 * c), a[c]);
+                }
+#pragma GCC unroll 16
+                for (int64_t c = 0; c < nd; c++)
+                    _mm256_store_ps(ah + 8 * c, a[c]);
+            } else {
+                for (int64_t c = 0; c < nd; c++) {
+                    __m256 a = _mm256_load_ps(ah + 8 * c);
+                    for (int i = 0; i < nv; i++)
+                        a = _mm256_fmadd_ps(_mm256_set1_ps(pr[i]),
+                                            _mm256_load_ps(vf + i * hd + 8 * c), a);
+                    _mm256_store_ps(ah + 8 * c, a);
+                }
             }
         }
     }
     for (int32_t h = 0; h < nh; h++) {
         float *oh = orow + (int64_t)(h0 + h) * hd;
         for (int64_t c = 0; c < nd; c++) {
-            __m256 o =
-                ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c), _mm256_set1_ps(l[h]))
-                        : _mm256_setzero_ps();
+            __m256 o = ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c),
+                                               _mm256_set1_ps(l[h]))
+                               : _mm256_setzero_ps();
             _mm256_storeu_ps(oh + 8 * c, o);
         }
     }
+}
+
+static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
+                      const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+{
+    const int64_t hd = p->head_dim;
+    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || h1 - h0 > TDM_CPU_MAX_HEADS_G)
+        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
+    else if (hd == 64)
+        attn_core(p, q, ck, cv, out, t, h0, h1, 4);
+    else
+        attn_core(p, q, ck, cv, out, t, h0, h1, 0);
 }
 
 #define AVX2_TABLE(qmm)                                                                            \

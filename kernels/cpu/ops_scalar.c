@@ -191,9 +191,10 @@ static void attn_head(const tdm_attn_params_t *p, const float *q, const uint16_t
     for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
         int64_t nv = ctx - c0 < TDM_CPU_CHUNK ? ctx - c0 : TDM_CPU_CHUNK;
         float s[TDM_CPU_CHUNK], pr[TDM_CPU_CHUNK];
+        int64_t off[TDM_CPU_CHUNK];
+        tdm_cpu_kv_rows(p, table, c0, (int)nv, kvh, off);
         for (int64_t i = 0; i < TDM_CPU_CHUNK; i++)
-            s[i] = i < nv ? dot_qk(qh, tdm_cpu_kv_row(p, ck, table, c0 + i, kvh), hd) * p->scale
-                          : -INFINITY;
+            s[i] = i < nv ? dot_qk(qh, ck + off[i], hd) * p->scale : -INFINITY;
         float cm = s[0];
         for (int i = 1; i < TDM_CPU_CHUNK; i++)
             cm = tdm_cpu_maxps(s[i], cm);
@@ -209,7 +210,7 @@ static void attn_head(const tdm_attn_params_t *p, const float *q, const uint16_t
             pr[i] = tdm_cpu_expf(s[i] - m);
         l = l + tdm_cpu_tree16(pr);
         for (int64_t i = 0; i < nv; i++) {
-            const uint16_t *v = tdm_cpu_kv_row(p, cv, table, c0 + i, kvh);
+            const uint16_t *v = cv + off[i];
             for (int64_t j = 0; j < hd; j++)
                 a[j] = fmaf(pr[i], tdm_f16_to_f32(v[j]), a[j]);
         }

@@ -7,7 +7,8 @@ as llama-bench does:
     the last token;
   - decode: 128 single-token evaluations after a 1-token prompt (tg128);
   - batched decode (low-level API): 32 sequences, each one token per step,
-    one llama_decode per step, over 128 steps;
+    one llama_decode per step, over 128 steps, one KV stream per sequence
+    (llama.cpp's default; --kv-unified shares one);
 each repeated --reps times after one warm-up run; the mean is reported.
 
     python bench_llamacpp.py [-m MODEL] [--threads N] [--reps 3] [--json]
@@ -95,13 +96,13 @@ class BatchedDecoder:
     """n_seqs sequences decoded together through llama.cpp's low-level API:
     one llama_decode per step carrying one token of every sequence."""
 
-    def __init__(self, llm, n_seqs, n_steps, threads, flash_attn):
+    def __init__(self, llm, n_seqs, n_steps, threads, flash_attn, kv_unified):
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_seqs * (n_steps + 1) + 256
+        params.n_ctx = n_seqs * (n_steps + 8)
         params.n_batch = max(PREFILL_TOKENS, n_seqs)
         params.n_ubatch = max(PREFILL_TOKENS, n_seqs)
         params.n_seq_max = n_seqs
-        params.kv_unified = True
+        params.kv_unified = kv_unified  # False: one KV stream per sequence
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = (
@@ -162,13 +163,14 @@ def bench(args):
         "version": llama_cpp.__version__,
         "threads": args.threads,
         "flash_attn": args.flash_attn,
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
         "prefill_runs": [round(x, 1) for x in prefill],
         "decode_runs": [round(x, 1) for x in decode],
     }
 
     batched = []
     for n_seqs in args.batched:
-        dec = BatchedDecoder(llm, n_seqs, DECODE_TOKENS, args.threads, args.flash_attn)
+        dec = BatchedDecoder(llm, n_seqs, DECODE_TOKENS, args.threads, args.flash_attn, args.kv_unified)
         try:
             firsts = random_tokens(n_vocab, n_seqs, rng)
             steps = [random_tokens(n_vocab, n_seqs, rng) for _ in range(DECODE_TOKENS)]
@@ -219,12 +221,17 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batched", type=int, nargs="*", default=[32],
                     help="sequence counts for batched decode (none: skip it)")
-    ap.add_argument("--flash-attn", action="store_true", help="use llama.cpp's flash attention")
+    ap.add_argument("--flash-attn", choices=["on", "off"], default="on",
+                    help="llama.cpp's flash attention (default on: llama.cpp's own default, auto, "
+                         "turns it on for the CPU)")
+    ap.add_argument("--kv-unified", action="store_true",
+                    help="batched decode: one KV buffer shared by all sequences (default: one per sequence)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--logits-of", metavar="TEXT", help="reference-check mode (see the module doc)")
     ap.add_argument("-o", "--out", help="logits file for --logits-of")
     ap.add_argument("--greedy", type=int, default=0, help="greedy tokens for --logits-of")
     args = ap.parse_args()
+    args.flash_attn = args.flash_attn == "on"
     if not os.path.isfile(args.model):
         sys.exit("no model at %s (fetch it with `make model`, or pass -m)" % args.model)
 

@@ -201,7 +201,8 @@ def f32_model(model_path, llamacpp_python, tmp_path_factory):
 def run_llamacpp(python, model, prompt, out_file, n_greedy):
     """llama.cpp's token ids, greedy ids and last-position logits of prompt."""
     proc = subprocess.run(
-        [python, BENCH_SCRIPT, "-m", model, "--logits-of", prompt, "-o", out_file, "--greedy", str(n_greedy)],
+        [python, BENCH_SCRIPT, "-m", model, "--logits-of", prompt, "-o", out_file, "--greedy", str(n_greedy),
+         "--flash-attn", "off"],  # its flash attention computes Q.K in f16
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         timeout=TIMEOUT_S,

@@ -477,6 +477,23 @@ static void test_rowops(void)
                         err = e <= err ? err : (isnan(e) ? INFINITY : e);
                     }
             CHECK(err < 1e-6, "%s rope n_rot=%d: error %g", isa, n_rot, err);
+            /* Again with the same positions (the backend's cached angles), then
+             * with one position changed (the cache must notice). */
+            float *x2 = malloc((size_t)(nn * heads * hd) * sizeof(float));
+            memcpy(x2, x, (size_t)(nn * heads * hd) * sizeof(float));
+            be->ops->rope(be, x2, pos, nn, heads, hd, n_rot, 10000.0f);
+            CHECK(memcmp(x2, xr, (size_t)(nn * heads * hd) * 4) == 0,
+                  "%s rope with cached angles differs", isa);
+            memcpy(x2, x, (size_t)(nn * heads * hd) * sizeof(float));
+            pos[nn - 1] += 1;
+            be->ops->rope(be, x2, pos, nn, heads, hd, n_rot, 10000.0f);
+            double a = pos[nn - 1] * pow(10000.0, -2.0 / n_rot); /* pair i = 1 of the last row */
+            const float *v = x + ((nn - 1) * heads) * hd;
+            double r0 = v[2] * cos(a) - v[3] * sin(a);
+            CHECK(fabs(x2[((nn - 1) * heads) * hd + 2] - r0) < 1e-6,
+                  "%s rope reused angles of other positions", isa);
+            pos[nn - 1] -= 1;
+            free(x2);
             if (ii == 0)
                 gold[slot] = memcpy(malloc((size_t)(nn * heads * hd) * 4), xr,
                                     (size_t)(nn * heads * hd) * 4);

@@ -739,8 +739,10 @@ static int oracle_agrees(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_s
     memcpy(a, base, (size_t)n * sizeof(float));
     memcpy(b, base, (size_t)n * sizeof(float));
     float lpa = 0.0f, lpb = 0.0f;
-    int32_t ta = tdm_sampler_sample(s, p, st, a, hist, n_prompt, hist + n_prompt, n_output, &lpa);
-    int32_t tb = ref_sample(p, rng, b, n, hist, n_prompt, hist + n_prompt, n_output, &lpb);
+    int32_t ta = tdm_sampler_sample(s, p, st, a, hist, n_prompt, hist ? hist + n_prompt : NULL,
+                                    n_output, &lpa);
+    int32_t tb =
+        ref_sample(p, rng, b, n, hist, n_prompt, hist ? hist + n_prompt : NULL, n_output, &lpb);
     int ok = ta == tb && memcmp(&lpa, &lpb, sizeof(float)) == 0 &&
              memcmp(rng, st->rng, sizeof(rng)) == 0 && memcmp(a, b, (size_t)n * sizeof(float)) == 0;
     if (!ok && verbose)
