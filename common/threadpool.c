@@ -118,8 +118,7 @@ static uint32_t wait_next(tdm_threadpool_t *pool, uint32_t seen)
 {
     uint64_t t0 = 0, spun = 0;
     for (unsigned i = 1;; i++) {
-        uint32_t run =
-            (uint32_t)(atomic_load_explicit(&pool->work, memory_order_acquire) >> 32);
+        uint32_t run = (uint32_t)(atomic_load_explicit(&pool->work, memory_order_acquire) >> 32);
         if (run != seen)
             return run;
         if ((i & 63) == 0) {
@@ -241,7 +240,10 @@ void tdm_threadpool_destroy(tdm_threadpool_t *pool)
     free(pool);
 }
 
-int tdm_threadpool_size(const tdm_threadpool_t *pool) { return pool->n; }
+int tdm_threadpool_size(const tdm_threadpool_t *pool)
+{
+    return pool->n;
+}
 
 void tdm_threadpool_run(tdm_threadpool_t *pool, tdm_threadpool_fn_t fn, void *arg)
 {

@@ -273,12 +273,12 @@ static void bench_attention(tdm_backend_t *be, int64_t n, int32_t ctx_max, int c
  * each, every one attending ctx positions; prefill: n tokens of one
  * sequence (causal), logits for the last token only. */
 
-#define NL 30
-#define D 576
-#define FF 1536
-#define NH 9
-#define NKV 3
-#define HD 64
+#define NL    30
+#define D     576
+#define FF    1536
+#define NH    9
+#define NKV   3
+#define HD    64
 #define VOCAB 49152
 
 static tdm_bweight_t *rand_weight(tdm_backend_t *be, uint32_t type, int64_t rows, int64_t k,
@@ -304,8 +304,8 @@ static void bench_model(tdm_backend_t *be)
     const tdm_backend_ops_t *ops = be->ops;
     tdm_bweight_t *W[NL][7];
     void *keep[NL * 7 + 1];
-    static const int64_t shp[7][2] = {{D, D}, {NKV * HD, D}, {NKV * HD, D}, {D, D},
-                                      {FF, D},  {FF, D},       {D, FF}};
+    static const int64_t shp[7][2] = {{D, D},  {NKV * HD, D}, {NKV * HD, D}, {D, D},
+                                      {FF, D}, {FF, D},       {D, FF}};
     for (int l = 0; l < NL; l++)
         for (int i = 0; i < 7; i++)
             W[l][i] = rand_weight(be, TDM_DTYPE_Q4_1, shp[i][0], shp[i][1], &keep[l * 7 + i]);

@@ -12,14 +12,20 @@
  *   and for Q4_1 also acc = fmaf(mw[r][b], dsa[t][b], acc).
  *   corr is -8 * sum(aq) for Q4_0 and -128 * sum(aq) for Q8_0 (stored
  *   biased by +128 in the pack); 0 for Q4_1, whose dsa = da * (float)sum(aq).
+ *   (AVX2 without VNNI gets the same exact isum another way.)
  * - Float matmul, rmsnorm's sum of squares and attention's q.k: 16 lanes;
  *   lane l accumulates elements j = l (mod 16) in increasing j with fmaf
  *   (missing tail elements count as fmaf(0, 0, acc)), then tdm_cpu_tree16.
  * - exp: tdm_cpu_expf below, in every ISA; no libm in kernels.
  * - Activation quantization per 32-block: amax = max |x|, d = amax / 127,
  *   q = nearest-even(x / d) (q = 0 when amax == 0).
+ * - rmsnorm: scale = 1 / sqrtf(sumsq / d + eps), out = (x * scale) * w.
+ * - swiglu: out = (g / (1 + exp(-g))) * u.
  * - Attention per (row, head): chunks of 16 positions in increasing order,
- *   online softmax (see ops_scalar.c attn_head). */
+ *   online softmax (see ops_scalar.c attn_head).
+ * - rope, embed, gather: shared scalar code in cpu_backend.c for every ISA.
+ * Thread splits and tilings only decide who computes an element, never how,
+ * so results do not depend on n, the batch's other rows or the threads. */
 #ifndef TANDEM_KERNELS_CPU_INTERNAL_H
 #define TANDEM_KERNELS_CPU_INTERNAL_H
 

@@ -222,8 +222,8 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
                 h == 0 && g + pf_groups < g1 ? grp + pf_groups * w->group_bytes : NULL;
             int64_t t = 0;
             for (; t + 4 <= n; t += 4) {
-                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy,
-                      nvalid, pf);
+                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy, nvalid,
+                      pf);
                 pf = NULL;
             }
             const uint8_t *at = act + t * astride;
@@ -586,9 +586,9 @@ AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck
     for (int32_t h = 0; h < nh; h++) {
         float *oh = orow + (int64_t)(h0 + h) * hd;
         for (int64_t c = 0; c < nd; c++) {
-            __m256 o = ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c),
-                                               _mm256_set1_ps(l[h]))
-                               : _mm256_setzero_ps();
+            __m256 o =
+                ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c), _mm256_set1_ps(l[h]))
+                        : _mm256_setzero_ps();
             _mm256_storeu_ps(oh + 8 * c, o);
         }
     }

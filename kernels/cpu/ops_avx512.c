@@ -87,8 +87,7 @@ AI int32_t load32(const void *p)
 #define WT_Q8_0 2
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, size_t astride,
-              const int T, const int wt, float *y, int64_t ldy, __mmask16 smask,
-              const uint8_t *pf)
+              const int T, const int wt, float *y, int64_t ldy, __mmask16 smask, const uint8_t *pf)
 {
     /* pf: where to prefetch (a later group) while this one is computed;
      * spread over the blocks, one block's share of lines per block. */
@@ -520,9 +519,9 @@ AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck
     for (int32_t h = 0; h < nh; h++) {
         float *oh = orow + (int64_t)(h0 + h) * hd;
         for (int64_t c = 0; c < nd; c++) {
-            __m512 o = ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c),
-                                               _mm512_set1_ps(l[h]))
-                               : _mm512_setzero_ps();
+            __m512 o =
+                ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c), _mm512_set1_ps(l[h]))
+                        : _mm512_setzero_ps();
             _mm512_storeu_ps(oh + 16 * c, o);
         }
     }

@@ -9,7 +9,9 @@ as llama-bench does:
   - batched decode (low-level API): 32 sequences, each one token per step,
     one llama_decode per step, over 128 steps, one KV stream per sequence
     (llama.cpp's default; --kv-unified shares one);
-each repeated --reps times after one warm-up run; the mean is reported.
+each repeated --reps times after one warm-up run; the mean is the figure
+(the median and every run are printed too: on a shared machine one run can
+be far off).
 
     python bench_llamacpp.py [-m MODEL] [--threads N] [--reps 3] [--json]
 
@@ -98,7 +100,9 @@ class BatchedDecoder:
 
     def __init__(self, llm, n_seqs, n_steps, threads, flash_attn, kv_unified):
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_seqs * (n_steps + 8)
+        # Each sequence's KV stream holds its tokens, rounded up to 256 cells
+        # (llama.cpp pads a stream to a multiple of 256 anyway).
+        params.n_ctx = n_seqs * 256 * ((n_steps + 1 + 255) // 256)
         params.n_batch = max(PREFILL_TOKENS, n_seqs)
         params.n_ubatch = max(PREFILL_TOKENS, n_seqs)
         params.n_seq_max = n_seqs
@@ -164,6 +168,8 @@ def bench(args):
         "threads": args.threads,
         "flash_attn": args.flash_attn,
         "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+        "prefill_median_tok_s": float(np.median(prefill)),
+        "decode_median_tok_s": float(np.median(decode)),
         "prefill_runs": [round(x, 1) for x in prefill],
         "decode_runs": [round(x, 1) for x in decode],
     }
@@ -178,7 +184,8 @@ def bench(args):
             runs = [n_seqs * DECODE_TOKENS / dec.run(firsts, steps) for _ in range(args.reps)]
         finally:
             dec.close()
-        batched.append({"seqs": n_seqs, "tok_s": float(np.mean(runs)), "runs": [round(x, 1) for x in runs]})
+        batched.append({"seqs": n_seqs, "tok_s": float(np.mean(runs)), "median_tok_s": float(np.median(runs)),
+                        "runs": [round(x, 1) for x in runs]})
     if batched:
         result["batched"] = batched
     return result
@@ -187,11 +194,15 @@ def bench(args):
 def print_table(r):
     print("llama.cpp via llama-cpp-python %s, %d threads, flash attention %s"
           % (r["version"], r["threads"], "on" if r["flash_attn"] else "off"))
-    print("%-28s %12s   %s" % ("test", "tok/s", "runs"))
-    print("%-28s %12.1f   %s" % ("prefill pp%d" % PREFILL_TOKENS, r["prefill_tok_s"], r["prefill_runs"]))
-    print("%-28s %12.1f   %s" % ("decode tg%d (batch 1)" % DECODE_TOKENS, r["decode_tok_s"], r["decode_runs"]))
+    row = "%-28s %12s %12s   %s"
+    print(row % ("test", "mean tok/s", "median", "runs"))
+    print(row % ("prefill pp%d" % PREFILL_TOKENS, "%.1f" % r["prefill_tok_s"], "%.1f" % r["prefill_median_tok_s"],
+                 r["prefill_runs"]))
+    print(row % ("decode tg%d (batch 1)" % DECODE_TOKENS, "%.1f" % r["decode_tok_s"], "%.1f" % r["decode_median_tok_s"],
+                 r["decode_runs"]))
     for b in r.get("batched", []):
-        print("%-28s %12.1f   %s" % ("decode %d seqs x %d steps" % (b["seqs"], DECODE_TOKENS), b["tok_s"], b["runs"]))
+        print(row % ("decode %d seqs x %d steps" % (b["seqs"], DECODE_TOKENS), "%.1f" % b["tok_s"],
+                     "%.1f" % b["median_tok_s"], b["runs"]))
 
 
 def logits_of(args):
