@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# make bench: tandem's engine benchmark and llama.cpp's (through the PyPI
+# package llama-cpp-python) on the same model file with the same thread
+# count, back to back, then the ratios. Results go to build/bench/ as JSON.
+# The first run builds llama-cpp-python from source into .venv-bench (several
+# minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+THREADS=${THREADS:-$(nproc)}
+out=$BUILD/bench
+mkdir -p "$out"
+req=tests/python/requirements-bench.txt
+stamp=.venv-bench/.requirements.sha256
+want=$(sha256sum "$req" | cut -d' ' -f1)
+if [ ! -x .venv-bench/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bench: building llama-cpp-python into .venv-bench (native CPU flags; takes minutes)"
+    python3 -m venv .venv-bench
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install -q --disable-pip-version-check -r "$req"
+    echo "$want" > "$stamp"
+fi
+echo "bench: tandem bench engine --threads $THREADS"
+"$BUILD/bin/tandem" bench engine --threads "$THREADS" --json | tee "$out/tandem.json"
+echo "bench: llama.cpp (llama-cpp-python) --threads $THREADS"
+.venv-bench/bin/python tests/python/bench_llamacpp.py --threads "$THREADS" --json | tee "$out/llamacpp.json"
+.venv/bin/python - "$out/tandem.json" "$out/llamacpp.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1])); l = json.load(open(sys.argv[2]))
+b1 = t["decode_tok_s"]
+print()
+print(f"{'':24s}{'tandem':>10s}{'llama.cpp':>12s}{'ratio':>8s}  target")
+print(f"{'prefill 512 (tok/s)':24s}{t['prefill_tok_s']:10.1f}{l['prefill_tok_s']:12.1f}{t['prefill_tok_s']/l['prefill_tok_s']:8.2f}  >= 0.8")
+print(f"{'decode batch 1 (tok/s)':24s}{b1:10.1f}{l['decode_tok_s']:12.1f}{b1/l['decode_tok_s']:8.2f}  >= 1.0")
+lb = {b["seqs"]: b["tok_s"] for b in l.get("batched", [])}
+for b in t["batched"]:
+    ref = lb.get(b["seqs"])
+    refs = f"{ref:12.1f}" if ref else f"{'-':>12s}"
+    print(f"{'decode ' + str(b['seqs']) + ' seqs (tok/s)':24s}{b['tok_s']:10.1f}{refs}"
+          f"{b['tok_s']/b1:8.2f}x of tandem batch 1" + ("  (target >= 6 at 32)" if b["seqs"] == 32 else ""))
+PY
