@@ -154,9 +154,11 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     e->cfg = *cfg;
     tdm_status_t st;
     if (cfg->block_size <= 0 || cfg->block_size > 1024 || cfg->max_num_seqs <= 0 ||
-        cfg->max_num_batched_tokens <= 0) {
+        cfg->max_num_seqs > TDM_ENGINE_MAX_SEQS || cfg->max_num_batched_tokens <= 0) {
         snprintf(err, err_len,
-                 "block size, max_num_seqs and max_num_batched_tokens must be positive");
+                 "block size (1..1024), max_num_seqs (1..%d) and max_num_batched_tokens (> 0) "
+                 "are out of range",
+                 TDM_ENGINE_MAX_SEQS);
         st = TDM_ERR_INVALID;
         goto err_free;
     }
@@ -793,7 +795,7 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
     int32_t budget = e->cfg.max_num_batched_tokens;
     int32_t n_rows = 0, n_logits = 0, n_tables = 0;
     bool preempted = false;
-    tdm_seq_t *batch[1024];
+    tdm_seq_t *batch[TDM_ENGINE_MAX_SEQS];
     int32_t n_batch = 0;
     const int32_t max_batch = (int32_t)(sizeof(batch) / sizeof(batch[0]));
 

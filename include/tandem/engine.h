@@ -63,6 +63,9 @@ uint64_t tdm_model_weight_bytes(const tdm_model_t *m);
 
 /* --------------------------------------------------------------- engine */
 
+/* Upper bound of max_num_seqs (sequences in one step). */
+#define TDM_ENGINE_MAX_SEQS 1024
+
 typedef struct tdm_engine_config {
     const char *model_path;
     int threads;                    /* <= 0: all available CPUs */
