@@ -15,8 +15,10 @@
  * accumulate in the same order too, so they agree bit for bit.
  *
  * Quantized matmuls (Q4_0, Q4_1, Q8_0 weights) take activations quantized
- * per token to 8 bits in blocks of 32 (act_prepare); float weights (F32,
- * F16) take the f32 activations.
+ * per token to 16 bits in blocks of 32 (act_prepare; one scale per block,
+ * relative error about 2^-16 of the block's largest value, so outlier
+ * activations cost no accuracy); float weights (F32, F16) take the f32
+ * activations.
  *
  * Paged KV cache, per layer: K and V each [n_blocks][block_size][n_kv_heads]
  * [head_dim] f16. A token's slot is block_id * block_size + offset. */

@@ -7,18 +7,24 @@
  *
  * - Quantized matmul, per output y[t][r]: acc = 0; for each 32-block b in
  *   increasing order: isum = corr[t][b] + sum_i wq[r][b][i] * aq[t][b][i]
- *   (exact int32; wq unsigned as packed), then
+ *   (exact int32: wq unsigned as packed, at most 255, and |aq| <= 32767, so
+ *   |isum| < 2^29 whatever the order of the terms), then
  *       acc = fmaf(dw[r][b] * da[t][b], (float)isum, acc)
  *   and for Q4_1 also acc = fmaf(mw[r][b], dsa[t][b], acc).
  *   corr is -8 * sum(aq) for Q4_0 and -128 * sum(aq) for Q8_0 (stored
  *   biased by +128 in the pack); 0 for Q4_1, whose dsa = da * (float)sum(aq).
- *   (AVX2 without VNNI gets the same exact isum another way.)
+ *   The SIMD kernels widen the packed bytes to 16 bits in registers and
+ *   use vpdpwssd (AVX-512 VNNI, AVX-VNNI) or vpmaddwd + vpaddd (plain
+ *   AVX2): the same exact isum, since integer sums do not round.
  * - Float matmul, rmsnorm's sum of squares and attention's q.k: 16 lanes;
  *   lane l accumulates elements j = l (mod 16) in increasing j with fmaf
  *   (missing tail elements count as fmaf(0, 0, acc)), then tdm_cpu_tree16.
  * - exp: tdm_cpu_expf below, in every ISA; no libm in kernels.
- * - Activation quantization per 32-block: amax = max |x|, d = amax / 127,
- *   q = nearest-even(x / d) (q = 0 when amax == 0).
+ * - Activation quantization per 32-block, to 16 bits (8 bits lose too much
+ *   on models with outlier activations): amax = maxps(|x|, amax) over the
+ *   block from 0 (a NaN element does not count), d = amax / 32767, and
+ *   q = nearest-even(minps(maxps(x / d, -32767), 32767)) (a NaN x / d
+ *   gives -32767; never -32768), or q = 0 for the whole block when d == 0.
  * - rmsnorm: scale = 1 / sqrtf(sumsq / d + eps), out = (x * scale) * w.
  * - swiglu: out = (g / (1 + exp(-g))) * u.
  * - Attention per (row, head): chunks of 16 positions in increasing order,
@@ -53,8 +59,9 @@
  *       then f16 d[nb][16] at d_off, then (Q4_1) f16 m[nb][16] at m_off.
  *   Q8: qs [nb][8 chunks][16 rows][4 bytes] of (q + 128) as u8, elements
  *       4c..4c+3; then f16 d[nb][16] at d_off.
- * One 64-byte chunk is one zmm (or two ymm): 16 rows x 4 bytes, the shape
- * vpdpbusd wants with a broadcast of 4 activation bytes. */
+ * One 64-byte chunk is one zmm (or two ymm): 16 rows x 4 bytes; an in-lane
+ * byte shuffle makes it two zmm of 16 rows x 2 u16 (elements 4c, 4c+1 and
+ * 4c+2, 4c+3), the shape vpdpwssd wants with a broadcast of 2 activations. */
 struct tdm_bweight {
     uint32_t wtype;
     int64_t rows, k;
@@ -66,13 +73,17 @@ struct tdm_bweight {
     void *owned;         /* what weight_free frees (the packed groups) */
 };
 
+#define TDM_CPU_ACT_QMAX   32767.0f /* largest |q| of a quantized activation */
+#define TDM_CPU_ACT_QBYTES 64       /* bytes of q per 32-block: int16 */
+
 /* Quantized activation row, stride tdm_cpu_act_stride(k) bytes (a multiple
- * of 64): int8 q[nb][32], then f32 d[nb], then aux[nb]: int32 corr for
- * Q4_0/Q8_0 weights or f32 dsa for Q4_1 (see above). */
+ * of 64): int16 q[nb][32] (64-byte aligned blocks), then f32 d[nb], then
+ * aux[nb]: int32 corr for Q4_0/Q8_0 weights or f32 dsa for Q4_1 (see
+ * above). */
 static inline size_t tdm_cpu_act_stride(int64_t k)
 {
     size_t nb = (size_t)(k / TDM_QK);
-    return (nb * (TDM_QK + 8) + 63) & ~(size_t)63;
+    return (nb * (TDM_CPU_ACT_QBYTES + 8) + 63) & ~(size_t)63;
 }
 
 static inline uint32_t tdm_cpu_f2u(float f)
@@ -229,7 +240,7 @@ void tdm_cpu_attn_scalar(const tdm_attn_params_t *p, const float *q, const uint1
 /* CPUID. */
 typedef struct tdm_cpu_features {
     int avx2;     /* AVX2 + FMA + F16C, OS saves ymm */
-    int avx_vnni; /* AVX-VNNI (VEX vpdpbusd) */
+    int avx_vnni; /* AVX-VNNI (VEX vpdpbusd, vpdpwssd) */
     int avx512;   /* AVX-512 F/BW/VL/DQ + VNNI, OS saves zmm */
 } tdm_cpu_features_t;
 void tdm_cpu_features_get(tdm_cpu_features_t *f);

@@ -87,22 +87,47 @@ AI float loadf(const void *p)
 }
 
 /* ---- quantized matmul ----
- * A tile is 8 rows (half h of a packed group of 16) times T tokens. With
- * AVX-VNNI the dot products are vpdpbusd; without, vpmaddubsw + vpmaddwd,
- * which give the same exact int32 lanes (no i16 saturation: Q4 nibbles are
- * at most 15, and Q8_0 goes through the sign trick |w| x sign(w)*a, each
- * pair at most 2 * 128 * 127). */
+ * A tile is 8 rows (half h of a packed group of 16) times T tokens. Each
+ * 32-byte half chunk (8 rows x 4 packed bytes) is widened in registers to
+ * u16 pairs by in-lane vpshufb (row r stays in dword lane r) and used for
+ * all T tokens: with AVX-VNNI vpdpwssd, without it vpmaddwd + vpaddd,
+ * which give the same exact int32 lanes (vpmaddwd cannot saturate: the
+ * weights are at most 255 and |q| <= 32767). With few tokens a token's
+ * products rotate over S accumulators (shorter dependency chains). */
 
 #define WT_Q4_0 0
 #define WT_Q4_1 1
 #define WT_Q8_0 2
 
-AI __m256i dp_u8s8(__m256i acc, __m256i w, __m256i a, const int vnni)
+/* In-lane byte shuffles: row r's bytes (b0, b1) and (b2, b3) as u16 pairs. */
+AI __m256i pairs01(void)
+{
+    return _mm256_broadcastsi128_si256(
+        _mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128));
+}
+
+AI __m256i pairs23(void)
+{
+    return _mm256_broadcastsi128_si256(
+        _mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128, 14, -128, 15, -128));
+}
+
+AI __m256i dp_s16(__m256i acc, __m256i w, __m256i a, const int vnni)
 {
     if (vnni)
-        return _mm256_dpbusd_avx_epi32(acc, w, a);
-    return _mm256_add_epi32(acc,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+        return _mm256_dpwssd_avx_epi32(acc, w, a);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, a));
+}
+
+/* Pair vector j of a block (8 rows x 2 u16) times the 2 activations at ap
+ * (+ t * astride for token t), into accumulator j % S of each token. */
+AI void dot_pairs(__m256i acc[4][4], int j, const int S, const int T, const int vnni, __m256i wv,
+                  const uint8_t *ap, size_t astride)
+{
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        acc[t][j % S] =
+            dp_s16(acc[t][j % S], wv, _mm256_set1_epi32(load32(ap + t * astride)), vnni);
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act, size_t astride,
@@ -112,47 +137,40 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
     /* pf: a later group to prefetch, one block's share of lines per block. */
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
-    const int split = T <= 2;
-    /* Q8_0 without VNNI computes sum(q * a) directly, so it starts at 0. */
-    const int use_corr = wt == WT_Q4_0 || (wt == WT_Q8_0 && vnni);
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const int S = T == 1 ? 4 : T == 2 ? 2 : 1;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
     const uint16_t *dsc = (const uint16_t *)(grp + w->d_off) + 8 * h;
     const uint16_t *msc = (const uint16_t *)(grp + w->m_off) + 8 * h;
     const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
-    const size_t doff = (size_t)nb * TDM_QK, xoff = (size_t)nb * (TDM_QK + 4);
+    const size_t doff = (size_t)nb * TDM_CPU_ACT_QBYTES, xoff = doff + (size_t)nb * 4;
     __m256 facc[4];
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++)
         facc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qs = grp + (size_t)b * qbytes + 32 * h;
-        const uint8_t *ab = act + (size_t)b * TDM_QK;
+        const uint8_t *ab = act + (size_t)b * TDM_CPU_ACT_QBYTES; /* int16 q[32] */
         if (pf != NULL)
             for (size_t o = (size_t)b * pf_step & ~(size_t)63; o < (size_t)(b + 1) * pf_step;
                  o += 64)
                 _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-        __m256i acc[4], acc2[4];
+        __m256i acc[4][4];
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
-            acc[t] = use_corr ? _mm256_set1_epi32(load32(act + t * astride + xoff + 4 * b))
-                              : _mm256_setzero_si256();
-            acc2[t] = _mm256_setzero_si256();
+            acc[t][0] = wt == WT_Q4_1 ? _mm256_setzero_si256()
+                                      : _mm256_set1_epi32(load32(act + t * astride + xoff + 4 * b));
+#pragma GCC unroll 4
+            for (int s = 1; s < S; s++)
+                acc[t][s] = _mm256_setzero_si256();
         }
         if (wt == WT_Q8_0) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++) {
-                __m256i wv = _mm256_load_si256((const __m256i *)(qs + 64 * c));
-                __m256i ws = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
-                __m256i wabs = _mm256_abs_epi8(ws);
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m256i av = _mm256_set1_epi32(load32(ab + t * astride + 4 * c));
-                    __m256i *dst = split && (c & 1) ? &acc2[t] : &acc[t];
-                    if (vnni)
-                        *dst = _mm256_dpbusd_avx_epi32(*dst, wv, av);
-                    else
-                        *dst = dp_u8s8(*dst, wabs, _mm256_sign_epi8(av, ws), 0);
-                }
+                __m256i raw = _mm256_load_si256((const __m256i *)(qs + 64 * c));
+                dot_pairs(acc, 2 * c, S, T, vnni, _mm256_shuffle_epi8(raw, p01), ab + 8 * c,
+                          astride);
+                dot_pairs(acc, 2 * c + 1, S, T, vnni, _mm256_shuffle_epi8(raw, p23), ab + 8 * c + 4,
+                          astride);
             }
         } else {
 #pragma GCC unroll 4
@@ -160,16 +178,15 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
                 __m256i raw = _mm256_load_si256((const __m256i *)(qs + 64 * c));
                 __m256i lo = _mm256_and_si256(raw, m4);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m256i alo = _mm256_set1_epi32(load32(ab + t * astride + 4 * c));
-                    __m256i ahi = _mm256_set1_epi32(load32(ab + t * astride + 16 + 4 * c));
-                    acc[t] = dp_u8s8(acc[t], lo, alo, vnni);
-                    if (split)
-                        acc2[t] = dp_u8s8(acc2[t], hi, ahi, vnni);
-                    else
-                        acc[t] = dp_u8s8(acc[t], hi, ahi, vnni);
-                }
+                /* elements 4c.., then 16 + 4c.. (bytes 2 * element) */
+                dot_pairs(acc, 4 * c, S, T, vnni, _mm256_shuffle_epi8(lo, p01), ab + 8 * c,
+                          astride);
+                dot_pairs(acc, 4 * c + 1, S, T, vnni, _mm256_shuffle_epi8(lo, p23), ab + 8 * c + 4,
+                          astride);
+                dot_pairs(acc, 4 * c + 2, S, T, vnni, _mm256_shuffle_epi8(hi, p01), ab + 32 + 8 * c,
+                          astride);
+                dot_pairs(acc, 4 * c + 3, S, T, vnni, _mm256_shuffle_epi8(hi, p23), ab + 36 + 8 * c,
+                          astride);
             }
         }
         __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(dsc + b * TDM_CPU_RG)));
@@ -179,7 +196,10 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
             const uint8_t *arow = act + t * astride;
-            __m256i isum = split ? _mm256_add_epi32(acc[t], acc2[t]) : acc[t];
+            __m256i isum = acc[t][0];
+#pragma GCC unroll 4
+            for (int s = 1; s < S; s++)
+                isum = _mm256_add_epi32(isum, acc[t][s]);
             __m256 cc = _mm256_mul_ps(dw, _mm256_set1_ps(loadf(arow + doff + 4 * b)));
             facc[t] = _mm256_fmadd_ps(cc, _mm256_cvtepi32_ps(isum), facc[t]);
             if (wt == WT_Q4_1)
@@ -359,31 +379,35 @@ static void fmatmul_avx2(const tdm_bweight_t *w, const float *x, int64_t n, floa
 static void act_quant_avx2(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
-    float *d = (float *)(act + nb * TDM_QK);
-    uint8_t *aux = act + nb * (TDM_QK + 4);
+    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
+    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 qlo = _mm256_set1_ps(-TDM_CPU_ACT_QMAX), qhi = _mm256_set1_ps(TDM_CPU_ACT_QMAX);
     for (int64_t b = 0; b < nb; b++) {
         __m256 xv[4];
-        __m256 mx = _mm256_setzero_ps();
+        __m256 mx = _mm256_setzero_ps(); /* maxps(|x|, m): a NaN never gets in */
         for (int i = 0; i < 4; i++) {
             xv[i] = _mm256_loadu_ps(x + b * TDM_QK + 8 * i);
             mx = _mm256_max_ps(_mm256_and_ps(xv[i], absmask), mx);
         }
         float amax = hmax8(mx);
-        float db = amax / 127.0f;
+        float db = amax / TDM_CPU_ACT_QMAX;
         __m256i q[4];
         for (int i = 0; i < 4; i++)
             q[i] = _mm256_setzero_si256();
-        if (amax != 0.0f) {
+        if (db != 0.0f) {
             __m256 dv = _mm256_set1_ps(db);
-            for (int i = 0; i < 4; i++)
-                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(
-                    _mm256_div_ps(xv[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            for (int i = 0; i < 4; i++) {
+                __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(xv[i], dv), qlo), qhi);
+                q[i] = _mm256_cvtps_epi32(
+                    _mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            }
         }
-        __m256i p8 =
-            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(act + b * TDM_QK), p8);
+        /* packs works per 128-bit lane: 0-3 8-11 4-7 12-15 -> reorder */
+        __m256i p0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+        __m256i p1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
+        _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES), p0);
+        _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES + 32), p1);
         __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));

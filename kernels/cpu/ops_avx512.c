@@ -75,16 +75,42 @@ AI int32_t load32(const void *p)
 }
 
 /* ---- quantized matmul ----
- * A tile is the 16 rows of one packed group times T tokens. Per block the
- * nibbles are loaded once and used for all T tokens; vpdpbusd with a
- * broadcast of 4 activation bytes gives each row's partial dot product in
- * its lane; the 8 chunks of a block add up to the exact block sum. With
- * few tokens the chunks alternate between two accumulators (shorter
- * dependency chains; integer adds are exact). */
+ * A tile is the 16 rows of one packed group times T tokens. Per block each
+ * 64-byte chunk of packed bytes (16 rows x 4, see cpu_internal.h) is loaded
+ * once and widened in registers to u16 pairs: vpshufb within 128-bit lanes
+ * keeps row r in dword lane r. Each pair vector serves all T tokens:
+ * vpdpwssd with a broadcast of 2 int16 activations adds each row's two
+ * products into its lane; the 16 pair vectors of a block add up to the
+ * exact block sum. With few tokens a token's products rotate over S
+ * accumulators (shorter dependency chains; integer adds are exact). */
 
 #define WT_Q4_0 0
 #define WT_Q4_1 1
 #define WT_Q8_0 2
+
+/* In-lane byte shuffles: row r's bytes (b0, b1) and (b2, b3) as u16 pairs. */
+AI __m512i pairs01(void)
+{
+    return _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128));
+}
+
+AI __m512i pairs23(void)
+{
+    return _mm512_broadcast_i32x4(
+        _mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128, 14, -128, 15, -128));
+}
+
+/* Pair vector j of a block (16 rows x 2 u16) times the 2 activations at
+ * ap (+ t * astride for token t), into accumulator j % S of each token. */
+AI void dot_pairs(__m512i acc[8][4], int j, const int S, const int T, __m512i wv, const uint8_t *ap,
+                  size_t astride)
+{
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        acc[t][j % S] =
+            _mm512_dpwssd_epi32(acc[t][j % S], wv, _mm512_set1_epi32(load32(ap + t * astride)));
+}
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, size_t astride,
               const int T, const int wt, float *y, int64_t ldy, __mmask16 smask, const uint8_t *pf)
@@ -93,42 +119,39 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
      * spread over the blocks, one block's share of lines per block. */
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
-    const int split = T <= 2;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const int S = T == 1 ? 4 : T <= 4 ? 2 : 1;
+    const __m512i m4 = _mm512_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
     const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
     const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
     const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
-    const size_t doff = (size_t)nb * TDM_QK, xoff = (size_t)nb * (TDM_QK + 4);
+    const size_t doff = (size_t)nb * TDM_CPU_ACT_QBYTES, xoff = doff + (size_t)nb * 4;
     __m512 facc[8];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
         facc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qs = grp + (size_t)b * qbytes;
-        const uint8_t *ab = act + (size_t)b * TDM_QK;
+        const uint8_t *ab = act + (size_t)b * TDM_CPU_ACT_QBYTES; /* int16 q[32] */
         if (pf != NULL)
             for (size_t o = (size_t)b * pf_step & ~(size_t)63; o < (size_t)(b + 1) * pf_step;
                  o += 64)
                 _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-        __m512i acc[8], acc2[8];
+        __m512i acc[8][4];
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
-            acc[t] = wt == WT_Q4_1 ? _mm512_setzero_si512()
-                                   : _mm512_set1_epi32(load32(act + t * astride + xoff + 4 * b));
-            acc2[t] = _mm512_setzero_si512();
+            acc[t][0] = wt == WT_Q4_1 ? _mm512_setzero_si512()
+                                      : _mm512_set1_epi32(load32(act + t * astride + xoff + 4 * b));
+#pragma GCC unroll 4
+            for (int s = 1; s < S; s++)
+                acc[t][s] = _mm512_setzero_si512();
         }
         if (wt == WT_Q8_0) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++) {
-                __m512i wv = _mm512_load_si512((const void *)(qs + 64 * c));
-#pragma GCC unroll 8
-                for (int t = 0; t < T; t++) {
-                    __m512i av = _mm512_set1_epi32(load32(ab + t * astride + 4 * c));
-                    if (split && (c & 1))
-                        acc2[t] = _mm512_dpbusd_epi32(acc2[t], wv, av);
-                    else
-                        acc[t] = _mm512_dpbusd_epi32(acc[t], wv, av);
-                }
+                __m512i raw = _mm512_load_si512((const void *)(qs + 64 * c));
+                dot_pairs(acc, 2 * c, S, T, _mm512_shuffle_epi8(raw, p01), ab + 8 * c, astride);
+                dot_pairs(acc, 2 * c + 1, S, T, _mm512_shuffle_epi8(raw, p23), ab + 8 * c + 4,
+                          astride);
             }
         } else {
 #pragma GCC unroll 4
@@ -136,16 +159,14 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
                 __m512i raw = _mm512_load_si512((const void *)(qs + 64 * c));
                 __m512i lo = _mm512_and_si512(raw, m4);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-#pragma GCC unroll 8
-                for (int t = 0; t < T; t++) {
-                    __m512i alo = _mm512_set1_epi32(load32(ab + t * astride + 4 * c));
-                    __m512i ahi = _mm512_set1_epi32(load32(ab + t * astride + 16 + 4 * c));
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, alo);
-                    if (split)
-                        acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, ahi);
-                    else
-                        acc[t] = _mm512_dpbusd_epi32(acc[t], hi, ahi);
-                }
+                /* elements 4c.., then 16 + 4c.. (bytes 2 * element) */
+                dot_pairs(acc, 4 * c, S, T, _mm512_shuffle_epi8(lo, p01), ab + 8 * c, astride);
+                dot_pairs(acc, 4 * c + 1, S, T, _mm512_shuffle_epi8(lo, p23), ab + 8 * c + 4,
+                          astride);
+                dot_pairs(acc, 4 * c + 2, S, T, _mm512_shuffle_epi8(hi, p01), ab + 32 + 8 * c,
+                          astride);
+                dot_pairs(acc, 4 * c + 3, S, T, _mm512_shuffle_epi8(hi, p23), ab + 36 + 8 * c,
+                          astride);
             }
         }
         __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(dsc + b * TDM_CPU_RG)));
@@ -155,7 +176,10 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             const uint8_t *arow = act + t * astride;
-            __m512i isum = split ? _mm512_add_epi32(acc[t], acc2[t]) : acc[t];
+            __m512i isum = acc[t][0];
+#pragma GCC unroll 4
+            for (int s = 1; s < S; s++)
+                isum = _mm512_add_epi32(isum, acc[t][s]);
             float da;
             memcpy(&da, arow + doff + 4 * b, 4);
             __m512 cc = _mm512_mul_ps(dw, _mm512_set1_ps(da));
@@ -323,22 +347,28 @@ static void fmatmul_avx512(const tdm_bweight_t *w, const float *x, int64_t n, fl
 static void act_quant_avx512(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
-    float *d = (float *)(act + nb * TDM_QK);
-    uint8_t *aux = act + nb * (TDM_QK + 4);
+    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
+    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
+    const __m512 qlo = _mm512_set1_ps(-TDM_CPU_ACT_QMAX), qhi = _mm512_set1_ps(TDM_CPU_ACT_QMAX);
     for (int64_t b = 0; b < nb; b++) {
         __m512 x0 = _mm512_loadu_ps(x + b * TDM_QK), x1 = _mm512_loadu_ps(x + b * TDM_QK + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-        float db = amax / 127.0f;
+        /* maxps(|x|, m) from m = 0: a NaN never gets in, so the lanes' order
+         * does not matter. */
+        __m512 mx = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps());
+        mx = _mm512_max_ps(_mm512_abs_ps(x1), mx);
+        float amax = _mm512_reduce_max_ps(mx);
+        float db = amax / TDM_CPU_ACT_QMAX;
         __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
-        if (amax != 0.0f) {
+        if (db != 0.0f) {
             __m512 dv = _mm512_set1_ps(db);
-            q0 = _mm512_cvt_roundps_epi32(_mm512_div_ps(x0, dv),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q1 = _mm512_cvt_roundps_epi32(_mm512_div_ps(x1, dv),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512 r0 = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x0, dv), qlo), qhi);
+            __m512 r1 = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x1, dv), qlo), qhi);
+            q0 = _mm512_cvt_roundps_epi32(r0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q1 = _mm512_cvt_roundps_epi32(r1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
-        _mm_storeu_si128((__m128i *)(act + b * TDM_QK), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(act + b * TDM_QK + 16), _mm512_cvtepi32_epi8(q1));
+        _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES), _mm512_cvtepi32_epi16(q0));
+        _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES + 32),
+                           _mm512_cvtepi32_epi16(q1));
         int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         d[b] = db;
         int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;

@@ -25,15 +25,17 @@ static void qmatmul_scalar(const tdm_bweight_t *w, const uint8_t *act, int64_t n
             nr = TDM_CPU_RG;
         for (int64_t t = 0; t < n; t++) {
             const uint8_t *arow = act + (size_t)t * astride;
-            const int8_t *aq = (const int8_t *)arow;
-            const float *ad = (const float *)(arow + nb * TDM_QK);
-            const int32_t *acorr = (const int32_t *)(arow + nb * (TDM_QK + 4));
-            const float *adsa = (const float *)(arow + nb * (TDM_QK + 4));
+            const int16_t *aq = (const int16_t *)arow;
+            const float *ad = (const float *)(arow + nb * TDM_CPU_ACT_QBYTES);
+            const int32_t *acorr = (const int32_t *)(arow + nb * (TDM_CPU_ACT_QBYTES + 4));
+            const float *adsa = (const float *)(arow + nb * (TDM_CPU_ACT_QBYTES + 4));
             for (int64_t i = 0; i < nr; i++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
                     const uint8_t *qs = grp + (size_t)b * bbytes + (size_t)i * 4;
-                    const int8_t *a = aq + b * TDM_QK;
+                    const int16_t *a = aq + b * TDM_QK;
+                    /* |isum| < 2^29 in any order: 255 * 32767 * 32 plus a
+                     * correction of at most 128 * 32767 * 32. */
                     int32_t isum = q41 ? 0 : acorr[b];
                     if (q8) {
                         for (int c = 0; c < 8; c++)
@@ -90,19 +92,23 @@ static void fmatmul_scalar(const tdm_bweight_t *w, const float *x, int64_t n, fl
 static void act_quant_scalar(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
-    int8_t *q = (int8_t *)act;
-    float *d = (float *)(act + nb * TDM_QK);
-    uint8_t *aux = act + nb * (TDM_QK + 4);
+    int16_t *q = (int16_t *)act;
+    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
+    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * TDM_QK;
         float amax = 0.0f;
         for (int j = 0; j < TDM_QK; j++)
             amax = tdm_cpu_maxps(fabsf(xb[j]), amax);
-        float db = amax / 127.0f;
+        float db = amax / TDM_CPU_ACT_QMAX;
         int32_t sum = 0;
         for (int j = 0; j < TDM_QK; j++) {
-            int32_t v = amax == 0.0f ? 0 : (int32_t)tdm_cpu_rint(xb[j] / db);
-            q[b * TDM_QK + j] = (int8_t)v;
+            int32_t v = 0;
+            if (db != 0.0f) {
+                float r = tdm_cpu_maxps(xb[j] / db, -TDM_CPU_ACT_QMAX);
+                v = (int32_t)tdm_cpu_rint(tdm_cpu_minps(r, TDM_CPU_ACT_QMAX));
+            }
+            q[b * TDM_QK + j] = (int16_t)v;
             sum += v;
         }
         d[b] = db;
