@@ -180,6 +180,7 @@ int cmd_generate(int argc, char **argv)
     st = tdm_engine_run_until_idle(e);
     if (ids || g.n_out > 0)
         printf("\n");
+    fflush(stdout); /* the text ends before the log line on stderr */
     double t_prefill = g.t_first - t0, t_decode = g.t_last - g.t_first;
     tdm_log_info("generate",
                  "prompt %d tokens (%d cached) in %.3f s (%.1f tok/s); generated %d tokens, "
