@@ -342,6 +342,17 @@ static char *dup_str(const char *s)
     return d;
 }
 
+/* Queues an op for the stepping thread and wakes it; e->lock is held. */
+static void push_op_locked(tdm_engine_t *e, tdm_op_t *op)
+{
+    if (e->ops_tail != NULL)
+        e->ops_tail->next = op;
+    else
+        e->ops_head = op;
+    e->ops_tail = op;
+    pthread_cond_signal(&e->wake);
+}
+
 tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint64_t *id_out)
 {
     char why[160];
@@ -412,12 +423,7 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
     op->seq = s;
     pthread_mutex_lock(&e->lock);
     s->id = e->next_id++;
-    if (e->ops_tail != NULL)
-        e->ops_tail->next = op;
-    else
-        e->ops_head = op;
-    e->ops_tail = op;
-    pthread_cond_signal(&e->wake);
+    push_op_locked(e, op);
     pthread_mutex_unlock(&e->lock);
     if (id_out != NULL)
         *id_out = s->id;
@@ -437,12 +443,7 @@ tdm_status_t tdm_engine_cancel(tdm_engine_t *e, uint64_t id)
         return TDM_ERR_NOMEM;
     op->cancel_id = id;
     pthread_mutex_lock(&e->lock);
-    if (e->ops_tail != NULL)
-        e->ops_tail->next = op;
-    else
-        e->ops_head = op;
-    e->ops_tail = op;
-    pthread_cond_signal(&e->wake);
+    push_op_locked(e, op);
     pthread_mutex_unlock(&e->lock);
     return TDM_OK;
 }
