@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: ctest on the Release and the ASan+UBSan builds, the
-# Python tests (real clients, numpy reference) against the Release build,
-# and each libFuzzer target for a bounded time. Ends with one line
+# Runs every test: ctest and the Python tests (numpy reference, later real
+# clients) on the Release and the ASan+UBSan builds, and each libFuzzer
+# target for a bounded time. Ends with one line
 # "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,11 @@ step "ctest (ASan+UBSan)" env TANDEM_TEST_SANITIZED=1 ctest --test-dir "$ASAN" -
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 if [ -x .venv/bin/python ]; then
-    step "python tests" env TANDEM_BIN="$PWD/$REL/bin/tandem" .venv/bin/python -m pytest -q tests/python
+    step "python tests (Release)" env TANDEM_BIN="$PWD/$REL/bin/tandem" \
+        .venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+    step "python tests (ASan+UBSan)" env TANDEM_BIN="$PWD/$ASAN/bin/tandem" \
+        ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+        .venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 else
     echo "python tests: no .venv (run make deps)"; failed=$((failed + 1)); failures+=("python tests")
 fi
