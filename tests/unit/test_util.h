@@ -8,24 +8,24 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int t_pass, t_fail;
+static int n_pass, n_fail;
 
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
         if (cond) {                                                                                \
-            t_pass++;                                                                              \
+            n_pass++;                                                                              \
         } else {                                                                                   \
-            t_fail++;                                                                              \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
-            printf(__VA_ARGS__);                                                                   \
-            printf("\n");                                                                          \
+            n_fail++;                                                                              \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
         }                                                                                          \
     } while (0)
 
 static inline int t_finish(void)
 {
-    printf("%d passed, %d failed\n", t_pass, t_fail);
-    return t_fail == 0 ? 0 : 1;
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
 }
 
 /* The default model if it is present, else NULL. */
@@ -54,6 +54,9 @@ static inline int t_mkmodel(char *out, size_t cap, const char *args)
     return system(cmd);
 }
 
-static inline int t_sanitized(void) { return getenv("TANDEM_TEST_SANITIZED") != NULL; }
+static inline int t_sanitized(void)
+{
+    return getenv("TANDEM_TEST_SANITIZED") != NULL;
+}
 
 #endif
