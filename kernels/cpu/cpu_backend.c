@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "cpu_internal.h"
 #include "tandem/log.h"
@@ -21,6 +22,11 @@
  * k = 1536 are 885 KB of int16 activations; measured as fast as 128 and
  * faster than 64). */
 #define TDM_CPU_MM_TOKENS 256
+
+/* Buffers of at least TDM_CPU_HUGE_MIN bytes get transparent huge pages
+ * (see cpu_alloc). */
+#define TDM_CPU_HUGE     ((size_t)2 << 20)
+#define TDM_CPU_HUGE_MIN ((size_t)4 << 20)
 
 /* (cos, sin) pairs the rope cache holds: 512 rows of 64 pairs. */
 #define TDM_CPU_ROPE_CACHE 32768
@@ -60,10 +66,27 @@ static int is_quant(uint32_t wtype)
 
 /* ---- memory ---- */
 
-static void *cpu_buf_alloc(tdm_backend_t *be, size_t bytes)
+/* 64-byte aligned memory; from TDM_CPU_HUGE_MIN bytes on (a layer's KV
+ * cache, packed weights) 2 MB aligned and marked for transparent huge
+ * pages: the kernels stream such buffers, and 4 KB pages cost a TLB miss
+ * every few K/V rows (measured ~5% of attention at 32 rows x 128
+ * positions). Freed with free(). */
+static void *cpu_alloc(size_t bytes)
 {
+    if (bytes >= TDM_CPU_HUGE_MIN) {
+        size_t sz = (bytes + TDM_CPU_HUGE - 1) & ~(TDM_CPU_HUGE - 1);
+        void *p = aligned_alloc(TDM_CPU_HUGE, sz);
+        if (p != NULL)
+            (void)madvise(p, sz, MADV_HUGEPAGE); /* a hint: fine if refused */
+        return p;
+    }
     size_t sz = (bytes + 63) & ~(size_t)63;
     return aligned_alloc(64, sz ? sz : 64);
+}
+
+static void *cpu_buf_alloc(tdm_backend_t *be, size_t bytes)
+{
+    return cpu_alloc(bytes);
 }
 
 static void cpu_buf_free(tdm_backend_t *be, void *buf)
@@ -118,7 +141,7 @@ static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_
     w->m_off = w->d_off + (size_t)nb * TDM_CPU_RG * 2;
     size_t end = wtype == TDM_DTYPE_Q4_1 ? w->m_off + (size_t)nb * TDM_CPU_RG * 2 : w->m_off;
     w->group_bytes = (end + 63) & ~(size_t)63;
-    w->owned = aligned_alloc(64, (size_t)w->n_groups * w->group_bytes);
+    w->owned = cpu_alloc((size_t)w->n_groups * w->group_bytes);
     if (w->owned == NULL) {
         free(w);
         tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight", (long long)rows,
@@ -555,31 +578,34 @@ typedef struct attn_task {
     const float *q;
     const uint16_t *ck, *cv;
     float *out;
-    int32_t heads_per_item; /* query heads of one kv head done together */
+    int32_t heads_per_item; /* query heads done together (see cpu_attention) */
     int64_t n_items;
-    atomic_llong next; /* items are taken in chunks: causal rows differ in cost */
+    atomic_llong next; /* items are taken in runs: causal rows differ in cost */
 } attn_task_t;
 
 static void attn_task_fn(void *arg, int ith, int nth)
 {
     attn_task_t *t = arg;
     const int32_t items_per_row = t->p->n_heads / t->heads_per_item;
-    const int32_t grp = t->p->n_heads / t->p->n_kv_heads;
-    const int64_t chunk = t->n_items >= 64 * nth ? 4 : 1;
+    /* Runs of up to 4 items: a kernel knows the item it computes next and
+     * prefetches its first positions; short runs still balance rows of
+     * different lengths. */
+    int64_t run = t->n_items / (4 * (int64_t)nth);
+    run = run < 1 ? 1 : run > 4 ? 4 : run;
     for (;;) {
-        int64_t i0 = atomic_fetch_add_explicit(&t->next, chunk, memory_order_relaxed);
+        int64_t i0 = atomic_fetch_add_explicit(&t->next, run, memory_order_relaxed);
         if (i0 >= t->n_items)
             break;
-        int64_t i1 = i0 + chunk < t->n_items ? i0 + chunk : t->n_items;
+        int64_t i1 = i0 + run < t->n_items ? i0 + run : t->n_items;
         for (int64_t i = i0; i < i1; i++) {
-            int64_t row = i / items_per_row;
-            int32_t h0 = (int32_t)(i % items_per_row) * t->heads_per_item;
-            if (i + 1 < t->n_items) { /* the next item's first rows, while this one runs */
-                int64_t nrow = (i + 1) / items_per_row;
-                int32_t nh0 = (int32_t)((i + 1) % items_per_row) * t->heads_per_item;
-                tdm_cpu_attn_prefetch(t->p, t->ck, t->cv, nrow, nh0 / grp);
+            int64_t row = i / items_per_row, nrow = -1;
+            int32_t h0 = (int32_t)(i % items_per_row) * t->heads_per_item, nh0 = 0;
+            if (i + 1 < i1) {
+                nrow = (i + 1) / items_per_row;
+                nh0 = (int32_t)((i + 1) % items_per_row) * t->heads_per_item;
             }
-            t->k->attn(t->p, t->q, t->ck, t->cv, t->out, row, h0, h0 + t->heads_per_item);
+            t->k->attn(t->p, t->q, t->ck, t->cv, t->out, row, h0, h0 + t->heads_per_item, nrow,
+                       nh0);
         }
     }
 }
@@ -591,12 +617,23 @@ static void cpu_attention(tdm_backend_t *be, const tdm_attn_params_t *p, const f
     if (p->n <= 0)
         return;
     int32_t grp = p->n_heads / p->n_kv_heads;
-    /* Whole kv-head groups share K/V loads and overlap the heads' softmax
-     * chains (1.5x faster per head, measured); single heads only when there
-     * are fewer groups than threads. Either gives the same bits. */
+    /* An item is one row's heads of one kv head (they share the K/V rows
+     * and overlap their softmax chains: 1.5x faster per head, measured);
+     * single heads when there are fewer such items than threads; with
+     * rows to spare, several kv heads (up to TDM_CPU_MAX_HEADS_G heads),
+     * whose K/V rows are adjacent in the cache: each position is one
+     * contiguous read, which the hardware prefetchers follow better
+     * (measured 10-15% faster at 32 rows x 128 positions). Any split gives
+     * the same bits. */
     int32_t hpi = p->n * p->n_kv_heads >= cb->n_threads ? grp : 1;
     if (hpi > TDM_CPU_MAX_HEADS_G)
         hpi = 1;
+    if (hpi == grp && p->n >= 2 * cb->n_threads)
+        for (int32_t g = p->n_kv_heads; g > 1; g--)
+            if (p->n_kv_heads % g == 0 && g * grp <= TDM_CPU_MAX_HEADS_G) {
+                hpi = g * grp;
+                break;
+            }
     attn_task_t t;
     t.k = cb->k;
     t.p = p;

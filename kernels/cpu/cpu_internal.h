@@ -28,7 +28,9 @@
  * - rmsnorm: scale = 1 / sqrtf(sumsq / d + eps), out = (x * scale) * w.
  * - swiglu: out = (g / (1 + exp(-g))) * u.
  * - Attention per (row, head): chunks of 16 positions in increasing order,
- *   online softmax (see ops_scalar.c attn_head).
+ *   online softmax with an unconditional rescale (see ops_scalar.c
+ *   attn_head); how the heads of a row share K and V rows, and in which
+ *   order their independent steps run, is each ISA's choice.
  * - rope, embed, gather: shared scalar code in cpu_backend.c for every ISA.
  * Thread splits and tilings only decide who computes an element, never how,
  * so results do not depend on n, the batch's other rows or the threads. */
@@ -45,8 +47,9 @@
 #define TDM_CPU_RG          16  /* rows per packed group of a quantized weight */
 #define TDM_CPU_LANES       16  /* canonical float lanes */
 #define TDM_CPU_CHUNK       16  /* attention positions per softmax chunk */
+#define TDM_CPU_ATTN_PF     2   /* attention prefetches this many chunks ahead */
 #define TDM_CPU_MAX_HD      256 /* largest head_dim the SIMD attention takes */
-#define TDM_CPU_MAX_HEADS_G 16  /* most query heads processed together per kv head */
+#define TDM_CPU_MAX_HEADS_G 16  /* most query heads of one attention work item */
 
 /* A weight as the CPU backend keeps it.
  *
@@ -184,25 +187,6 @@ static inline void tdm_cpu_kv_rows(const tdm_attn_params_t *p, const int32_t *ta
     }
 }
 
-/* Prefetches the K and V rows of the first two chunks of kv head kvh for
- * row t, so that a kernel starting on them does not wait for memory. */
-static inline void tdm_cpu_attn_prefetch(const tdm_attn_params_t *p, const uint16_t *ck,
-                                         const uint16_t *cv, int64_t t, int32_t kvh)
-{
-    const int64_t ctx = p->ctx_len[t];
-    const int nv = ctx < 2 * TDM_CPU_CHUNK ? (int)ctx : 2 * TDM_CPU_CHUNK;
-    const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
-    int64_t off[2 * TDM_CPU_CHUNK];
-    if (nv <= 0)
-        return;
-    tdm_cpu_kv_rows(p, table, 0, nv, kvh, off);
-    for (int i = 0; i < nv; i++)
-        for (int64_t o = 0; o < (int64_t)p->head_dim * 2; o += 64) {
-            __builtin_prefetch((const char *)(ck + off[i]) + o);
-            __builtin_prefetch((const char *)(cv + off[i]) + o);
-        }
-}
-
 /* What each ISA provides. Ranges are half-open; all functions are pure and
  * thread-safe on disjoint outputs. */
 typedef struct tdm_cpu_kernels {
@@ -222,9 +206,13 @@ typedef struct tdm_cpu_kernels {
     void (*swiglu)(const float *g, const float *u, int64_t count, float *out);
     void (*add)(float *x, const float *y, int64_t count);
     void (*to_f16)(const float *x, int64_t count, uint16_t *out);
-    /* Query heads [h0, h1) of row t, all of one kv head. */
+    /* Query heads [h0, h1) of row t: a part of one kv head's group, or
+     * whole groups (h0 and h1 multiples of n_heads / n_kv_heads), at most
+     * TDM_CPU_MAX_HEADS_G heads. (tn, hn0): the row and first head of the
+     * item of as many heads that this thread computes next, tn < 0 if
+     * none; a hint for prefetching only. */
     void (*attn)(const tdm_attn_params_t *p, const float *q, const uint16_t *ck, const uint16_t *cv,
-                 float *out, int64_t t, int32_t h0, int32_t h1);
+                 float *out, int64_t t, int32_t h0, int32_t h1, int64_t tn, int32_t hn0);
 } tdm_cpu_kernels_t;
 
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_scalar;
@@ -235,7 +223,8 @@ extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx512;
 /* The scalar attention of one head; SIMD kernels fall back to it for head
  * dims they do not take (same arithmetic). */
 void tdm_cpu_attn_scalar(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                         const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1);
+                         const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1,
+                         int64_t tn, int32_t hn0);
 
 /* CPUID. */
 typedef struct tdm_cpu_features {

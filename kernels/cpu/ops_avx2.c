@@ -491,19 +491,25 @@ static void to_f16_avx2(const float *x, int64_t count, uint16_t *out)
 
 /* ---- attention ---- */
 
-/* Query heads [h0, h1) of row t (one kv head); see ops_avx512.c. ND =
+/* Query heads [h0, h1) of row t: a part of one kv head's group, or whole
+ * groups of consecutive kv heads (ng heads per kv head). Per chunk of 16
+ * positions and kv head, K and V are converted to f32 once and used by
+ * every head of the group; the item's kv heads are adjacent in the cache,
+ * so a whole row reads each position's K (and V) in one run. ND =
  * head_dim / 16 when known at compile time, 0 for any multiple of 16. */
 AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                  const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, const int ND)
+                  const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, int64_t tn,
+                  int32_t hn0, const int ND)
 {
     const int64_t hd = p->head_dim;
     const int64_t nd = ND ? 2 * ND : hd / 8; /* ymm per head row */
-    const int32_t nh = h1 - h0;
-    const int32_t kvh = h0 / (p->n_heads / p->n_kv_heads);
+    const int32_t grp = p->n_heads / p->n_kv_heads;
+    const int32_t nh = h1 - h0, ng = nh < grp ? nh : grp, nkv = nh / ng;
+    const int32_t kv0 = h0 / grp;
     const int64_t ctx = p->ctx_len[t];
     const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
-    const float *qrow = q + t * p->n_heads * hd;
-    float *orow = out + t * p->n_heads * hd;
+    const float *qrow = q + (t * p->n_heads + h0) * hd;
+    float *orow = out + (t * p->n_heads + h0) * hd;
     _Alignas(32) float kf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
     _Alignas(32) float vf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
     _Alignas(32) float acc[TDM_CPU_MAX_HEADS_G * TDM_CPU_MAX_HD];
@@ -521,94 +527,103 @@ AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck
     int64_t off[TDM_CPU_CHUNK], off_pf[TDM_CPU_CHUNK];
     for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
         const int nv = ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
-        tdm_cpu_kv_rows(p, table, c0, nv, kvh, off);
-        /* K and V rows come from memory (a long or cold cache): ask for
-         * the chunk after next now (the first two: tdm_cpu_attn_prefetch). */
-        const int64_t c2 = c0 + 2 * TDM_CPU_CHUNK;
-        if (c2 < ctx) {
-            const int nv2 = ctx - c2 < TDM_CPU_CHUNK ? (int)(ctx - c2) : TDM_CPU_CHUNK;
-            tdm_cpu_kv_rows(p, table, c2, nv2, kvh, off_pf);
-            for (int i = 0; i < nv2; i++)
-                for (int64_t o = 0; o < hd * 2; o += 64) {
-                    _mm_prefetch((const char *)(ck + off_pf[i]) + o, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(cv + off_pf[i]) + o, _MM_HINT_T0);
-                }
+        tdm_cpu_kv_rows(p, table, c0, nv, kv0, off);
+        /* K and V rows come from memory (a long or cold cache): the chunk
+         * TDM_CPU_ATTN_PF ahead, or past the end the next item's first
+         * chunks, are prefetched while this one runs, a few rows at a time
+         * (a burst of prefetches fills the L1 miss buffers and stalls the
+         * loads behind it). */
+        int64_t pt = t, pc = c0 + TDM_CPU_ATTN_PF * TDM_CPU_CHUNK;
+        int32_t pkv = kv0;
+        if (pc >= ctx) {
+            pc -= (ctx + TDM_CPU_CHUNK - 1) / TDM_CPU_CHUNK * TDM_CPU_CHUNK;
+            pt = tn;
+            pkv = hn0 / grp;
         }
-        for (int i = 0; i < nv; i++) {
-            const uint16_t *kr = ck + off[i], *vr = cv + off[i];
-#pragma GCC unroll 16
-            for (int64_t c = 0; c < nd; c++) {
-                _mm256_store_ps(kf + i * hd + 8 * c,
-                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * c))));
-                _mm256_store_ps(vf + i * hd + 8 * c,
-                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * c))));
-            }
+        int npf = 0;
+        if (pt >= 0 && pc < p->ctx_len[pt]) {
+            npf = p->ctx_len[pt] - pc < TDM_CPU_CHUNK ? (int)(p->ctx_len[pt] - pc) : TDM_CPU_CHUNK;
+            tdm_cpu_kv_rows(p, p->block_tables + (int64_t)p->table_of_row[pt] * p->bt_stride, pc,
+                            npf, pkv, off_pf);
         }
         const __m256i nvv = _mm256_set1_epi32(nv);
         const __m256 valid0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nvv, iota0));
         const __m256 valid1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nvv, iota1));
-        for (int32_t h = 0; h < nh; h++) {
-            const float *qh = qrow + (int64_t)(h0 + h) * hd;
-            __m256 b[16];
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) {
-                __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-                if (i < nv) {
-#pragma GCC unroll 16
-                    for (int64_t c = 0; c < nd; c += 2) {
-                        lo = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c),
-                                             _mm256_load_ps(kf + i * hd + 8 * c), lo);
-                        hi = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8),
-                                             _mm256_load_ps(kf + i * hd + 8 * c + 8), hi);
+        for (int32_t kj = 0; kj < nkv; kj++) {
+            for (int i = 0; i < nv; i++) {
+                const uint16_t *kr = ck + off[i] + kj * hd, *vr = cv + off[i] + kj * hd;
+                if (i < npf)
+                    for (int64_t o = 0; o < hd * 2; o += 64) {
+                        _mm_prefetch((const char *)(ck + off_pf[i] + kj * hd) + o, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(cv + off_pf[i] + kj * hd) + o, _MM_HINT_T0);
                     }
+#pragma GCC unroll 16
+                for (int64_t c = 0; c < nd; c++) {
+                    _mm256_store_ps(kf + i * hd + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                             (const __m128i *)(kr + 8 * c))));
+                    _mm256_store_ps(vf + i * hd + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                             (const __m128i *)(vr + 8 * c))));
                 }
-                b[i] = _mm256_add_ps(lo, hi);
             }
-            __m256 s0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b), sc), valid0);
-            __m256 s1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b + 8), sc), valid1);
-            float mc = tdm_cpu_maxps(hmax8(_mm256_max_ps(s0, s1)), m[h]);
-            float *ah = acc + h * hd;
-            if (mc != m[h]) {
+            for (int32_t hg = 0; hg < ng; hg++) {
+                const int32_t h = kj * ng + hg;
+                const float *qh = qrow + (int64_t)h * hd;
+                __m256 b[16];
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++) {
+                    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+                    if (i < nv) {
+#pragma GCC unroll 16
+                        for (int64_t c = 0; c < nd; c += 2) {
+                            lo = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c),
+                                                 _mm256_load_ps(kf + i * hd + 8 * c), lo);
+                            hi = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8),
+                                                 _mm256_load_ps(kf + i * hd + 8 * c + 8), hi);
+                        }
+                    }
+                    b[i] = _mm256_add_ps(lo, hi);
+                }
+                __m256 s0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b), sc), valid0);
+                __m256 s1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(tree8x8(b + 8), sc), valid1);
+                /* no branch on a new max: alpha is exactly 1 when there is none */
+                float mc = tdm_cpu_maxps(hmax8(_mm256_max_ps(s0, s1)), m[h]);
                 float alpha = tdm_cpu_expf(m[h] - mc);
                 l[h] = l[h] * alpha;
-                __m256 av = _mm256_set1_ps(alpha);
-#pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    _mm256_store_ps(ah + 8 * c, _mm256_mul_ps(_mm256_load_ps(ah + 8 * c), av));
                 m[h] = mc;
-            }
-            __m256 mv = _mm256_set1_ps(m[h]);
-            __m256 p0 = exp8(_mm256_sub_ps(s0, mv)), p1 = exp8(_mm256_sub_ps(s1, mv));
-            l[h] = l[h] + hsum16(p0, p1);
-            _mm256_store_ps(pr, p0);
-            _mm256_store_ps(pr + 8, p1);
-            if (ND) { /* the head's accumulator in registers (hd 64: 8 ymm) */
-                __m256 a[2 * (TDM_CPU_MAX_HD / 16)];
-#pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    a[c] = _mm256_load_ps(ah + 8 * c);
-                for (int i = 0; i < nv; i++) {
-                    __m256 pb = _mm256_set1_ps(pr[i]);
+                __m256 mv = _mm256_set1_ps(mc), av = _mm256_set1_ps(alpha);
+                __m256 p0 = exp8(_mm256_sub_ps(s0, mv)), p1 = exp8(_mm256_sub_ps(s1, mv));
+                l[h] = l[h] + hsum16(p0, p1);
+                _mm256_store_ps(pr, p0);
+                _mm256_store_ps(pr + 8, p1);
+                float *ah = acc + h * hd;
+                if (ND) { /* the head's accumulator in registers (hd 64: 8 ymm) */
+                    __m256 a[2 * (TDM_CPU_MAX_HD / 16)];
 #pragma GCC unroll 16
                     for (int64_t c = 0; c < nd; c++)
-                        a[c] = _mm256_fmadd_ps(pb, _mm256_load_ps(vf + i * hd + 8 * c), a[c]);
-                }
+                        a[c] = _mm256_mul_ps(_mm256_load_ps(ah + 8 * c), av);
+                    for (int i = 0; i < nv; i++) {
+                        __m256 pb = _mm256_set1_ps(pr[i]);
 #pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    _mm256_store_ps(ah + 8 * c, a[c]);
-            } else {
-                for (int64_t c = 0; c < nd; c++) {
-                    __m256 a = _mm256_load_ps(ah + 8 * c);
-                    for (int i = 0; i < nv; i++)
-                        a = _mm256_fmadd_ps(_mm256_set1_ps(pr[i]),
-                                            _mm256_load_ps(vf + i * hd + 8 * c), a);
-                    _mm256_store_ps(ah + 8 * c, a);
+                        for (int64_t c = 0; c < nd; c++)
+                            a[c] = _mm256_fmadd_ps(pb, _mm256_load_ps(vf + i * hd + 8 * c), a[c]);
+                    }
+#pragma GCC unroll 16
+                    for (int64_t c = 0; c < nd; c++)
+                        _mm256_store_ps(ah + 8 * c, a[c]);
+                } else {
+                    for (int64_t c = 0; c < nd; c++) {
+                        __m256 a = _mm256_mul_ps(_mm256_load_ps(ah + 8 * c), av);
+                        for (int i = 0; i < nv; i++)
+                            a = _mm256_fmadd_ps(_mm256_set1_ps(pr[i]),
+                                                _mm256_load_ps(vf + i * hd + 8 * c), a);
+                        _mm256_store_ps(ah + 8 * c, a);
+                    }
                 }
             }
         }
     }
     for (int32_t h = 0; h < nh; h++) {
-        float *oh = orow + (int64_t)(h0 + h) * hd;
+        float *oh = orow + (int64_t)h * hd;
         for (int64_t c = 0; c < nd; c++) {
             __m256 o =
                 ctx > 0 ? _mm256_div_ps(_mm256_load_ps(acc + h * hd + 8 * c), _mm256_set1_ps(l[h]))
@@ -619,15 +634,16 @@ AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck
 }
 
 static void attn_avx2(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                      const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+                      const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, int64_t tn,
+                      int32_t hn0)
 {
     const int64_t hd = p->head_dim;
     if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || h1 - h0 > TDM_CPU_MAX_HEADS_G)
-        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
+        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1, tn, hn0);
     else if (hd == 64)
-        attn_core(p, q, ck, cv, out, t, h0, h1, 4);
+        attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 4);
     else
-        attn_core(p, q, ck, cv, out, t, h0, h1, 0);
+        attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 0);
 }
 
 #define AVX2_TABLE(qmm)                                                                            \

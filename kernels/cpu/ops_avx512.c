@@ -46,27 +46,6 @@ AI float hsum16(__m512 v)
     return _mm_cvtss_f32(e);
 }
 
-/* Lane p of the result = tdm_cpu_tree16(v[p]) for 16 vectors: the same
- * tree (halves, quarters, pairs) done for all of them with shuffles. */
-AI __m512 tree16x16(const __m512 v[16])
-{
-    __m512 e[8], f[4], g[2];
-    for (int i = 0; i < 8; i++)
-        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
-    for (int i = 0; i < 4; i++)
-        f[i] = _mm512_add_ps(_mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], 0xdd));
-    for (int i = 0; i < 2; i++)
-        g[i] = _mm512_add_ps(_mm512_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(f[2 * i], f[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    __m512 h = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    /* Lane 4r + s holds position r + 4s. */
-    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_ps(idx, h);
-}
-
 AI int32_t load32(const void *p)
 {
     int32_t v;
@@ -434,141 +413,320 @@ static void to_f16_avx512(const float *x, int64_t count, uint16_t *out)
 
 /* ---- attention ---- */
 
-/* Query heads [h0, h1) of row t (one kv head): per chunk of 16 positions,
- * K and V are converted to f32 once and used by every head. ND = head_dim
- * / 16 when known at compile time (the loops unroll, q stays in
- * registers), 0 for any multiple of 16 up to TDM_CPU_MAX_HD. */
+/* tdm_cpu_tree16 of 16 vectors at once (v[i]: position i's 16 lanes;
+ * lane i of the result is tdm_cpu_tree16(v[i])) in steps that can run as
+ * soon as their positions are done: e adds the halves of positions 2i and
+ * 2i + 1, f the quarters of two e's, g the pairs of two f's, h the last
+ * step of two g's and puts the lanes in position order. */
+AI __m512 tree_e(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+}
+AI __m512 tree_f(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+}
+AI __m512 tree_g(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+AI __m512 tree_h(__m512 a, __m512 b)
+{
+    __m512 h = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(idx, h);
+}
+
+/* q.k of one position for one head (K row converted: kv), canonical lanes. */
+AI __m512 qk_dot(const float *qh, const __m512 *kv, int nd)
+{
+    __m512 a = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int c = 0; c < nd; c++)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a);
+    return a;
+}
+
+/* Lane 4h (h < 4) = the largest of v[h]'s 16 lanes (without NaNs the
+ * order of a max does not matter). */
+AI __m512 max4x16(const __m512 v[4])
+{
+    __m512 a = _mm512_max_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44),
+                             _mm512_shuffle_f32x4(v[0], v[1], 0xee));
+    __m512 b = _mm512_max_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44),
+                             _mm512_shuffle_f32x4(v[2], v[3], 0xee));
+    __m512 c = _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+    c = _mm512_max_ps(c, _mm512_permute_ps(c, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_max_ps(c, _mm512_permute_ps(c, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+/* Lane 4h (h < 4) = tdm_cpu_tree16(v[h]): halves, quarters, pairs. */
+AI __m512 sum4x16(const __m512 v[4])
+{
+    __m512 c = tree_f(tree_e(v[0], v[1]), tree_e(v[2], v[3]));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_add_ps(c, _mm512_permute_ps(c, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+/* Lane 4h of v in every lane. */
+AI __m512 lane4(__m512 v, int h)
+{
+    return _mm512_permutexvar_ps(_mm512_set1_epi32(4 * h), v);
+}
+
+/* Rows to prefetch: n (<= 16) K and V rows at k + off[i], v + off[i],
+ * head_dim elements each. */
+typedef struct attn_pf {
+    const uint16_t *k, *v;
+    const int64_t *off;
+    int n;
+} attn_pf_t;
+
+/* The softmax half of one chunk of nv (<= 16) positions for HG (<= 4)
+ * query heads of one kv head, in the canonical arithmetic of
+ * tdm_cpu_attn_scalar. q: the first head's q (heads hd apart); off: the
+ * chunk's K rows (16 of them: rows past nv repeat a valid one, their
+ * lanes become -inf); m and l: the heads' running max and sum in lanes
+ * 4h; leaves p (the chunk's weights) in pr and alpha in lanes 4h; pf: K
+ * and V rows to prefetch, two per pair of positions (spread out: a burst
+ * of prefetches fills the L1 miss buffers and stalls the loads behind
+ * it, measured 1.7x slower at 32 rows x 128 positions from DRAM).
+ * Each K row is converted once, by pairs of positions, and used by every
+ * head; the heads' tree sums advance as their positions complete. The
+ * heads' maxima, alphas (no branch: alpha = exp(m - mc) is exactly 1 when
+ * the max did not change) and sums are computed side by side in lanes. */
+AI void attn_softmax(const float *q, const uint16_t *ck, const int64_t *off, int64_t hd, int nv,
+                     float scale, __m512 *m, __m512 *l, float pr[][TDM_CPU_CHUNK], __m512 *alpha,
+                     const attn_pf_t *pf, const int ND, const int HG)
+{
+    const int nd = ND ? ND : (int)(hd / 16);
+    const __mmask16 valid = (__mmask16)((1u << nv) - 1);
+    __m512 sv[4], g[4][2], f[4][2], e[4][2];
+#pragma GCC unroll 2
+    for (int i8 = 0; i8 < 2; i8++) {
+#pragma GCC unroll 2
+        for (int i4 = 0; i4 < 2; i4++) {
+#pragma GCC unroll 2
+            for (int i2 = 0; i2 < 2; i2++) {
+                const int i = 8 * i8 + 4 * i4 + 2 * i2;
+                /* GCC would hoist all 16 rows' loads here and spill
+                 * them; a base it cannot see through keeps them here. */
+                const uint16_t *kb = ck;
+                __asm__ volatile("" : "+r"(kb));
+                for (int r = i; r < i + 2 && r < pf->n; r++)
+                    for (int64_t o = 0; o < hd * 2; o += 64) {
+                        _mm_prefetch((const char *)(pf->k + pf->off[r]) + o, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(pf->v + pf->off[r]) + o, _MM_HINT_T0);
+                    }
+                __m512 k0[TDM_CPU_MAX_HD / 16], k1[TDM_CPU_MAX_HD / 16];
+                if (!ND) /* a runtime nd: GCC cannot see that k stays within it */
+                    for (int c = 0; c < TDM_CPU_MAX_HD / 16; c++)
+                        k0[c] = k1[c] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+                for (int c = 0; c < nd; c++) {
+                    k0[c] = _mm512_cvtph_ps(
+                        _mm256_loadu_si256((const __m256i *)(kb + off[i] + 16 * c)));
+                    k1[c] = _mm512_cvtph_ps(
+                        _mm256_loadu_si256((const __m256i *)(kb + off[i + 1] + 16 * c)));
+                }
+#pragma GCC unroll 4
+                for (int h = 0; h < HG; h++)
+                    e[h][i2] = tree_e(qk_dot(q + h * hd, k0, nd), qk_dot(q + h * hd, k1, nd));
+            }
+#pragma GCC unroll 4
+            for (int h = 0; h < HG; h++)
+                f[h][i4] = tree_f(e[h][0], e[h][1]);
+        }
+#pragma GCC unroll 4
+        for (int h = 0; h < HG; h++)
+            g[h][i8] = tree_g(f[h][0], f[h][1]);
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; h++)
+        sv[h] = h < HG ? _mm512_mask_blend_ps(
+                             valid, _mm512_set1_ps(-INFINITY),
+                             _mm512_mul_ps(tree_h(g[h][0], g[h][1]), _mm512_set1_ps(scale)))
+                       : _mm512_set1_ps(-INFINITY);
+    const __m512 mc = _mm512_max_ps(max4x16(sv), *m);
+    *alpha = exp16(_mm512_sub_ps(*m, mc));
+    *m = mc;
+    __m512 pv[4];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; h++) {
+        pv[h] = h < HG ? exp16(_mm512_sub_ps(sv[h], lane4(mc, h))) : _mm512_setzero_ps();
+        if (h < HG)
+            _mm512_store_ps(pr[h], pv[h]);
+    }
+    *l = _mm512_add_ps(_mm512_mul_ps(*l, *alpha), sum4x16(pv));
+}
+
+/* The P.V half: acc = acc * alpha, then acc += p_i * v_i for the chunk's
+ * positions in order; position by position for all HG heads at once
+ * (HG * ND independent FMA chains: one head alone has too few to hide the
+ * FMA latency). */
+AI void attn_pv(const uint16_t *cv, const int64_t *off, int64_t hd, int nv,
+                const float pr[][TDM_CPU_CHUNK], __m512 alpha, float *acc, const int ND,
+                const int HG)
+{
+    if (ND) {
+        __m512 a[4][TDM_CPU_MAX_HD / 16];
+#pragma GCC unroll 4
+        for (int h = 0; h < HG; h++)
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < ND; c++)
+                a[h][c] = _mm512_mul_ps(_mm512_load_ps(acc + h * hd + 16 * c), lane4(alpha, h));
+        for (int i = 0; i < nv; i++) {
+            __m512 vv[TDM_CPU_MAX_HD / 16];
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < ND; c++)
+                vv[c] =
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cv + off[i] + 16 * c)));
+#pragma GCC unroll 4
+            for (int h = 0; h < HG; h++) {
+                __m512 pb = _mm512_set1_ps(pr[h][i]);
+#pragma GCC unroll 16
+                for (int64_t c = 0; c < ND; c++)
+                    a[h][c] = _mm512_fmadd_ps(pb, vv[c], a[h][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int h = 0; h < HG; h++)
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < ND; c++)
+                _mm512_store_ps(acc + h * hd + 16 * c, a[h][c]);
+    } else {
+        for (int64_t c = 0; c < hd / 16; c++) {
+            __m512 a = _mm512_mul_ps(_mm512_load_ps(acc + 16 * c), lane4(alpha, 0));
+            for (int i = 0; i < nv; i++)
+                a = _mm512_fmadd_ps(
+                    _mm512_set1_ps(pr[0][i]),
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cv + off[i] + 16 * c))),
+                    a);
+            _mm512_store_ps(acc + 16 * c, a);
+        }
+    }
+}
+
+/* Query heads [h0, h1) of row t: a part of one kv head's group, or whole
+ * groups of consecutive kv heads; ng heads per kv head, HG of them at a
+ * time (ng is a multiple of HG). K and V are converted from f16 where
+ * they are used; per position the item's kv heads are adjacent in the
+ * cache, so whole rows read memory in order. Software-pipelined: the
+ * softmax half of chunk c + 1 comes before the P.V half of chunk c in
+ * program order, so that the out-of-order core has the one's independent
+ * work beside the other's dependency chains. */
 AI void attn_core(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                  const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, const int ND)
+                  const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1, int64_t tn,
+                  int32_t hn0, const int ND, const int HG)
 {
     const int64_t hd = p->head_dim;
-    const int64_t nd = ND ? ND : hd / 16;
-    const int32_t nh = h1 - h0;
-    const int32_t kvh = h0 / (p->n_heads / p->n_kv_heads);
+    const int32_t grp = p->n_heads / p->n_kv_heads;
+    const int32_t ng = h1 - h0 < grp ? h1 - h0 : grp, nkv = (h1 - h0) / ng;
+    const int32_t kv0 = h0 / grp;
     const int64_t ctx = p->ctx_len[t];
     const int32_t *table = p->block_tables + (int64_t)p->table_of_row[t] * p->bt_stride;
-    const float *qrow = q + t * p->n_heads * hd;
-    float *orow = out + t * p->n_heads * hd;
-    _Alignas(64) float kf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
-    _Alignas(64) float vf[TDM_CPU_CHUNK * TDM_CPU_MAX_HD];
+    const float *qrow = q + (t * p->n_heads + h0) * hd;
+    float *orow = out + (t * p->n_heads + h0) * hd;
     _Alignas(64) float acc[TDM_CPU_MAX_HEADS_G * TDM_CPU_MAX_HD];
-    _Alignas(64) float pr[TDM_CPU_CHUNK];
-    float m[TDM_CPU_MAX_HEADS_G], l[TDM_CPU_MAX_HEADS_G];
-    for (int32_t h = 0; h < nh; h++) {
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
+    _Alignas(64) float pr[2][TDM_CPU_MAX_HEADS_G][TDM_CPU_CHUNK];
+    /* per group of HG heads: max and sum in lanes 4h, and the alphas of
+     * the last two chunks */
+    __m512 m[TDM_CPU_MAX_HEADS_G], l[TDM_CPU_MAX_HEADS_G], alpha[2][TDM_CPU_MAX_HEADS_G];
+    int64_t off[3][TDM_CPU_CHUNK];
+    for (int32_t h = 0; h < h1 - h0; h++) {
+        m[h] = _mm512_set1_ps(-INFINITY);
+        l[h] = _mm512_setzero_ps();
         for (int64_t j = 0; j < hd; j++)
             acc[h * hd + j] = 0.0f;
     }
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(p->scale);
-    int64_t off[TDM_CPU_CHUNK], off_pf[TDM_CPU_CHUNK];
-    for (int64_t c0 = 0; c0 < ctx; c0 += TDM_CPU_CHUNK) {
-        const int nv = ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
-        tdm_cpu_kv_rows(p, table, c0, nv, kvh, off);
-        /* K and V rows come from memory (a long or cold cache): ask for
-         * the chunk after next now (the first two: tdm_cpu_attn_prefetch). */
-        const int64_t c2 = c0 + 2 * TDM_CPU_CHUNK;
-        if (c2 < ctx) {
-            const int nv2 = ctx - c2 < TDM_CPU_CHUNK ? (int)(ctx - c2) : TDM_CPU_CHUNK;
-            tdm_cpu_kv_rows(p, table, c2, nv2, kvh, off_pf);
-            for (int i = 0; i < nv2; i++)
-                for (int64_t o = 0; o < hd * 2; o += 64) {
-                    _mm_prefetch((const char *)(ck + off_pf[i]) + o, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(cv + off_pf[i]) + o, _MM_HINT_T0);
+    int nv_prev = 0;
+    for (int64_t c0 = 0, ci = 0; c0 < ctx + TDM_CPU_CHUNK; c0 += TDM_CPU_CHUNK, ci++) {
+        const int cur = (int)(ci & 1), prev = cur ^ 1;
+        const int nv = c0 >= ctx ? 0 : ctx - c0 < TDM_CPU_CHUNK ? (int)(ctx - c0) : TDM_CPU_CHUNK;
+        if (nv > 0) {
+            tdm_cpu_kv_rows(p, table, c0, nv, kv0, off[cur]);
+            for (int i = nv; i < TDM_CPU_CHUNK; i++)
+                off[cur][i] = off[cur][0];
+            /* K and V rows come from memory (a long or cold cache): the
+             * chunk TDM_CPU_ATTN_PF ahead, or past the end the next
+             * item's first chunks, are prefetched while this one runs. */
+            int64_t pt = t, pc = c0 + TDM_CPU_ATTN_PF * TDM_CPU_CHUNK;
+            int32_t pkv = kv0;
+            if (pc >= ctx) {
+                pc -= (ctx + TDM_CPU_CHUNK - 1) / TDM_CPU_CHUNK * TDM_CPU_CHUNK;
+                pt = tn;
+                pkv = hn0 / grp;
+            }
+            int npf = 0;
+            if (pt >= 0 && pc < p->ctx_len[pt]) {
+                npf = p->ctx_len[pt] - pc < TDM_CPU_CHUNK ? (int)(p->ctx_len[pt] - pc)
+                                                          : TDM_CPU_CHUNK;
+                tdm_cpu_kv_rows(p, p->block_tables + (int64_t)p->table_of_row[pt] * p->bt_stride,
+                                pc, npf, pkv, off[2]);
+            }
+            for (int32_t j = 0; j < nkv; j++)
+                for (int32_t hs = 0; hs < ng; hs += HG) {
+                    /* the first group of each kv head prefetches its rows */
+                    const attn_pf_t pf = {ck + j * hd, cv + j * hd, off[2], hs == 0 ? npf : 0};
+                    attn_softmax(qrow + (j * ng + hs) * hd, ck + j * hd, off[cur], hd, nv, p->scale,
+                                 &m[(j * ng + hs) / HG], &l[(j * ng + hs) / HG],
+                                 pr[cur] + j * ng + hs, &alpha[cur][(j * ng + hs) / HG], &pf, ND,
+                                 HG);
                 }
         }
-        for (int i = 0; i < nv; i++) {
-            const uint16_t *kr = ck + off[i], *vr = cv + off[i];
-#pragma GCC unroll 16
-            for (int64_t c = 0; c < nd; c++) {
-                _mm512_store_ps(kf + i * hd + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                                          (const __m256i *)(kr + 16 * c))));
-                _mm512_store_ps(vf + i * hd + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                                          (const __m256i *)(vr + 16 * c))));
-            }
-        }
-        const __mmask16 valid = (__mmask16)((1u << nv) - 1);
-        for (int32_t h = 0; h < nh; h++) {
-            const float *qh = qrow + (int64_t)(h0 + h) * hd;
-            __m512 qv[TDM_CPU_MAX_HD / 16]; /* q in registers when ND is known */
-#pragma GCC unroll 16
-            for (int64_t c = 0; c < ND; c++)
-                qv[c] = _mm512_loadu_ps(qh + 16 * c);
-            __m512 dots[16];
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) {
-                __m512 a = _mm512_setzero_ps();
-                if (i < nv) {
-#pragma GCC unroll 16
-                    for (int64_t c = 0; c < nd; c++)
-                        a = _mm512_fmadd_ps(ND ? qv[c] : _mm512_loadu_ps(qh + 16 * c),
-                                            _mm512_load_ps(kf + i * hd + 16 * c), a);
-                }
-                dots[i] = a;
-            }
-            __m512 sv = _mm512_mask_blend_ps(valid, ninf, _mm512_mul_ps(tree16x16(dots), scale));
-            float mc = tdm_cpu_maxps(_mm512_reduce_max_ps(sv), m[h]);
-            float *ah = acc + h * hd;
-            if (mc != m[h]) {
-                float alpha = tdm_cpu_expf(m[h] - mc);
-                l[h] = l[h] * alpha;
-                __m512 av = _mm512_set1_ps(alpha);
-#pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    _mm512_store_ps(ah + 16 * c, _mm512_mul_ps(_mm512_load_ps(ah + 16 * c), av));
-                m[h] = mc;
-            }
-            __m512 pv = exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m[h])));
-            l[h] = l[h] + hsum16(pv);
-            _mm512_store_ps(pr, pv);
-            if (ND) {
-                __m512 a[TDM_CPU_MAX_HD / 16];
-#pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    a[c] = _mm512_load_ps(ah + 16 * c);
-                for (int i = 0; i < nv; i++) {
-                    __m512 pb = _mm512_set1_ps(pr[i]);
-#pragma GCC unroll 16
-                    for (int64_t c = 0; c < nd; c++)
-                        a[c] = _mm512_fmadd_ps(pb, _mm512_load_ps(vf + i * hd + 16 * c), a[c]);
-                }
-#pragma GCC unroll 16
-                for (int64_t c = 0; c < nd; c++)
-                    _mm512_store_ps(ah + 16 * c, a[c]);
-            } else {
-                for (int64_t c = 0; c < nd; c++) {
-                    __m512 a = _mm512_load_ps(ah + 16 * c);
-                    for (int i = 0; i < nv; i++)
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(pr[i]),
-                                            _mm512_load_ps(vf + i * hd + 16 * c), a);
-                    _mm512_store_ps(ah + 16 * c, a);
-                }
-            }
-        }
+        if (nv_prev > 0)
+            for (int32_t j = 0; j < nkv; j++)
+                for (int32_t hs = 0; hs < ng; hs += HG)
+                    attn_pv(cv + j * hd, off[prev], hd, nv_prev, pr[prev] + j * ng + hs,
+                            alpha[prev][(j * ng + hs) / HG], acc + (j * ng + hs) * hd, ND, HG);
+        nv_prev = nv;
     }
-    for (int32_t h = 0; h < nh; h++) {
-        float *oh = orow + (int64_t)(h0 + h) * hd;
-        for (int64_t c = 0; c < nd; c++) {
-            __m512 o =
-                ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c), _mm512_set1_ps(l[h]))
-                        : _mm512_setzero_ps();
+    for (int32_t h = 0; h < h1 - h0; h++) {
+        float *oh = orow + h * hd;
+        const __m512 lh = lane4(l[h / HG], h % HG);
+        for (int64_t c = 0; c < hd / 16; c++) {
+            __m512 o = ctx > 0 ? _mm512_div_ps(_mm512_load_ps(acc + h * hd + 16 * c), lh)
+                               : _mm512_setzero_ps();
             _mm512_storeu_ps(oh + 16 * c, o);
         }
     }
 }
 
+/* The largest of 4, 3, 2, 1 heads that divides nh with at most 16
+ * accumulator registers (HG * head_dim / 16). */
+static int attn_heads_together(int32_t nh, int nd)
+{
+    for (int g = 4; g > 1; g--)
+        if (nh % g == 0 && g * nd <= 16)
+            return g;
+    return 1;
+}
+
 static void attn_avx512(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                        const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+                        const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1,
+                        int64_t tn, int32_t hn0)
 {
     const int64_t hd = p->head_dim;
-    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || h1 - h0 > TDM_CPU_MAX_HEADS_G)
-        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1);
-    else if (hd == 64)
-        attn_core(p, q, ck, cv, out, t, h0, h1, 4);
-    else if (hd == 128)
-        attn_core(p, q, ck, cv, out, t, h0, h1, 8);
-    else
-        attn_core(p, q, ck, cv, out, t, h0, h1, 0);
+    const int32_t grp = p->n_heads / p->n_kv_heads, ng = h1 - h0 < grp ? h1 - h0 : grp;
+    if (hd % 16 != 0 || hd > TDM_CPU_MAX_HD || h1 - h0 > TDM_CPU_MAX_HEADS_G) {
+        tdm_cpu_attn_scalar(p, q, ck, cv, out, t, h0, h1, tn, hn0);
+    } else if (hd == 64) {
+        switch (attn_heads_together(ng, 4)) {
+        case 4: attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 4, 4); break;
+        case 3: attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 4, 3); break;
+        case 2: attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 4, 2); break;
+        default: attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 4, 1); break;
+        }
+    } else if (hd == 128) {
+        if (attn_heads_together(ng, 8) == 2)
+            attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 8, 2);
+        else
+            attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 8, 1);
+    } else {
+        attn_core(p, q, ck, cv, out, t, h0, h1, tn, hn0, 0, 1);
+    }
 }
 
 const tdm_cpu_kernels_t tdm_cpu_kernels_avx512 = {

@@ -176,9 +176,11 @@ static float dot_qk(const float *q, const uint16_t *k, int64_t hd)
 
 /* One (row, head): the canonical online softmax. Per chunk of 16
  * positions: s = (q.k) * scale (-inf past ctx_len); mc = max(m, max s);
- * if mc != m: alpha = exp(m - mc), l *= alpha, acc *= alpha, m = mc;
- * p = exp(s - m); l += tree16(p); acc[j] = fmaf(p, v[j], acc[j]) for each
- * valid position in order. out = acc / l. ctx_len <= 0 gives zeros. */
+ * alpha = exp(m - mc) (exactly 1 when the max did not change, 0 on the
+ * first chunk), l *= alpha, acc *= alpha, m = mc (no branch: SIMD kernels
+ * run several heads side by side); p = exp(s - m); l += tree16(p);
+ * acc[j] = fmaf(p, v[j], acc[j]) for each valid position in order.
+ * out = acc / l. ctx_len <= 0 gives zeros. */
 static void attn_head(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
                       const uint16_t *cv, float *out, int64_t t, int32_t h)
 {
@@ -205,13 +207,11 @@ static void attn_head(const tdm_attn_params_t *p, const float *q, const uint16_t
         for (int i = 1; i < TDM_CPU_CHUNK; i++)
             cm = tdm_cpu_maxps(s[i], cm);
         float mc = tdm_cpu_maxps(cm, m);
-        if (mc != m) {
-            float alpha = tdm_cpu_expf(m - mc);
-            l = l * alpha;
-            for (int64_t j = 0; j < hd; j++)
-                a[j] = a[j] * alpha;
-            m = mc;
-        }
+        float alpha = tdm_cpu_expf(m - mc);
+        l = l * alpha;
+        for (int64_t j = 0; j < hd; j++)
+            a[j] = a[j] * alpha;
+        m = mc;
         for (int i = 0; i < TDM_CPU_CHUNK; i++)
             pr[i] = tdm_cpu_expf(s[i] - m);
         l = l + tdm_cpu_tree16(pr);
@@ -226,7 +226,8 @@ static void attn_head(const tdm_attn_params_t *p, const float *q, const uint16_t
 }
 
 void tdm_cpu_attn_scalar(const tdm_attn_params_t *p, const float *q, const uint16_t *ck,
-                         const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1)
+                         const uint16_t *cv, float *out, int64_t t, int32_t h0, int32_t h1,
+                         int64_t tn, int32_t hn0)
 {
     for (int32_t h = h0; h < h1; h++)
         attn_head(p, q, ck, cv, out, t, h);

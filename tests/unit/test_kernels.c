@@ -769,6 +769,10 @@ static void test_attention(void)
     test_attention_case((attn_case_t){4, 4, 32, 8});  /* MHA, blocks smaller than a chunk */
     test_attention_case((attn_case_t){4, 1, 40, 16}); /* head dim the SIMD code does not take */
     test_attention_case((attn_case_t){8, 2, 128, 32});
+    test_attention_case((attn_case_t){8, 2, 64, 16});  /* 4 heads per kv head */
+    test_attention_case((attn_case_t){10, 2, 64, 16}); /* 5 heads per kv head */
+    test_attention_case((attn_case_t){6, 2, 96, 16});  /* a head dim without its own code */
+    test_attention_case((attn_case_t){32, 8, 64, 16}); /* items of 4 of the 8 kv heads */
 }
 
 /* ---- weight_load refusals ---- */
