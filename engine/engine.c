@@ -479,13 +479,20 @@ static void seq_release_blocks(tdm_engine_t *e, tdm_seq_t *s)
     s->n_registered = 0;
 }
 
-/* Ends a request: the pending text goes out with the final event. */
-static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const char *error)
+/* Ends a request: its last token (or -1) and the pending text go out with
+ * the final event. */
+static void finish_with(tdm_engine_t *e, tdm_seq_t *s, int32_t token, float logprob,
+                        tdm_finish_reason_t why, const char *error)
 {
     seq_release_blocks(e, s);
     s->state = TDM_SEQ_FINISHED;
-    emit(s, -1, 0.0f, s->pending, s->n_pending, why, error);
+    emit(s, token, logprob, s->pending, s->n_pending, why, error);
     s->n_pending = 0;
+}
+
+static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const char *error)
+{
+    finish_with(e, s, -1, 0.0f, why, error);
 }
 
 /* Bytes at the end of buf[0..n) that start an incomplete UTF-8 character. */
@@ -754,11 +761,7 @@ static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
         return true;
     }
     if (why != TDM_FINISH_NONE) {
-        /* The last token and the held-back text go out with the final event. */
-        seq_release_blocks(e, s);
-        s->state = TDM_SEQ_FINISHED;
-        emit(s, tok, lp, s->pending, s->n_pending, why, NULL);
-        s->n_pending = 0;
+        finish_with(e, s, tok, lp, why, NULL);
         return true;
     }
     return false;

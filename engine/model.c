@@ -258,10 +258,10 @@ tdm_status_t tdm_model_load(const char *path, tdm_backend_t *be, char *err, size
     st = load_weights(m, err, err_len);
     if (st != TDM_OK)
         goto err_free;
+    /* The fingerprint covers the header, metadata and tensor table. */
     size_t flen;
-    (void)tdm_gguf_file_data(m->gguf, &flen);
-    m->fingerprint = tdm_hash128(tdm_gguf_file_data(m->gguf, &flen),
-                                 (size_t)tdm_gguf_data_offset(m->gguf), 0x74616e64656d);
+    const void *file = tdm_gguf_file_data(m->gguf, &flen);
+    m->fingerprint = tdm_hash128(file, (size_t)tdm_gguf_data_offset(m->gguf), 0x74616e64656d);
     tdm_str_t nm;
     const char *base = strrchr(path, '/');
     if (tdm_gguf_get_str(m->gguf, "general.name", &nm) && nm.len > 0)
