@@ -6,6 +6,7 @@
  * SmolLM2's template writes when the conversation has none. */
 #include "tandem/log.h"
 #include "tandem/tokenizer.h"
+#include "tandem/utf8.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -184,36 +185,6 @@ static bool is_py_space(uint32_t c)
            c == 0x202f || c == 0x205f || c == 0x3000;
 }
 
-/* Decodes the UTF-8 character at s (n > 0 bytes); 0 if not valid. */
-static size_t utf8_char(const unsigned char *s, size_t n, uint32_t *cp)
-{
-    size_t len;
-    uint32_t v, min;
-    if (s[0] < 0x80) {
-        *cp = s[0];
-        return 1;
-    } else if ((s[0] & 0xe0) == 0xc0) {
-        len = 2, v = s[0] & 0x1fu, min = 0x80;
-    } else if ((s[0] & 0xf0) == 0xe0) {
-        len = 3, v = s[0] & 0x0fu, min = 0x800;
-    } else if ((s[0] & 0xf8) == 0xf0) {
-        len = 4, v = s[0] & 0x07u, min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        v = (v << 6) | (s[i] & 0x3fu);
-    }
-    if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff))
-        return 0;
-    *cp = v;
-    return len;
-}
-
 /* Jinja's `| trim`: strips Python whitespace at both ends. Bytes that are
  * not UTF-8 are not whitespace and stop the stripping. */
 static void trim_span(const char *s, size_t *start, size_t *end)
@@ -222,7 +193,7 @@ static void trim_span(const char *s, size_t *start, size_t *end)
     size_t a = 0, b = strlen(s);
     while (a < b) {
         uint32_t cp;
-        size_t l = utf8_char(u + a, b - a, &cp);
+        size_t l = tdm_utf8_decode(u + a, b - a, &cp);
         if (l == 0 || !is_py_space(cp))
             break;
         a += l;
@@ -232,7 +203,7 @@ static void trim_span(const char *s, size_t *start, size_t *end)
         while (k > a && b - k < 4 && (u[k] & 0xc0) == 0x80)
             k--;
         uint32_t cp;
-        size_t l = utf8_char(u + k, b - k, &cp);
+        size_t l = tdm_utf8_decode(u + k, b - k, &cp);
         if (l != b - k || !is_py_space(cp))
             break;
         b = k;

@@ -66,8 +66,7 @@ static const char *gguf_type_name(uint32_t type)
     return type < sizeof(names) / sizeof(names[0]) ? names[type] : "unknown";
 }
 
-/* Bytes of one scalar of a GGUF type; 0 for string, array and unknown ids. */
-static uint64_t gguf_scalar_size(uint32_t type)
+uint64_t tdm_gguf_type_size(uint32_t type)
 {
     switch (type) {
     case TDM_GGUF_TYPE_UINT8:
@@ -294,7 +293,7 @@ static tdm_status_t parse_kv(gguf_parser_t *p, tdm_gguf_t *g, uint64_t i)
         return TDM_OK;
     }
     if (type != TDM_GGUF_TYPE_ARRAY) {
-        uint64_t size = gguf_scalar_size(type);
+        uint64_t size = tdm_gguf_type_size(type);
         if ((s = need(p, size, gguf_type_name(type))) != TDM_OK)
             return s;
         if (type == TDM_GGUF_TYPE_BOOL && (s = check_bools(p, 1)) != TDM_OK)
@@ -345,7 +344,7 @@ static tdm_status_t parse_kv(gguf_parser_t *p, tdm_gguf_t *g, uint64_t i)
         return TDM_OK;
     }
 
-    uint64_t size = gguf_scalar_size(elem);
+    uint64_t size = tdm_gguf_type_size(elem);
     if (n > left(p) / size)
         return fail(p, TDM_ERR_FORMAT,
                     "array of %" PRIu64 " %s (length at byte %" PRIu64 ") needs %" PRIu64
@@ -913,7 +912,7 @@ bool tdm_gguf_array_i64(const tdm_gguf_kv_t *kv, uint64_t i, int64_t *out)
 {
     if (kv == NULL || kv->type != TDM_GGUF_TYPE_ARRAY || i >= kv->arr_len)
         return false;
-    uint64_t size = gguf_scalar_size(kv->arr_type);
+    uint64_t size = tdm_gguf_type_size(kv->arr_type);
     if (size == 0)
         return false;
     const uint8_t *p = (const uint8_t *)kv->data + i * size;
@@ -928,7 +927,7 @@ bool tdm_gguf_array_f64(const tdm_gguf_kv_t *kv, uint64_t i, double *out)
 {
     if (kv == NULL || kv->type != TDM_GGUF_TYPE_ARRAY || i >= kv->arr_len)
         return false;
-    uint64_t size = gguf_scalar_size(kv->arr_type);
+    uint64_t size = tdm_gguf_type_size(kv->arr_type);
     if (size == 0 || kv->arr_type == TDM_GGUF_TYPE_BOOL)
         return false;
     const uint8_t *p = (const uint8_t *)kv->data + i * size;

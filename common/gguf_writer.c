@@ -85,24 +85,6 @@ static void buf_put_str(gguf_buf_t *b, const char *s)
     buf_put(b, s, n);
 }
 
-static uint64_t scalar_size(uint32_t type)
-{
-    switch (type) {
-    case TDM_GGUF_TYPE_UINT8:
-    case TDM_GGUF_TYPE_INT8:
-    case TDM_GGUF_TYPE_BOOL: return 1;
-    case TDM_GGUF_TYPE_UINT16:
-    case TDM_GGUF_TYPE_INT16: return 2;
-    case TDM_GGUF_TYPE_UINT32:
-    case TDM_GGUF_TYPE_INT32:
-    case TDM_GGUF_TYPE_FLOAT32: return 4;
-    case TDM_GGUF_TYPE_UINT64:
-    case TDM_GGUF_TYPE_INT64:
-    case TDM_GGUF_TYPE_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 tdm_status_t tdm_gguf_writer_create(tdm_gguf_writer_t **out)
 {
     tdm_gguf_writer_t *w = calloc(1, sizeof(*w));
@@ -181,7 +163,7 @@ static tdm_status_t set_scalar(tdm_gguf_writer_t *w, const char *key, uint32_t t
     if (s != TDM_OK)
         return s;
     gguf_buf_t b = {0};
-    buf_put_le(&b, bits, (unsigned)scalar_size(type));
+    buf_put_le(&b, bits, (unsigned)tdm_gguf_type_size(type));
     return set_kv(w, key, type, b);
 }
 
@@ -252,7 +234,7 @@ tdm_status_t tdm_gguf_writer_set_array(tdm_gguf_writer_t *w, const char *key,
     tdm_status_t s = check_key(key);
     if (s != TDM_OK)
         return s;
-    uint64_t size = scalar_size((uint32_t)elem_type);
+    uint64_t size = tdm_gguf_type_size((uint32_t)elem_type);
     if (size == 0) {
         tdm_log_error("gguf", "writer: kv '%s': element type %d is not a numeric type", key,
                       (int)elem_type);

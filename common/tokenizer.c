@@ -19,6 +19,7 @@
  * state (PCRE2 match data, BPE buffers) lives in an encode context on the
  * caller's stack and heap, so any number of threads may encode at once. */
 #include "tandem/tokenizer.h"
+#include "tandem/utf8.h"
 
 #include "tandem/log.h"
 
@@ -263,38 +264,6 @@ static void build_byte_alphabet(tdm_tokenizer_t *t)
     }
 }
 
-/* Decodes one UTF-8 sequence at s (n bytes left); returns its length, or 0
- * when it is not a valid shortest-form sequence. */
-static size_t utf8_decode(const uint8_t *s, size_t n, uint32_t *cp)
-{
-    uint8_t c = s[0];
-    size_t len;
-    uint32_t v, min;
-    if (c < 0x80) {
-        *cp = c;
-        return 1;
-    } else if ((c & 0xe0) == 0xc0) {
-        len = 2, v = c & 0x1f, min = 0x80;
-    } else if ((c & 0xf0) == 0xe0) {
-        len = 3, v = c & 0x0f, min = 0x800;
-    } else if ((c & 0xf8) == 0xf0) {
-        len = 4, v = c & 0x07, min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        v = (v << 6) | (s[i] & 0x3f);
-    }
-    if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff))
-        return 0;
-    *cp = v;
-    return len;
-}
-
 /* Writes the bytes a vocabulary string stands for into out (room for len
  * bytes: decoding never grows a string); returns the count. A code point
  * outside the byte alphabet, or bytes that are not UTF-8, are copied as
@@ -305,7 +274,7 @@ static size_t decode_alphabet(const int16_t *cp_to_byte, const char *s, size_t l
     size_t i = 0, n = 0;
     while (i < len) {
         uint32_t cp;
-        size_t l = utf8_decode(u + i, len - i, &cp);
+        size_t l = tdm_utf8_decode(u + i, len - i, &cp);
         if (l == 0) {
             out[n++] = (char)u[i++];
             continue;
@@ -475,7 +444,7 @@ static tdm_status_t build_vocab(tdm_tokenizer_t *t, const tdm_str_t *toks, char 
         cp_to_byte[c] = -1;
     for (int b = 0; b < 256; b++) {
         uint32_t cp;
-        utf8_decode(t->byte_utf8[b], t->byte_utf8_len[b], &cp);
+        tdm_utf8_decode(t->byte_utf8[b], t->byte_utf8_len[b], &cp);
         cp_to_byte[cp] = (int16_t)b;
     }
 

@@ -24,6 +24,7 @@
 
 #include "engine_internal.h"
 #include "tandem/log.h"
+#include "tandem/utf8.h"
 
 #define MOD "engine"
 
@@ -495,19 +496,6 @@ static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const
     finish_with(e, s, -1, 0.0f, why, error);
 }
 
-/* Bytes at the end of buf[0..n) that start an incomplete UTF-8 character. */
-static size_t utf8_incomplete_tail(const char *buf, size_t n)
-{
-    for (size_t back = 1; back <= 4 && back <= n; back++) {
-        unsigned char c = (unsigned char)buf[n - back];
-        if ((c & 0xc0) == 0x80)
-            continue; /* continuation byte: look further back */
-        size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
-        return need > back ? back : 0;
-    }
-    return 0;
-}
-
 /* Appends a new token's text and delivers what is safe to show. Returns
  * true if a stop string matched (the text from the match on is dropped). */
 static bool push_text(tdm_seq_t *s, int32_t token, float logprob, const char *piece, size_t len,
@@ -539,7 +527,7 @@ static bool push_text(tdm_seq_t *s, int32_t token, float logprob, const char *pi
     if (why != TDM_FINISH_NONE)
         return false; /* the final event carries everything */
     /* Hold back a tail that could begin a stop string or is half a character. */
-    size_t hold = utf8_incomplete_tail(s->pending, s->n_pending);
+    size_t hold = tdm_utf8_incomplete_tail(s->pending, s->n_pending);
     for (size_t i = 0; i < s->n_stop; i++) {
         size_t sl = strlen(s->stop[i]);
         for (size_t k = sl - 1; k > hold; k--) {

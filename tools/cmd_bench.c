@@ -37,19 +37,10 @@ static void bench_cb(void *user, const tdm_request_event_t *ev)
         r->done = true;
 }
 
-static uint64_t rng_next(uint64_t *s)
-{
-    *s += 0x9e3779b97f4a7c15ull;
-    uint64_t z = *s;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static void random_prompt(int32_t *toks, int32_t n, int32_t n_vocab, uint64_t *seed)
 {
     for (int32_t i = 0; i < n; i++)
-        toks[i] = (int32_t)(rng_next(seed) % (uint64_t)(n_vocab - 300)) + 256;
+        toks[i] = (int32_t)(tool_rng_next(seed) % (uint64_t)(n_vocab - 300)) + 256;
 }
 
 static tdm_status_t add_req(tdm_engine_t *e, const int32_t *toks, int32_t n, int32_t max_tokens,

@@ -12,23 +12,10 @@
 #include "tandem/gguf.h"
 #include "tool.h"
 
-typedef struct rng {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_u64(rng_t *r)
+static float rng_normal(uint64_t *r)
 {
-    r->s += 0x9e3779b97f4a7c15ull;
-    uint64_t z = r->s;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static float rng_normal(rng_t *r)
-{
-    double u1 = ((double)(rng_u64(r) >> 11) + 0.5) / 9007199254740992.0;
-    double u2 = (double)(rng_u64(r) >> 11) / 9007199254740992.0;
+    double u1 = ((double)(tool_rng_next(r) >> 11) + 0.5) / 9007199254740992.0;
+    double u2 = (double)(tool_rng_next(r) >> 11) / 9007199254740992.0;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
@@ -70,7 +57,7 @@ static void byte_token(int b, char *out)
     }
 }
 
-static tdm_status_t add_random(tdm_gguf_writer_t *w, rng_t *r, const char *name, uint64_t k,
+static tdm_status_t add_random(tdm_gguf_writer_t *w, uint64_t *r, const char *name, uint64_t k,
                                uint64_t rows, uint32_t type, float std, float mean)
 {
     size_t n = (size_t)(k * rows);
@@ -92,7 +79,7 @@ static tdm_status_t add_random(tdm_gguf_writer_t *w, rng_t *r, const char *name,
 }
 
 /* The synthetic vocabulary: specials, bytes, merges. */
-static tdm_status_t write_vocab(tdm_gguf_writer_t *w, int n_vocab, rng_t *r)
+static tdm_status_t write_vocab(tdm_gguf_writer_t *w, int n_vocab, uint64_t *r)
 {
     char **toks = calloc((size_t)n_vocab, sizeof(char *));
     char **merges = calloc((size_t)n_vocab, sizeof(char *));
@@ -121,8 +108,8 @@ static tdm_status_t write_vocab(tdm_gguf_writer_t *w, int n_vocab, rng_t *r)
         if (nm < (int)(sizeof(seeds) / sizeof(seeds[0]))) {
             sscanf(seeds[nm], "%63s %63s", a, b);
         } else {
-            int i = 3 + (int)(rng_u64(r) % (uint64_t)(nt - 3));
-            int j = 3 + (int)(rng_u64(r) % (uint64_t)(nt - 3));
+            int i = 3 + (int)(tool_rng_next(r) % (uint64_t)(nt - 3));
+            int j = 3 + (int)(tool_rng_next(r) % (uint64_t)(nt - 3));
             if (strlen(toks[i]) + strlen(toks[j]) > 12)
                 continue;
             snprintf(a, sizeof(a), "%s", toks[i]);
@@ -259,7 +246,7 @@ int cmd_mkmodel(int argc, char **argv)
     tdm_gguf_writer_t *w;
     if (tdm_gguf_writer_create(&w) != TDM_OK)
         return TOOL_EXIT_FAIL;
-    rng_t r = {seed};
+    uint64_t r = seed;
     tdm_status_t st =
         vocab_from ? copy_vocab(w, vocab_from, &n_vocab) : write_vocab(w, n_vocab, &r);
     int head_dim = n_embd / n_head;

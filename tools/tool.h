@@ -50,6 +50,9 @@ bool tool_parse(const char *cmd, const char *summary, const tdm_flag_t *flags, s
 /* Reads all of a stream into a malloc'd buffer (NUL-terminated). */
 char *tool_read_all(FILE *f, size_t *len);
 double tool_now(void); /* monotonic seconds */
+/* splitmix64: the next number of a seeded sequence (benchmark prompts,
+ * synthetic weights); the same seed always gives the same sequence. */
+uint64_t tool_rng_next(uint64_t *state);
 
 int cmd_generate(int argc, char **argv);
 int cmd_logits(int argc, char **argv);

@@ -112,6 +112,9 @@ const void *tdm_gguf_file_data(const tdm_gguf_t *g, size_t *len);
 /* Byte offset of the data section. */
 uint64_t tdm_gguf_data_offset(const tdm_gguf_t *g);
 
+/* Bytes of one scalar of a GGUF type; 0 for string, array and unknown ids. */
+uint64_t tdm_gguf_type_size(uint32_t type);
+
 /* Typed getters: return false if the key is missing or of another type.
  * get_u64 accepts any integer type (u8..u64, i8..i64 when >= 0); get_f32
  * accepts f32 and f64; get_bool accepts bool. */
