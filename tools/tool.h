@@ -59,6 +59,7 @@ int cmd_logits(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_detokenize(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_bench_kvstore(int argc, char **argv); /* built with the network roles */
 int cmd_ppl(int argc, char **argv);
 int cmd_mkmodel(int argc, char **argv);
 
