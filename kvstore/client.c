@@ -733,7 +733,7 @@ static void op_finish_sub(kvc_sub_t *sub)
             for (uint32_t i = 0; i < sub->n; i++) {
                 uint32_t k = sub->idx[i];
                 /* a payload that had landed stays; the others are misses */
-                if (!(sub->got[i] == 2 && op->status[k] == TDM_OK && sub->replied))
+                if (!(sub->got[i] == 2 && op->status[k] == TDM_OK))
                     op->status[k] = sub->fail_status;
             }
         } else if (op->type != OP_LOOKUP) {
@@ -741,7 +741,7 @@ static void op_finish_sub(kvc_sub_t *sub)
                 if (op->status[sub->idx[i]] != TDM_OK)
                     op->status[sub->idx[i]] = sub->fail_status;
         }
-        if (op->type == OP_STATS || op->type == OP_LOOKUP || op->kvc->replicas == 1)
+        if (op->type == OP_STATS || op->kvc->replicas == 1)
             if (op->first_error == TDM_OK)
                 op->first_error = sub->fail_status;
     } else if (op->type == OP_GET) {

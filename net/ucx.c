@@ -438,7 +438,7 @@ tdm_status_t tdm_conn_send(tdm_conn_t *c, uint16_t am_id, const void *header, si
             UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
         .cb.send = send_cb,
         .user_data = op,
-        .flags = UCP_AM_SEND_FLAG_REPLY,
+        .flags = UCP_AM_SEND_FLAG_REPLY | (copy_data ? UCP_AM_SEND_FLAG_EAGER : 0),
     };
     ucs_status_ptr_t r =
         ucp_am_send_nbx(c->ep, am_id, header_len ? op->bytes : NULL, header_len, buf, length, &prm);

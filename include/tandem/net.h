@@ -94,7 +94,9 @@ void tdm_conn_close(tdm_conn_t *conn, bool force);
 
 /* Sends an active message. header and (if copy_data) data are copied; with
  * copy_data false the data must stay valid until done runs (zero copy for
- * large payloads). done may be NULL. Returns an error at once when the
+ * large payloads). Copied data is a control message and always goes eager,
+ * so the receiver has it whole in its handler; the other data goes by
+ * rendezvous when UCX finds it large. done may be NULL. Returns an error at once when the
  * connection has failed. */
 tdm_status_t tdm_conn_send(tdm_conn_t *conn, uint16_t am_id, const void *header, size_t header_len,
                            const void *data, size_t length, bool copy_data, tdm_net_done_t done,
