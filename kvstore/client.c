@@ -452,7 +452,7 @@ static void on_hello_reply(void *user, const tdm_net_msg_t *msg)
                           "(--cluster-token or TANDEM_CLUSTER_TOKEN) on both sides",
                           st->addr, kvp_status_name(m->status), m->message);
         st->denied_logged = true;
-        tandem__kv__hello_reply__free_unpacked(m, NULL);
+        kvp_free(m);
         st->backoff_ms = kvc->backoff_max_ms / 2;
         store_down(st, TDM_ERR_IO, "refused");
         return;
@@ -460,7 +460,7 @@ static void on_hello_reply(void *user, const tdm_net_msg_t *msg)
     st->max_keys = m->max_keys < KVP_MAX_KEYS ? m->max_keys : KVP_MAX_KEYS;
     st->max_inflight = m->max_inflight;
     st->max_block_bytes = m->max_block_bytes;
-    tandem__kv__hello_reply__free_unpacked(m, NULL);
+    kvp_free(m);
     st->state = ST_READY;
     st->since = tdm_net_now_ms();
     st->backoff_ms = 0;
@@ -509,7 +509,7 @@ static void on_get_item(void *user, const tdm_net_msg_t *msg)
     }
     kvc_sub_t *sub = find_sub(st, m->id);
     uint32_t i = m->index;
-    tandem__kv__get_item__free_unpacked(m, NULL);
+    kvp_free(m);
     if (sub == NULL || sub->failed)
         return; /* ended (deadline): the payload is dropped */
     if (sub->op->type != OP_GET || i >= sub->n || sub->got[i]) {
@@ -587,12 +587,12 @@ static void on_reply(void *user, const tdm_net_msg_t *msg)
     }
     kvc_sub_t *sub = find_sub(st, m->id);
     if (sub == NULL || sub->failed || sub->replied) {
-        tandem__kv__reply__free_unpacked(m, NULL);
+        kvp_free(m);
         return;
     }
     bool per_item = sub->op->type != OP_STATS && sub->op->type != OP_LOOKUP;
     if (per_item && m->n_item_status != sub->n && m->status == TANDEM__KV__STATUS__S_OK) {
-        tandem__kv__reply__free_unpacked(m, NULL);
+        kvp_free(m);
         protocol_error(st, "reply with the wrong number of statuses");
         return;
     }
@@ -609,7 +609,7 @@ static void on_reply(void *user, const tdm_net_msg_t *msg)
     } else {
         apply_reply(sub, m);
     }
-    tandem__kv__reply__free_unpacked(m, NULL);
+    kvp_free(m);
     sub_try_end(sub);
 }
 

@@ -2,7 +2,65 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "kvproto.h"
+
+/* Decoding without malloc: protobuf-c unpacks into a per-thread arena that
+ * is reset when no decoded message is outstanding. A message that does
+ * not fit (none should: control messages are at most KVP_MAX_CONTROL
+ * bytes) falls back to malloc. */
+#define KVP_ARENA (3 * KVP_MAX_CONTROL)
+static _Thread_local struct {
+    size_t used;
+    int outstanding;
+    _Alignas(16) unsigned char buf[KVP_ARENA];
+} arena;
+
+static void *arena_alloc(void *ud, size_t size)
+{
+    (void)ud;
+    size = (size + 15) & ~(size_t)15;
+    if (size <= KVP_ARENA - arena.used) {
+        void *p = arena.buf + arena.used;
+        arena.used += size;
+        return p;
+    }
+    return malloc(size);
+}
+
+static void arena_free(void *ud, void *p)
+{
+    (void)ud;
+    unsigned char *c = p;
+    if (c != NULL && (c < arena.buf || c >= arena.buf + KVP_ARENA))
+        free(p);
+}
+
+static ProtobufCAllocator kvp_allocator = {arena_alloc, arena_free, NULL};
+
+static ProtobufCAllocator *arena_begin(void)
+{
+    if (arena.outstanding == 0)
+        arena.used = 0;
+    return &kvp_allocator;
+}
+
+void kvp_free(void *msg)
+{
+    if (msg == NULL)
+        return;
+    protobuf_c_message_free_unpacked(msg, &kvp_allocator);
+    if (arena.outstanding > 0)
+        arena.outstanding--;
+}
+
+/* Counts a decoded message as outstanding until kvp_free(). */
+static void *arena_keep(void *m)
+{
+    arena.outstanding++;
+    return m;
+}
 
 void kvp_key_pack(tdm_hash128_t k, uint8_t out[KVP_KEY_BYTES])
 {
@@ -34,18 +92,18 @@ bool kvp_decode_hello(const void *data, size_t len, Tandem__Kv__Hello **out, cha
     Tandem__Kv__Hello *m = NULL;
     if (data == NULL || len == 0 || len > KVP_MAX_CONTROL)
         FAIL("hello of %zu bytes (limit %d)", len, KVP_MAX_CONTROL);
-    m = tandem__kv__hello__unpack(NULL, len, data);
+    m = tandem__kv__hello__unpack(arena_begin(), len, data);
     if (m == NULL)
         FAIL("hello does not parse");
     if (m->token.len > KVP_MAX_TOKEN)
         FAIL("hello token of %zu bytes (limit %d)", m->token.len, KVP_MAX_TOKEN);
     if (strlen(m->name) > 128)
         FAIL("hello name longer than 128 bytes");
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__hello__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 
@@ -55,17 +113,17 @@ bool kvp_decode_hello_reply(const void *data, size_t len, Tandem__Kv__HelloReply
     Tandem__Kv__HelloReply *m = NULL;
     if (data == NULL || len > KVP_MAX_CONTROL)
         FAIL("hello reply of %zu bytes (limit %d)", len, KVP_MAX_CONTROL);
-    m = tandem__kv__hello_reply__unpack(NULL, len, data);
+    m = tandem__kv__hello_reply__unpack(arena_begin(), len, data);
     if (m == NULL)
         FAIL("hello reply does not parse");
     if (m->status == TANDEM__KV__STATUS__S_OK &&
         (m->max_keys == 0 || m->max_inflight == 0 || m->max_block_bytes == 0))
         FAIL("hello reply without limits");
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__hello_reply__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 
@@ -80,7 +138,7 @@ bool kvp_decode_request(const void *data, size_t len, Tandem__Kv__Request **out,
     Tandem__Kv__Request *m = NULL;
     if (data == NULL || len == 0 || len > KVP_MAX_CONTROL)
         FAIL("request of %zu bytes (limit %d)", len, KVP_MAX_CONTROL);
-    m = tandem__kv__request__unpack(NULL, len, data);
+    m = tandem__kv__request__unpack(arena_begin(), len, data);
     if (m == NULL)
         FAIL("request does not parse");
     if (!op_known((int)m->op) || m->op == TANDEM__KV__OP__OP_PUT)
@@ -92,11 +150,11 @@ bool kvp_decode_request(const void *data, size_t len, Tandem__Kv__Request **out,
         FAIL("request with %zu keys (limit %d)", n, KVP_MAX_KEYS);
     if (m->op == TANDEM__KV__OP__OP_STATS ? n != 0 : n == 0)
         FAIL("%s request with %zu keys", kvp_op_name((int)m->op), n);
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__request__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 
@@ -106,7 +164,7 @@ bool kvp_decode_put_item(const void *hdr, size_t len, size_t payload_len, Tandem
     Tandem__Kv__PutItem *m = NULL;
     if (hdr == NULL || len == 0 || len > KVP_MAX_HEADER)
         FAIL("put item header of %zu bytes (limit %d)", len, KVP_MAX_HEADER);
-    m = tandem__kv__put_item__unpack(NULL, len, hdr);
+    m = tandem__kv__put_item__unpack(arena_begin(), len, hdr);
     if (m == NULL)
         FAIL("put item header does not parse");
     if (m->key.len != KVP_KEY_BYTES)
@@ -118,11 +176,11 @@ bool kvp_decode_put_item(const void *hdr, size_t len, size_t payload_len, Tandem
              payload_len);
     if (payload_len == 0)
         FAIL("put item without payload");
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__put_item__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 
@@ -132,16 +190,16 @@ bool kvp_decode_get_item(const void *hdr, size_t len, Tandem__Kv__GetItem **out,
     Tandem__Kv__GetItem *m = NULL;
     if (hdr == NULL || len == 0 || len > KVP_MAX_HEADER)
         FAIL("get item header of %zu bytes (limit %d)", len, KVP_MAX_HEADER);
-    m = tandem__kv__get_item__unpack(NULL, len, hdr);
+    m = tandem__kv__get_item__unpack(arena_begin(), len, hdr);
     if (m == NULL)
         FAIL("get item header does not parse");
     if (m->index >= KVP_MAX_KEYS)
         FAIL("get item index %u", m->index);
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__get_item__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 
@@ -151,7 +209,7 @@ bool kvp_decode_reply(const void *data, size_t len, Tandem__Kv__Reply **out, cha
     Tandem__Kv__Reply *m = NULL;
     if (data == NULL || len > KVP_MAX_CONTROL)
         FAIL("reply of %zu bytes (limit %d)", len, KVP_MAX_CONTROL);
-    m = tandem__kv__reply__unpack(NULL, len, data);
+    m = tandem__kv__reply__unpack(arena_begin(), len, data);
     if (m == NULL)
         FAIL("reply does not parse");
     if (!op_known((int)m->op))
@@ -160,11 +218,11 @@ bool kvp_decode_reply(const void *data, size_t len, Tandem__Kv__Reply **out, cha
         FAIL("reply with %zu statuses", m->n_item_status);
     if (m->present.len * 8 > KVP_MAX_KEYS + 7)
         FAIL("reply presence map of %zu bytes", m->present.len);
-    *out = m;
+    *out = arena_keep(m);
     return true;
 fail:
     if (m != NULL)
-        tandem__kv__reply__free_unpacked(m, NULL);
+        protobuf_c_message_free_unpacked((ProtobufCMessage *)m, &kvp_allocator);
     return false;
 }
 

@@ -36,7 +36,8 @@ tdm_hash128_t kvp_key_unpack(const uint8_t in[KVP_KEY_BYTES]);
 
 /* Decoders: each checks the size bound, unpacks and validates fields (key
  * lengths, counts, index ranges, known operations). On success the caller
- * frees the message with the matching tandem__kv__*__free_unpacked(). */
+ * frees the message with kvp_free() (not protobuf-c's free: messages are
+ * decoded into a per-thread arena, so decoding does not malloc). */
 bool kvp_decode_hello(const void *data, size_t len, Tandem__Kv__Hello **out, char *err,
                       size_t err_len);
 bool kvp_decode_hello_reply(const void *data, size_t len, Tandem__Kv__HelloReply **out, char *err,
@@ -50,6 +51,8 @@ bool kvp_decode_get_item(const void *hdr, size_t len, Tandem__Kv__GetItem **out,
                          size_t err_len);
 bool kvp_decode_reply(const void *data, size_t len, Tandem__Kv__Reply **out, char *err,
                       size_t err_len);
+
+void kvp_free(void *msg);
 
 const char *kvp_op_name(int op);
 const char *kvp_status_name(int status);

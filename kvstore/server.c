@@ -34,6 +34,7 @@ typedef struct kvs_client kvs_client_t;
 
 typedef struct kvs_batch {
     kvs_client_t *cl;
+    /* status[] has room for KVP_MAX_KEYS: batches are recycled */
     uint64_t id;
     uint32_t count, n_done;
     int64_t started_us;
@@ -42,6 +43,7 @@ typedef struct kvs_batch {
 } kvs_batch_t;
 
 typedef struct kvs_recv {
+    struct kvs_recv *next_free;
     kvs_client_t *cl;
     kvs_batch_t *batch;
     uint32_t index;
@@ -50,12 +52,14 @@ typedef struct kvs_recv {
 } kvs_recv_t;
 
 typedef struct kvs_get {
+    struct kvs_get *next_free;
     kvs_client_t *cl;
     int pending;
     int64_t started_us;
 } kvs_get_t;
 
 typedef struct kvs_send {
+    struct kvs_send *next_free;
     kvs_get_t *get;
     tdm_kvs_block_id_t id;
     uint64_t length;
@@ -87,6 +91,17 @@ struct kvs_server {
     uint32_t next_owner;
     int n_clients;
     bool draining;
+    /* recycled per-message records and scratch: steady traffic does not
+     * malloc (they grow to the peak in flight and stay) */
+    kvs_batch_t *free_batches;
+    kvs_recv_t *free_recvs;
+    kvs_send_t *free_sends;
+    kvs_get_t *free_gets;
+    uint8_t *scratch; /* a packed control message */
+    size_t scratch_len;
+    Tandem__Kv__Status *item_st; /* [KVP_MAX_KEYS] */
+    uint64_t *item_len;          /* [KVP_MAX_KEYS] */
+    uint8_t present[KVP_MAX_KEYS / 8];
     uint64_t puts, gets, bytes_in, bytes_out, refused;
     /* metrics */
     tdm_metrics_registry_t *reg;
@@ -103,6 +118,22 @@ static int64_t now_us(void)
 {
     return tdm_net_now_ms() * 1000;
 }
+
+/* Free lists of the per-message records. */
+#define KVS_TAKE(srv, list, type)                                                                  \
+    ({                                                                                             \
+        type *r_ = (srv)->list;                                                                    \
+        if (r_ != NULL)                                                                            \
+            (srv)->list = r_->next_free;                                                           \
+        else                                                                                       \
+            r_ = malloc(sizeof(type));                                                             \
+        r_;                                                                                        \
+    })
+#define KVS_GIVE(srv, list, r)                                                                     \
+    do {                                                                                           \
+        (r)->next_free = (srv)->list;                                                              \
+        (srv)->list = (r);                                                                         \
+    } while (0)
 
 /* ---- clients ---- */
 
@@ -195,15 +226,16 @@ static void send_reply(kvs_client_t *cl, Tandem__Kv__Reply *r)
     if (cl->conn == NULL)
         return;
     size_t len = tandem__kv__reply__get_packed_size(r);
-    uint8_t *buf = malloc(len ? len : 1);
-    if (buf == NULL) {
+    kvs_server_t *srv = cl->srv;
+    if (len > srv->scratch_len) { /* a reply to at most KVP_MAX_KEYS keys fits */
+        tdm_log_error(LOG_MOD, "a reply of %zu bytes does not fit its buffer", len);
         client_close(cl, true);
         return;
     }
-    tandem__kv__reply__pack(r, buf);
-    if (tdm_conn_send(cl->conn, KVP_AM_REPLY, NULL, 0, buf, len, true, NULL, NULL) != TDM_OK)
+    tandem__kv__reply__pack(r, srv->scratch);
+    if (tdm_conn_send(cl->conn, KVP_AM_REPLY, NULL, 0, srv->scratch, len, true, NULL, NULL) !=
+        TDM_OK)
         client_close(cl, true);
-    free(buf);
 }
 
 static void reply_status(kvs_client_t *cl, uint64_t id, int op, Tandem__Kv__Status st,
@@ -274,7 +306,7 @@ static void on_hello(void *user, const tdm_net_msg_t *msg)
         if (h->name[0] != '\0')
             snprintf(cl->name, sizeof(cl->name), "%s (%.60s)", tdm_conn_peer(cl->conn), h->name);
     }
-    tandem__kv__hello__free_unpacked(h, NULL);
+    kvp_free(h);
     uint8_t buf[512];
     size_t len = tandem__kv__hello_reply__pack(&r, buf);
     if (!ok) {
@@ -306,14 +338,21 @@ static kvs_batch_t *batch_get(kvs_client_t *cl, uint64_t id, uint32_t count, boo
         }
     if (cl->inflight >= cl->srv->cfg.max_inflight)
         return NULL;
-    kvs_batch_t *b = calloc(1, sizeof(*b));
-    if (b == NULL)
-        return NULL;
-    b->status = malloc(count * sizeof(*b->status));
-    if (b->status == NULL) {
-        free(b);
-        return NULL;
+    kvs_server_t *srv = cl->srv;
+    kvs_batch_t *b = srv->free_batches;
+    if (b != NULL) {
+        srv->free_batches = b->next;
+    } else {
+        b = calloc(1, sizeof(*b));
+        if (b == NULL)
+            return NULL;
+        b->status = malloc(KVP_MAX_KEYS * sizeof(*b->status));
+        if (b->status == NULL) {
+            free(b);
+            return NULL;
+        }
     }
+    b->n_done = 0;
     for (uint32_t i = 0; i < count; i++)
         b->status[i] = (Tandem__Kv__Status)-1; /* not in yet */
     b->cl = cl;
@@ -345,8 +384,8 @@ static void batch_item_done(kvs_batch_t *b, uint32_t index, Tandem__Kv__Status s
             break;
         }
     cl->inflight--;
-    free(b->status);
-    free(b);
+    b->next = cl->srv->free_batches;
+    cl->srv->free_batches = b;
 }
 
 static void put_landed(void *user, tdm_status_t status)
@@ -370,7 +409,7 @@ static void put_landed(void *user, tdm_status_t status)
     }
     if (cl->conn != NULL)
         batch_item_done(rv->batch, rv->index, st);
-    free(rv);
+    KVS_GIVE(srv, free_recvs, rv);
     client_unref(cl);
 }
 
@@ -394,7 +433,7 @@ static void on_put_item(void *user, const tdm_net_msg_t *msg)
     kvs_batch_t *b = batch_get(cl, m->id, m->count, &bad);
     if (b == NULL || b->status[m->index] != (Tandem__Kv__Status)-1) {
         uint64_t id = m->id;
-        tandem__kv__put_item__free_unpacked(m, NULL);
+        kvp_free(m);
         if (bad || b != NULL) {
             refuse(cl,
                    bad ? "PUT items of one batch disagree on its size" : "a PUT item sent twice");
@@ -406,10 +445,11 @@ static void on_put_item(void *user, const tdm_net_msg_t *msg)
         return;
     }
     cl->last_progress = tdm_net_now_ms();
+    b->status[m->index] = (Tandem__Kv__Status)-2; /* arriving: a second copy is refused */
     tdm_hash128_t key = kvp_key_unpack(m->key.data);
     uint32_t index = m->index, lease = m->lease_ms;
     uint64_t len = m->length;
-    tandem__kv__put_item__free_unpacked(m, NULL);
+    kvp_free(m);
     if (srv->draining) {
         batch_item_done(b, index, TANDEM__KV__STATUS__S_DRAINING);
         return;
@@ -432,19 +472,19 @@ static void on_put_item(void *user, const tdm_net_msg_t *msg)
         batch_item_done(b, index, TANDEM__KV__STATUS__S_EXISTS);
         return;
     }
-    kvs_recv_t *rv = malloc(sizeof(*rv));
+    kvs_recv_t *rv = KVS_TAKE(srv, free_recvs, kvs_recv_t);
     if (rv == NULL) {
         tdm_kvs_blocks_abort(srv->blocks, res.id);
         batch_item_done(b, index, TANDEM__KV__STATUS__S_NO_SPACE);
         return;
     }
-    *rv = (kvs_recv_t){cl, b, index, res.id, len};
+    *rv = (kvs_recv_t){NULL, cl, b, index, res.id, len};
     cl->refs++;
     cl->transfers++;
     if (tdm_net_recv(srv->net, msg, (char *)srv->pool + res.offset, put_landed, rv) != TDM_OK) {
         cl->refs--;
         cl->transfers--;
-        free(rv);
+        KVS_GIVE(srv, free_recvs, rv);
         tdm_kvs_blocks_abort(srv->blocks, res.id);
         batch_item_done(b, index, TANDEM__KV__STATUS__S_NO_SPACE);
     }
@@ -465,11 +505,11 @@ static void get_sent(void *user, tdm_status_t status)
         srv->bytes_out += sd->length;
         tdm_metrics_counter_add_u64(srv->c_out, sd->length);
     }
-    free(sd);
+    KVS_GIVE(srv, free_sends, sd);
     if (--g->pending == 0) {
         tdm_metrics_histogram_observe(srv->h_op[M_GET], (double)(now_us() - g->started_us) / 1e6);
         cl->inflight--;
-        free(g);
+        KVS_GIVE(srv, free_gets, g);
     }
     client_unref(cl);
 }
@@ -477,16 +517,14 @@ static void get_sent(void *user, tdm_status_t status)
 static void serve_get(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t n)
 {
     kvs_server_t *srv = cl->srv;
-    Tandem__Kv__Status *st = calloc(n, sizeof(*st));
-    uint64_t *lens = calloc(n, sizeof(*lens));
-    kvs_get_t *g = calloc(1, sizeof(*g));
-    if (st == NULL || lens == NULL || g == NULL) {
-        free(st);
-        free(lens);
-        free(g);
+    Tandem__Kv__Status *st = srv->item_st;
+    uint64_t *lens = srv->item_len;
+    kvs_get_t *g = KVS_TAKE(srv, free_gets, kvs_get_t);
+    if (g == NULL) {
         client_close(cl, true);
         return;
     }
+    memset(lens, 0, n * sizeof(*lens));
     g->cl = cl;
     g->pending = 1; /* held while sending */
     g->started_us = now_us();
@@ -502,7 +540,7 @@ static void serve_get(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t n
             st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
             continue;
         }
-        kvs_send_t *sd = malloc(sizeof(*sd));
+        kvs_send_t *sd = KVS_TAKE(srv, free_sends, kvs_send_t);
         uint8_t hdr[64];
         Tandem__Kv__GetItem gi = TANDEM__KV__GET_ITEM__INIT;
         gi.id = req->id;
@@ -513,7 +551,7 @@ static void serve_get(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t n
             st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
             continue;
         }
-        *sd = (kvs_send_t){g, id, info.length};
+        *sd = (kvs_send_t){NULL, g, id, info.length};
         g->pending++;
         cl->refs++;
         cl->transfers++;
@@ -536,13 +574,11 @@ static void serve_get(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t n
     r.n_item_length = n;
     r.item_length = lens;
     send_reply(cl, &r);
-    free(st);
-    free(lens);
     /* drop the hold: the GET ends now if nothing is being sent */
     if (--g->pending == 0) {
         tdm_metrics_histogram_observe(srv->h_op[M_GET], (double)(now_us() - g->started_us) / 1e6);
         cl->inflight--;
-        free(g);
+        KVS_GIVE(srv, free_gets, g);
     }
     client_unref(cl);
 }
@@ -560,11 +596,8 @@ static void serve_small(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t
     int m = M_STATS;
     if (req->op == TANDEM__KV__OP__OP_LOOKUP) {
         m = M_LOOKUP;
-        present = calloc((n + 7) / 8, 1);
-        if (present == NULL) {
-            client_close(cl, true);
-            return;
-        }
+        present = srv->present;
+        memset(present, 0, (n + 7) / 8);
         uint32_t lead = 0;
         bool run = true;
         for (size_t i = 0; i < n; i++) {
@@ -580,11 +613,7 @@ static void serve_small(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t
         r.present.len = (n + 7) / 8;
     } else if (req->op == TANDEM__KV__OP__OP_RELEASE || req->op == TANDEM__KV__OP__OP_DELETE) {
         m = req->op == TANDEM__KV__OP__OP_RELEASE ? M_RELEASE : M_DELETE;
-        st = calloc(n, sizeof(*st));
-        if (st == NULL) {
-            client_close(cl, true);
-            return;
-        }
+        st = srv->item_st;
         for (size_t i = 0; i < n; i++) {
             tdm_hash128_t key = kvp_key_unpack(req->keys.data + i * KVP_KEY_BYTES);
             tdm_status_t s = req->op == TANDEM__KV__OP__OP_RELEASE
@@ -616,8 +645,6 @@ static void serve_small(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t
         r.stats = &stats;
     }
     send_reply(cl, &r);
-    free(st);
-    free(present);
     tdm_metrics_histogram_observe(srv->h_op[m], (double)(now_us() - t0) / 1e6);
 }
 
@@ -651,7 +678,7 @@ static void on_request(void *user, const tdm_net_msg_t *msg)
     } else {
         serve_small(cl, req, n);
     }
-    tandem__kv__request__free_unpacked(req, NULL);
+    kvp_free(req);
 }
 
 /* Messages that only the store sends, or ids that tandem never uses. */
@@ -835,6 +862,25 @@ static void server_fini(kvs_server_t *srv)
         free(cl);
     }
     tdm_kvs_blocks_destroy(srv->blocks);
+    while (srv->free_batches != NULL) {
+        kvs_batch_t *b = srv->free_batches;
+        srv->free_batches = b->next;
+        free(b->status);
+        free(b);
+    }
+#define KVS_DRAIN(list, type)                                                                      \
+    while (srv->list != NULL) {                                                                    \
+        type *r_ = srv->list;                                                                      \
+        srv->list = r_->next_free;                                                                 \
+        free(r_);                                                                                  \
+    }
+    KVS_DRAIN(free_recvs, kvs_recv_t)
+    KVS_DRAIN(free_sends, kvs_send_t)
+    KVS_DRAIN(free_gets, kvs_get_t)
+#undef KVS_DRAIN
+    free(srv->scratch);
+    free(srv->item_st);
+    free(srv->item_len);
     if (srv->pool != NULL)
         munmap(srv->pool, srv->cfg.capacity);
     tdm_metrics_registry_destroy(srv->reg);
@@ -861,6 +907,12 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
         return 1;
     }
     int rc = 1;
+    srv->scratch_len = 2 * KVP_MAX_CONTROL;
+    srv->scratch = malloc(srv->scratch_len);
+    srv->item_st = malloc(KVP_MAX_KEYS * sizeof(*srv->item_st));
+    srv->item_len = malloc(KVP_MAX_KEYS * sizeof(*srv->item_len));
+    if (srv->scratch == NULL || srv->item_st == NULL || srv->item_len == NULL)
+        goto out;
     if (tdm_kvs_blocks_create(cfg->capacity, cfg->max_block_bytes, 0, &srv->blocks) != TDM_OK)
         goto out;
     srv->pool = pool_alloc(cfg->capacity);

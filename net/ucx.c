@@ -36,6 +36,8 @@ struct tdm_conn {
 
 /* A send or a receive in flight, and a deferred completion. */
 typedef struct net_op {
+    tdm_net_t *net;
+    size_t cap; /* bytes[] capacity */
     tdm_net_done_t done;
     void *user;
     tdm_status_t status;
@@ -72,7 +74,9 @@ struct tdm_net {
     tdm_conn_t *conns;
     tdm_conn_t *errored; /* failed, owner to be told */
     tdm_conn_t *closing; /* to close, or closing */
-    net_op_t *deferred;  /* completions to deliver */
+    net_op_t *free_ops;  /* recycled ops of OP_SMALL bytes */
+    size_t n_free_ops;
+    net_op_t *deferred; /* completions to deliver */
     net_op_t **deferred_tail;
     ep_slot_t *eps;
     size_t eps_cap, eps_used;
@@ -96,6 +100,42 @@ static tdm_status_t from_ucs(ucs_status_t s)
     case UCS_ERR_INVALID_PARAM: return TDM_ERR_INVALID;
     default: return TDM_ERR_IO;
     }
+}
+
+/* ---- ops: recycled, so that steady traffic does not malloc ---- */
+
+#define OP_SMALL 2048 /* inline bytes of a recycled op (headers, small control) */
+#define OP_KEEP  4096 /* recycled ops kept at most */
+
+static net_op_t *op_get(tdm_net_t *net, size_t extra)
+{
+    net_op_t *op;
+    if (extra <= OP_SMALL && net->free_ops != NULL) {
+        op = net->free_ops;
+        net->free_ops = op->next;
+        net->n_free_ops--;
+    } else {
+        size_t cap = extra <= OP_SMALL ? OP_SMALL : extra;
+        op = malloc(sizeof(*op) + cap);
+        if (op == NULL)
+            return NULL;
+        op->cap = cap;
+    }
+    op->net = net;
+    op->next = NULL;
+    return op;
+}
+
+static void op_put(net_op_t *op)
+{
+    tdm_net_t *net = op->net;
+    if (op->cap == OP_SMALL && net->n_free_ops < OP_KEEP) {
+        op->next = net->free_ops;
+        net->free_ops = op;
+        net->n_free_ops++;
+        return;
+    }
+    free(op);
 }
 
 /* ---- ep map ---- */
@@ -190,7 +230,7 @@ static int run_deferred(tdm_net_t *net)
             net->deferred_tail = &net->deferred;
         if (op->done != NULL)
             op->done(op->user, op->status);
-        free(op);
+        op_put(op);
         n++;
     }
     return n;
@@ -406,7 +446,7 @@ static void send_cb(void *request, ucs_status_t status, void *user_data)
     net_op_t *op = user_data;
     if (op->done != NULL)
         op->done(op->user, from_ucs(status));
-    free(op);
+    op_put(op);
     ucp_request_free(request);
 }
 
@@ -419,7 +459,7 @@ tdm_status_t tdm_conn_send(tdm_conn_t *c, uint16_t am_id, const void *header, si
     if (header_len > TDM_NET_MAX_HEADER)
         return TDM_ERR_INVALID;
     size_t extra = header_len + (copy_data ? length : 0);
-    net_op_t *op = malloc(sizeof(*op) + extra);
+    net_op_t *op = op_get(c->net, extra);
     if (op == NULL)
         return TDM_ERR_NOMEM;
     op->done = done;
@@ -447,7 +487,7 @@ tdm_status_t tdm_conn_send(tdm_conn_t *c, uint16_t am_id, const void *header, si
         return TDM_OK;
     }
     if (UCS_PTR_IS_ERR(r)) {
-        free(op);
+        op_put(op);
         return from_ucs(UCS_PTR_STATUS(r));
     }
     return TDM_OK;
@@ -458,14 +498,14 @@ static void recv_cb(void *request, ucs_status_t status, size_t length, void *use
     net_op_t *op = user_data;
     if (op->done != NULL)
         op->done(op->user, from_ucs(status));
-    free(op);
+    op_put(op);
     ucp_request_free(request);
 }
 
 tdm_status_t tdm_net_recv(tdm_net_t *net, const tdm_net_msg_t *msg, void *buf, tdm_net_done_t done,
                           void *user)
 {
-    net_op_t *op = malloc(sizeof(*op));
+    net_op_t *op = op_get(net, 0);
     if (op == NULL)
         return TDM_ERR_NOMEM;
     op->done = done;
@@ -486,7 +526,7 @@ tdm_status_t tdm_net_recv(tdm_net_t *net, const tdm_net_msg_t *msg, void *buf, t
         return TDM_OK;
     }
     if (UCS_PTR_IS_ERR(r)) {
-        free(op);
+        op_put(op);
         return from_ucs(UCS_PTR_STATUS(r));
     }
     return TDM_OK;
@@ -771,6 +811,11 @@ void tdm_net_destroy(tdm_net_t *net)
         tdm_conn_t *c = net->conns;
         conn_unlink(net, c);
         free(c);
+    }
+    while (net->free_ops != NULL) {
+        net_op_t *op = net->free_ops;
+        net->free_ops = op->next;
+        free(op);
     }
     free(net->eps);
     free(net);
