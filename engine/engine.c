@@ -975,24 +975,27 @@ void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s)
 
 /* ----------------------------------------------------------------- eval */
 
-tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits)
+void tdm_engine_kv_layout(const tdm_engine_t *e, tdm_kv_layout_t *out)
+{
+    const tdm_model_hparams_t *hp = &e->model->hp;
+    *out = (tdm_kv_layout_t){.fingerprint = tdm_model_fingerprint(e->model),
+                             .n_layer = hp->n_layer,
+                             .n_head_kv = hp->n_head_kv,
+                             .head_dim = hp->head_dim,
+                             .block_size = e->cfg.block_size};
+}
+
+/* Forward over positions [from, to) of the private sequence whose blocks
+ * are `blocks` (table 0); their logits into logits[from..to). */
+static tdm_status_t eval_range(tdm_engine_t *e, const int32_t *tokens, size_t from, size_t to,
+                               const int32_t *blocks, float *logits)
 {
     int32_t bs = e->cfg.block_size;
-    if (n == 0 || n > (size_t)e->cfg.max_model_len)
-        return TDM_ERR_INVALID;
-    if (e->running != NULL || e->waiting != NULL || e->thread_started)
-        return TDM_ERR_BUSY;
-    int32_t nb = ((int32_t)n + bs - 1) / bs;
-    if (nb > tdm_kv_pool_num_free(&e->pool))
-        return TDM_ERR_NOMEM;
-    int32_t *blocks = e->h_tables; /* table 0 */
-    for (int32_t i = 0; i < nb; i++)
-        blocks[i] = tdm_kv_pool_alloc(&e->pool);
     const int32_t V = e->model->hp.n_vocab;
     int32_t step = e->max_rows < e->max_logits ? e->max_rows : e->max_logits;
     tdm_status_t st = TDM_OK;
-    for (size_t done = 0; done < n && st == TDM_OK;) {
-        int32_t chunk = (int32_t)((n - done) < (size_t)step ? (n - done) : (size_t)step);
+    for (size_t done = from; done < to && st == TDM_OK;) {
+        int32_t chunk = (int32_t)((to - done) < (size_t)step ? (to - done) : (size_t)step);
         for (int32_t i = 0; i < chunk; i++) {
             int32_t pos = (int32_t)done + i;
             e->h_tokens[i] = tokens[pos];
@@ -1006,7 +1009,65 @@ tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, f
         memcpy(logits + done * (size_t)V, e->h_logits, (size_t)chunk * (size_t)V * sizeof(float));
         done += (size_t)chunk;
     }
+    return st;
+}
+
+/* Hands fn the K and V rows of the blocks holding positions [0, n_ctx). */
+static tdm_status_t eval_visit_blocks(tdm_engine_t *e, const int32_t *blocks, size_t n_ctx,
+                                      tdm_engine_kv_fn_t fn, void *user)
+{
+    int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer;
+    uint16_t **rows = malloc(2 * (size_t)nl * sizeof(*rows)); /* K rows, then V rows */
+    if (rows == NULL)
+        return TDM_ERR_NOMEM;
+    /* The CPU backend's cache is host memory; a device backend would stage
+     * each block through copy_from / copy_to around fn. */
+    e->be->ops->sync(e->be);
+    tdm_status_t st = TDM_OK;
+    int32_t nb = (int32_t)((n_ctx + (size_t)bs - 1) / (size_t)bs);
+    for (int32_t i = 0; i < nb && st == TDM_OK; i++) {
+        size_t off = (size_t)blocks[i] * (size_t)bs * (size_t)e->kv_dim;
+        for (int32_t il = 0; il < nl; il++) {
+            rows[il] = e->cache_k[il] + off;
+            rows[nl + il] = e->cache_v[il] + off;
+        }
+        size_t left = n_ctx - (size_t)i * (size_t)bs;
+        st = fn(user, i, left < (size_t)bs ? (int32_t)left : bs, rows, rows + nl);
+    }
+    free(rows);
+    return st;
+}
+
+tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_t n, size_t n_ctx,
+                                   tdm_engine_kv_fn_t fn, void *user, float *logits)
+{
+    int32_t bs = e->cfg.block_size;
+    if (n == 0 || n > (size_t)e->cfg.max_model_len || n_ctx > n)
+        return TDM_ERR_INVALID;
+    if (e->running != NULL || e->waiting != NULL || e->thread_started)
+        return TDM_ERR_BUSY;
+    int32_t nb = ((int32_t)n + bs - 1) / bs;
+    if (nb > tdm_kv_pool_num_free(&e->pool))
+        return TDM_ERR_NOMEM;
+    int32_t *blocks = e->h_tables; /* table 0 */
+    for (int32_t i = 0; i < nb; i++)
+        blocks[i] = tdm_kv_pool_alloc(&e->pool);
+    tdm_status_t st;
+    if (fn == NULL || n_ctx == 0 || n_ctx == n) {
+        st = eval_range(e, tokens, 0, n, blocks, logits);
+    } else {
+        st = eval_range(e, tokens, 0, n_ctx, blocks, logits);
+        if (st == TDM_OK)
+            st = eval_visit_blocks(e, blocks, n_ctx, fn, user);
+        if (st == TDM_OK)
+            st = eval_range(e, tokens, n_ctx, n, blocks, logits);
+    }
     for (int32_t i = 0; i < nb; i++)
         tdm_kv_pool_release(&e->pool, blocks[i]);
     return st;
+}
+
+tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits)
+{
+    return tdm_engine_eval_split(e, tokens, n, 0, NULL, NULL, logits);
 }

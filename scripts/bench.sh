@@ -38,3 +38,25 @@ for b in t["batched"]:
     print(f"{'decode ' + str(b['seqs']) + ' seqs (tok/s)':24s}{b['tok_s']:10.1f}{refs}"
           f"{b['tok_s']/b1:8.2f}x of tandem batch 1" + ("  (target >= 6 at 32)" if b["seqs"] == 32 else ""))
 PY
+
+# The KV store over loopback beside ucx_perftest, and the KV codecs on real
+# SmolLM2 KV (issue 3).
+echo
+echo "bench: tandem bench kvstore"
+"$BUILD/bin/tandem" bench kvstore --json | tee "$out/kvstore.json"
+echo "bench: tandem bench codec"
+"$BUILD/bin/tandem" bench codec --json | tee "$out/codec.json"
+.venv/bin/python - "$out/kvstore.json" "$out/codec.json" <<'PY'
+import json, sys
+k = json.load(open(sys.argv[1])); c = json.load(open(sys.argv[2]))
+print()
+print(f"{'kvstore, ' + str(k['block_bytes']) + ' B blocks':28s}{'GB/s':>8s}{'p50 us':>10s}{'p99 us':>10s}")
+for name, g, p50, p99 in [("PUT, 1 in flight", k["put1_gbps"], k["put1_p50_us"], k["put1_p99_us"]),
+                          ("PUT, 16 in flight", k["put_gbps"], k["put_p50_us"], k["put_p99_us"]),
+                          ("GET, 1 in flight", k["get1_gbps"], k["get1_p50_us"], k["get1_p99_us"]),
+                          ("GET, 16 in flight", k["get_gbps"], k["get_p50_us"], k["get_p99_us"])]:
+    print(f"{name:28s}{g:8.2f}{p50:10.0f}{p99:10.0f}")
+pt = k["perftest_am_gbps"]
+print(f"{'ucx_perftest ucp_am_bw':28s}{pt:8.2f}   GET 16 / perftest = {k['get_gbps'] / pt if pt else 0:.2f} (target >= 0.8)")
+print(json.dumps(c, indent=1)[:2000])
+PY

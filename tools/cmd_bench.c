@@ -1,4 +1,7 @@
-/* tandem bench engine: prefill, decode at batch 1, batched decode.
+/* tandem bench: `tandem bench SUBCOMMAND [flags]`, one function per
+ * subcommand (the table in cmd_bench at the end).
+ *
+ * tandem bench engine: prefill, decode at batch 1, batched decode.
  *
  * Prompts are random token ids (fixed seed), as llama-bench does, so no
  * text or tokenizer effect enters the figures. Prefix caching is off.
@@ -10,10 +13,13 @@
  *            the first steps, then --gen-tokens decode steps; tok/s = tokens
  *            sampled in pure decode steps / their time; p50/p99 of those
  *            steps' latency. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "tandem/kv_codec.h"
 #include "tandem/log.h"
 #include "tool.h"
 
@@ -70,7 +76,7 @@ typedef struct batched_result {
     double tok_s, p50_ms, p99_ms;
 } batched_result_t;
 
-int cmd_bench(int argc, char **argv)
+static int bench_engine(int argc, char **argv)
 {
     tool_engine_opts_t eo;
     tool_engine_opts_default(&eo);
@@ -235,4 +241,451 @@ int cmd_bench(int argc, char **argv)
     free(res);
     tdm_engine_destroy(e);
     return TOOL_EXIT_OK;
+}
+
+/* tandem bench codec: the KV block codecs on real KV.
+ *
+ * The model reads a real English text (--file, else the GPL-3 that every
+ * Debian machine has, else the repository's README.md and docs/DESIGN.md)
+ * in --chunks windows of --ctx tokens, as `tandem ppl` does. The full KV
+ * blocks of the windows' first halves are copied out during the f16 pass;
+ * on them, for each codec: payload bytes per block, the ratio to f16, and
+ * encode and decode speed on one thread in GB of f16 KV per second (best of
+ * 3 timed runs, each over every block, repeated to last at least 0.2 s).
+ * The perplexity of each codec is `tandem ppl --kv-codec` on the same
+ * windows, against the same windows without a codec. */
+
+#define CODEC_BENCH_N 4
+
+typedef struct codec_pass {
+    tdm_kv_codec_ctx_t *ctx;
+    tdm_kv_codec_t codec;
+    uint8_t *payload;
+    size_t cap;
+    uint16_t *store; /* copies of full blocks: [block][layer][K, V][block_size][kv_dim] */
+    int32_t n_stored, max_stored;
+    tdm_status_t st;
+} codec_pass_t;
+
+/* Copies the block out (when there is room and it is full), then passes it
+ * through encode and decode in place (tdm_engine_kv_fn_t). */
+static tdm_status_t codec_pass_block(void *user, int32_t block, int32_t n_tokens,
+                                     uint16_t *const *k, uint16_t *const *v)
+{
+    codec_pass_t *cp = user;
+    const tdm_kv_layout_t *l = tdm_kv_codec_ctx_layout(cp->ctx);
+    size_t rows = (size_t)l->block_size * (size_t)l->n_head_kv * (size_t)l->head_dim;
+    if (cp->store != NULL && n_tokens == l->block_size && cp->n_stored < cp->max_stored) {
+        uint16_t *dst = cp->store + (size_t)cp->n_stored * 2 * (size_t)l->n_layer * rows;
+        for (int32_t il = 0; il < l->n_layer; il++) {
+            memcpy(dst + (2 * (size_t)il) * rows, k[il], rows * sizeof(uint16_t));
+            memcpy(dst + (2 * (size_t)il + 1) * rows, v[il], rows * sizeof(uint16_t));
+        }
+        cp->n_stored++;
+    }
+    size_t len;
+    tdm_status_t st =
+        tdm_kv_codec_encode(cp->ctx, cp->codec, (const uint16_t *const *)k,
+                            (const uint16_t *const *)v, n_tokens, cp->payload, cp->cap, &len);
+    if (st == TDM_OK)
+        st = tdm_kv_codec_decode(cp->ctx, cp->payload, len, n_tokens, k, v, NULL);
+    return st;
+}
+
+/* NLL summed over the scored half of one window's logits; adds the count. */
+static double window_nll(const float *logits, const int32_t *win_next, int ctx, int32_t V,
+                         size_t *count)
+{
+    double nll = 0;
+    for (int j = ctx / 2; j < ctx - 1; j++) {
+        const float *l = logits + (size_t)j * (size_t)V;
+        double mx = l[0];
+        for (int32_t t = 1; t < V; t++)
+            mx = l[t] > mx ? l[t] : mx;
+        double sum = 0;
+        for (int32_t t = 0; t < V; t++)
+            sum += exp((double)l[t] - mx);
+        nll -= (double)l[win_next[j]] - mx - log(sum);
+        (*count)++;
+    }
+    return nll;
+}
+
+/* Perplexity over the windows; with cp, the first halves' KV go through
+ * cp's codec. */
+static tdm_status_t codec_ppl(tdm_engine_t *e, const int32_t *toks, int32_t bos, int n_win, int ctx,
+                              int32_t *win, float *logits, codec_pass_t *cp, double *ppl)
+{
+    int32_t V = tdm_model_hparams(tdm_engine_model(e))->n_vocab;
+    double nll = 0;
+    size_t count = 0;
+    for (int c = 0; c < n_win; c++) {
+        const int32_t *w = toks + (size_t)c * (size_t)ctx;
+        memcpy(win, w, (size_t)ctx * sizeof(int32_t));
+        if (bos >= 0)
+            win[0] = bos;
+        tdm_status_t st = cp != NULL ? tdm_engine_eval_split(e, win, (size_t)ctx, (size_t)ctx / 2,
+                                                             codec_pass_block, cp, logits)
+                                     : tdm_engine_eval(e, win, (size_t)ctx, logits);
+        if (st != TDM_OK)
+            return st;
+        nll += window_nll(logits, w + 1, ctx, V, &count);
+    }
+    *ppl = exp(nll / (double)count);
+    return TDM_OK;
+}
+
+/* Reads the first of the candidate files that exists; *which names it. */
+static char *codec_text(const char *file, size_t *len, char *which, size_t which_len)
+{
+    if (file != NULL) {
+        FILE *f = fopen(file, "rb");
+        char *t = f != NULL ? tool_read_all(f, len) : NULL;
+        if (f != NULL)
+            fclose(f);
+        snprintf(which, which_len, "%s", file);
+        return t;
+    }
+    const char *gpl = "/usr/share/common-licenses/GPL-3";
+    FILE *f = fopen(gpl, "rb");
+    if (f != NULL) {
+        char *t = tool_read_all(f, len);
+        fclose(f);
+        snprintf(which, which_len, "%s", gpl);
+        return t;
+    }
+    /* The repository: the working directory, or two levels above the
+     * binary (build/bin/tandem). */
+    char roots[2][1024] = {".", ""};
+    ssize_t n = readlink("/proc/self/exe", roots[1], sizeof(roots[1]) - 8);
+    if (n > 0) {
+        roots[1][n] = '\0';
+        strcpy(strrchr(roots[1], '/'), "/../.."); /* readlink gives an absolute path */
+    }
+    for (int r = 0; r < 2; r++) {
+        char a[1100], b[1100];
+        if (snprintf(a, sizeof(a), "%s/README.md", roots[r]) >= (int)sizeof(a) ||
+            snprintf(b, sizeof(b), "%s/docs/DESIGN.md", roots[r]) >= (int)sizeof(b))
+            continue;
+        FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+        char *ta = NULL, *tb = NULL, *t = NULL;
+        size_t la = 0, lb = 0;
+        if (fa != NULL && fb != NULL) {
+            ta = tool_read_all(fa, &la);
+            tb = tool_read_all(fb, &lb);
+            t = ta != NULL && tb != NULL ? malloc(la + lb + 2) : NULL;
+        }
+        if (t != NULL) {
+            memcpy(t, ta, la);
+            t[la] = '\n';
+            memcpy(t + la + 1, tb, lb + 1);
+            *len = la + 1 + lb;
+            if (snprintf(which, which_len, "%s + %s", a, b) >= (int)which_len)
+                which[0] = '\0';
+        }
+        free(ta);
+        free(tb);
+        if (fa != NULL)
+            fclose(fa);
+        if (fb != NULL)
+            fclose(fb);
+        if (t != NULL)
+            return t;
+    }
+    return NULL;
+}
+
+typedef struct codec_result {
+    tdm_kv_codec_t codec;
+    double bytes;   /* mean payload bytes per block */
+    double enc_gbs; /* GB of f16 KV per second */
+    double dec_gbs;
+    double ppl;
+    double kv_rel_err; /* ||decoded - f16|| / ||f16|| over all blocks */
+} codec_result_t;
+
+/* Best of 3 timed runs of encoding (decode false) or decoding every block;
+ * each run repeats the pass until 0.2 s have gone. Returns GB/s of f16 KV. */
+static double codec_time(tdm_kv_codec_ctx_t *ctx, tdm_kv_codec_t codec, bool decode, uint16_t **kp,
+                         uint16_t **vp, uint16_t **okp, uint16_t **ovp, int nb, uint8_t *payloads,
+                         size_t cap, size_t *lens)
+{
+    const tdm_kv_layout_t *l = tdm_kv_codec_ctx_layout(ctx);
+    size_t nl = (size_t)l->n_layer;
+    double best = 0;
+    for (int trial = 0; trial < 3; trial++) {
+        double t0 = tool_now(), t;
+        int64_t passes = 0;
+        do {
+            for (int b = 0; b < nb; b++) {
+                if (decode)
+                    tdm_kv_codec_decode(ctx, payloads + (size_t)b * cap, lens[b], l->block_size,
+                                        okp + (size_t)b * nl, ovp + (size_t)b * nl, NULL);
+                else
+                    tdm_kv_codec_encode(ctx, codec, (const uint16_t *const *)kp + (size_t)b * nl,
+                                        (const uint16_t *const *)vp + (size_t)b * nl, l->block_size,
+                                        payloads + (size_t)b * cap, cap, &lens[b]);
+            }
+            passes++;
+            t = tool_now() - t0;
+        } while (t < 0.2);
+        double gbs =
+            (double)passes * nb * (double)tdm_kv_layout_f16_bytes(l, l->block_size) / t / 1e9;
+        best = gbs > best ? gbs : best;
+    }
+    return best;
+}
+
+/* The model name as a JSON string body (quotes and controls dropped). */
+static void json_safe(const char *in, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (; *in != '\0' && o + 1 < cap; in++)
+        if (*in != '"' && *in != '\\' && (unsigned char)*in >= 0x20)
+            out[o++] = *in;
+    out[o] = '\0';
+}
+
+static int bench_codec(int argc, char **argv)
+{
+    tool_engine_opts_t eo;
+    tool_engine_opts_default(&eo);
+    const char *file = NULL;
+    int ctx = 512, chunks = 8;
+    bool json = false;
+    tdm_flag_t flags[24];
+    size_t n = tool_engine_flags(&eo, flags);
+    tdm_flag_t more[] = {
+        {"file", 'f', TDM_FLAG_TYPE_STR, &file,
+         "English text (default: /usr/share/common-licenses/GPL-3, else README.md + "
+         "docs/DESIGN.md)",
+         NULL},
+        {"ctx", 'c', TDM_FLAG_TYPE_INT, &ctx, "window length in tokens", NULL},
+        {"chunks", 0, TDM_FLAG_TYPE_INT, &chunks, "windows to run (at most)", NULL},
+        {"json", 0, TDM_FLAG_TYPE_BOOL, &json, "print one JSON object instead of a table", NULL},
+    };
+    memcpy(flags + n, more, sizeof(more));
+    n += sizeof(more) / sizeof(more[0]);
+    const char *pos[1];
+    size_t n_pos = 0;
+    int rc;
+    if (!tool_parse("bench codec [-m MODEL] [-f TEXT] [--json]",
+                    "KV block codecs on the model's KV of a real text: payload size, encode and "
+                    "decode GB/s, perplexity change.",
+                    flags, n, argc, argv, pos, 1, &n_pos, &rc))
+        return rc;
+    if (n_pos != 1 || strcmp(pos[0], "codec") != 0 || ctx < 32 || chunks < 1) {
+        fprintf(stderr, "tandem bench codec: a --ctx of at least 32 and --chunks >= 1\n");
+        return TOOL_EXIT_USAGE;
+    }
+    char which[2400];
+    size_t len = 0;
+    char *text = codec_text(file, &len, which, sizeof(which));
+    if (text == NULL) {
+        fprintf(stderr, "tandem bench codec: no text to read (%s); give -f TEXT\n",
+                file ? file : "GPL-3, README.md, docs/DESIGN.md");
+        return TOOL_EXIT_USAGE;
+    }
+    eo.enable_prefix_caching = false;
+    if (eo.max_model_len < ctx)
+        eo.max_model_len = ctx;
+    tdm_engine_t *e;
+    rc = tool_engine_create(&eo, &e);
+    if (rc != TOOL_EXIT_OK) {
+        free(text);
+        return rc;
+    }
+    const tdm_model_t *m = tdm_engine_model(e);
+    const tdm_tokenizer_t *tok = tdm_model_tokenizer(m);
+    int32_t V = tdm_model_hparams(m)->n_vocab;
+    tdm_kv_layout_t layout;
+    tdm_engine_kv_layout(e, &layout);
+    size_t nl = (size_t)layout.n_layer,
+           f16_block = tdm_kv_layout_f16_bytes(&layout, layout.block_size);
+    static const char *const names[CODEC_BENCH_N] = {"f16", "f16+lz4", "q8", "q8+lz4"};
+    codec_result_t res[CODEC_BENCH_N];
+    memset(res, 0, sizeof(res));
+    int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
+    size_t off = bos >= 0 ? 1 : 0, nt = 0;
+    int32_t *toks = malloc((len + 16) * sizeof(int32_t));
+    int32_t *win = malloc((size_t)ctx * sizeof(int32_t));
+    float *logits = malloc((size_t)ctx * (size_t)V * sizeof(float));
+    codec_pass_t cp = {0};
+    uint16_t **ptrs = NULL, *out_blocks = NULL;
+    uint8_t *payloads = NULL;
+    size_t *lens = NULL;
+    rc = TOOL_EXIT_FAIL;
+    if (toks == NULL || win == NULL || logits == NULL ||
+        tdm_kv_codec_ctx_create(&layout, &cp.ctx) != TDM_OK) {
+        fprintf(stderr, "tandem bench codec: out of memory\n");
+        goto out;
+    }
+    if (bos >= 0)
+        toks[0] = bos;
+    if (tdm_tokenizer_encode(tok, text, len, false, toks + off, len + 16 - off, &nt) != TDM_OK) {
+        fprintf(stderr, "tandem bench codec: cannot tokenize %s\n", which);
+        goto out;
+    }
+    nt += off;
+    int n_win = (int)(nt / (size_t)ctx) < chunks ? (int)(nt / (size_t)ctx) : chunks;
+    if (n_win < 1) {
+        fprintf(stderr, "tandem bench codec: %s has %zu tokens, under one window of %d\n", which,
+                nt, ctx);
+        rc = TOOL_EXIT_USAGE;
+        goto out;
+    }
+    /* Room for every full block of the windows' first halves. */
+    cp.max_stored = n_win * (ctx / 2 / layout.block_size);
+    cp.cap = tdm_kv_codec_max_size(&layout, (tdm_kv_codec_t){TDM_KV_CODEC_TYPE_F16, false});
+    {
+        tdm_kv_codec_t q8 = {TDM_KV_CODEC_TYPE_Q8, false};
+        size_t c2 = tdm_kv_codec_max_size(&layout, q8);
+        cp.cap = c2 > cp.cap ? c2 : cp.cap;
+    }
+    cp.payload = malloc(cp.cap);
+    cp.store = malloc((size_t)cp.max_stored * f16_block + 1);
+    out_blocks = malloc((size_t)cp.max_stored * f16_block + 1);
+    payloads = malloc((size_t)cp.max_stored * cp.cap + 1);
+    lens = calloc((size_t)cp.max_stored + 1, sizeof(size_t));
+    ptrs = malloc(4 * nl * ((size_t)cp.max_stored + 1) * sizeof(*ptrs));
+    if (cp.payload == NULL || cp.store == NULL || out_blocks == NULL || payloads == NULL ||
+        lens == NULL || ptrs == NULL) {
+        fprintf(stderr, "tandem bench codec: out of memory for %d blocks\n", cp.max_stored);
+        goto out;
+    }
+    fprintf(stderr, "bench codec: %s, text %s (%zu tokens), %d windows of %d\n", tdm_model_name(m),
+            which, nt, n_win, ctx);
+
+    /* Perplexity: no codec, then each codec (the f16 pass keeps the blocks). */
+    double ppl_base;
+    fprintf(stderr, "bench codec: perplexity without a codec\n");
+    if (codec_ppl(e, toks, bos, n_win, ctx, win, logits, NULL, &ppl_base) != TDM_OK)
+        goto eval_failed;
+    for (int c = 0; c < CODEC_BENCH_N; c++) {
+        tdm_kv_codec_parse(names[c], &res[c].codec);
+        cp.codec = res[c].codec;
+        fprintf(stderr, "bench codec: perplexity with %s\n", names[c]);
+        if (codec_ppl(e, toks, bos, n_win, ctx, win, logits, &cp, &res[c].ppl) != TDM_OK)
+            goto eval_failed;
+        if (c == 0)
+            cp.max_stored = cp.n_stored; /* the f16 pass kept them; later passes do not */
+    }
+    int nb = cp.n_stored;
+    size_t rows = f16_block / sizeof(uint16_t) / (2 * nl);
+    uint16_t **kp = ptrs, **vp = ptrs + nl * (size_t)nb, **okp = ptrs + 2 * nl * (size_t)nb,
+             **ovp = ptrs + 3 * nl * (size_t)nb;
+    for (int b = 0; b < nb; b++)
+        for (size_t il = 0; il < nl; il++) {
+            size_t o = ((size_t)b * 2 * nl + 2 * il) * rows;
+            kp[(size_t)b * nl + il] = cp.store + o;
+            vp[(size_t)b * nl + il] = cp.store + o + rows;
+            okp[(size_t)b * nl + il] = out_blocks + o;
+            ovp[(size_t)b * nl + il] = out_blocks + o + rows;
+        }
+
+    /* Sizes, speed and KV error on the stored blocks, one thread. */
+    for (int c = 0; c < CODEC_BENCH_N; c++) {
+        fprintf(stderr, "bench codec: %s on %d blocks of %zu bytes\n", names[c], nb, f16_block);
+        res[c].enc_gbs =
+            codec_time(cp.ctx, res[c].codec, false, kp, vp, okp, ovp, nb, payloads, cp.cap, lens);
+        res[c].dec_gbs =
+            codec_time(cp.ctx, res[c].codec, true, kp, vp, okp, ovp, nb, payloads, cp.cap, lens);
+        double bytes = 0, err2 = 0, ref2 = 0;
+        for (int b = 0; b < nb; b++) {
+            bytes += (double)lens[b];
+            if (tdm_kv_codec_decode(cp.ctx, payloads + (size_t)b * cp.cap, lens[b],
+                                    layout.block_size, okp + (size_t)b * nl, ovp + (size_t)b * nl,
+                                    NULL) != TDM_OK)
+                goto eval_failed;
+        }
+        size_t count = (size_t)nb * f16_block / sizeof(uint16_t);
+        for (size_t i = 0; i < count; i++) {
+            double x = tdm_f16_to_f32(cp.store[i]), y = tdm_f16_to_f32(out_blocks[i]);
+            err2 += (y - x) * (y - x);
+            ref2 += x * x;
+        }
+        res[c].bytes = bytes / nb;
+        res[c].kv_rel_err = ref2 > 0 ? sqrt(err2 / ref2) : 0;
+    }
+
+    char name[256];
+    json_safe(tdm_model_name(m), name, sizeof(name));
+    if (json) {
+        char text_s[sizeof(which)];
+        json_safe(which, text_s, sizeof(text_s));
+        printf("{\"model\": \"%s\", \"text\": \"%s\", \"text_tokens\": %zu, \"ctx\": %d, "
+               "\"windows\": %d, \"blocks\": %d, \"block_size\": %d, \"f16_block_bytes\": %zu, "
+               "\"threads\": 1, \"ppl_no_codec\": %.4f, \"codecs\": [",
+               name, text_s, nt, ctx, n_win, nb, layout.block_size, f16_block, ppl_base);
+        for (int c = 0; c < CODEC_BENCH_N; c++)
+            printf("%s{\"codec\": \"%s\", \"bytes_per_block\": %.0f, \"ratio_vs_f16\": %.4f, "
+                   "\"encode_gb_s\": %.3f, \"decode_gb_s\": %.3f, \"ppl\": %.4f, "
+                   "\"ppl_change_pct\": %.4f, \"kv_rel_err\": %.3g}",
+                   c ? ", " : "", names[c], res[c].bytes, res[0].bytes / res[c].bytes,
+                   res[c].enc_gbs, res[c].dec_gbs, res[c].ppl,
+                   100.0 * (res[c].ppl / ppl_base - 1.0), res[c].kv_rel_err);
+        printf("]}\n");
+    } else {
+        printf("model   %s: %d layers x %d KV heads x %d dims, blocks of %d tokens (%zu bytes "
+               "in f16)\n",
+               name, layout.n_layer, layout.n_head_kv, layout.head_dim, layout.block_size,
+               f16_block);
+        printf("text    %s: %zu tokens; %d windows of %d; %d full blocks measured, 1 thread\n",
+               which, nt, n_win, ctx, nb);
+        printf("ppl     %.4f without a codec; with one, each window's first-half KV goes "
+               "through encode + decode before the second half is scored\n",
+               ppl_base);
+        printf("%-8s %12s %8s %12s %12s %10s %9s %11s\n", "codec", "bytes/block", "vs f16",
+               "encode GB/s", "decode GB/s", "ppl", "ppl chg", "KV rel err");
+        for (int c = 0; c < CODEC_BENCH_N; c++)
+            printf("%-8s %12.0f %7.3fx %12.2f %12.2f %10.4f %8.3f%% %11.2e\n", names[c],
+                   res[c].bytes, res[0].bytes / res[c].bytes, res[c].enc_gbs, res[c].dec_gbs,
+                   res[c].ppl, 100.0 * (res[c].ppl / ppl_base - 1.0), res[c].kv_rel_err);
+    }
+    rc = TOOL_EXIT_OK;
+    goto out;
+eval_failed:
+    fprintf(stderr, "tandem bench codec: evaluation or a codec failed\n");
+out:
+    free(ptrs);
+    free(lens);
+    free(payloads);
+    free(out_blocks);
+    free(cp.store);
+    free(cp.payload);
+    tdm_kv_codec_ctx_destroy(cp.ctx);
+    free(logits);
+    free(win);
+    free(toks);
+    free(text);
+    tdm_engine_destroy(e);
+    return rc;
+}
+
+/* `tandem bench SUBCOMMAND`: the first argument naming a subcommand picks
+ * it; the subcommand parses all the arguments (its name included). */
+int cmd_bench(int argc, char **argv)
+{
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+        const char *help;
+    } subs[] = {
+        {"engine", bench_engine, "prefill, decode and batched decode throughput"},
+        {"codec", bench_codec, "KV block codecs: size, GB/s, perplexity change on real KV"},
+#ifdef TANDEM_HAVE_NET
+        {"kvstore", cmd_bench_kvstore, "tandem-kvstore PUT/GET over loopback beside ucx_perftest"},
+#endif
+    };
+    const size_t n_subs = sizeof(subs) / sizeof(subs[0]);
+    for (int i = 0; i < argc; i++)
+        for (size_t s = 0; s < n_subs; s++)
+            if (strcmp(argv[i], subs[s].name) == 0)
+                return subs[s].fn(argc, argv);
+    bool help = argc > 0 && (strcmp(argv[0], "-h") == 0 || strcmp(argv[0], "--help") == 0);
+    FILE *f = help ? stdout : stderr;
+    fprintf(f, "usage: tandem bench SUBCOMMAND [flags]   (tandem bench SUBCOMMAND --help)\n\n");
+    for (size_t s = 0; s < n_subs; s++)
+        fprintf(f, "  %-8s %s\n", subs[s].name, subs[s].help);
+    return help ? TOOL_EXIT_OK : TOOL_EXIT_USAGE;
 }

@@ -4,20 +4,52 @@
  * BOS if the model wants one), cut into consecutive windows of ctx tokens
  * (the first token of each window replaced by BOS when the model uses one),
  * and only the second half of each window is scored, so every scored token
- * has at least ctx/2 tokens of context. PPL = exp(mean NLL). */
+ * has at least ctx/2 tokens of context. PPL = exp(mean NLL).
+ *
+ * --kv-codec NAME simulates KV that crossed the network from a prefill
+ * node to a decode node: per window, the first half is evaluated, each of
+ * its KV blocks goes through the codec's encode and decode in place, and
+ * the second half is evaluated attending to that KV (tdm_engine_eval_split).
+ * With the lossless f16 codec the result is bit-identical to no codec. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "tandem/kv_codec.h"
 #include "tandem/log.h"
 #include "tool.h"
+
+/* Encode + decode of each context block, in place (tdm_engine_kv_fn_t). */
+typedef struct ppl_codec {
+    tdm_kv_codec_t codec;
+    tdm_kv_codec_ctx_t *ctx;
+    uint8_t *payload; /* tdm_kv_codec_max_size() bytes */
+    size_t cap;
+    uint64_t blocks, payload_bytes, f16_bytes;
+} ppl_codec_t;
+
+static tdm_status_t ppl_codec_roundtrip(void *user, int32_t block, int32_t n_tokens,
+                                        uint16_t *const *k, uint16_t *const *v)
+{
+    ppl_codec_t *pc = user;
+    size_t len;
+    tdm_status_t st =
+        tdm_kv_codec_encode(pc->ctx, pc->codec, (const uint16_t *const *)k,
+                            (const uint16_t *const *)v, n_tokens, pc->payload, pc->cap, &len);
+    if (st == TDM_OK)
+        st = tdm_kv_codec_decode(pc->ctx, pc->payload, len, n_tokens, k, v, NULL);
+    pc->blocks++;
+    pc->payload_bytes += len;
+    pc->f16_bytes += tdm_kv_layout_f16_bytes(tdm_kv_codec_ctx_layout(pc->ctx), n_tokens);
+    return st;
+}
 
 int cmd_ppl(int argc, char **argv)
 {
     tool_engine_opts_t eo;
     tool_engine_opts_default(&eo);
-    const char *file = NULL;
+    const char *file = NULL, *kv_codec = NULL;
     int ctx = 512, max_chunks = 0;
     tdm_flag_t flags[24];
     size_t n = tool_engine_flags(&eo, flags);
@@ -26,16 +58,23 @@ int cmd_ppl(int argc, char **argv)
         {"ctx", 'c', TDM_FLAG_TYPE_INT, &ctx, "window length in tokens", NULL},
         {"chunks", 0, TDM_FLAG_TYPE_INT, &max_chunks, "score at most this many windows (0: all)",
          NULL},
+        {"kv-codec", 0, TDM_FLAG_TYPE_STR, &kv_codec,
+         "pass the first half's KV through this codec (f16, q8, f16+lz4, q8+lz4)", NULL},
     };
     memcpy(flags + n, more, sizeof(more));
     n += sizeof(more) / sizeof(more[0]);
     int rc;
-    if (!tool_parse("ppl [-m MODEL] -f TEXT [--ctx N]",
+    if (!tool_parse("ppl [-m MODEL] -f TEXT [--ctx N] [--kv-codec NAME]",
                     "Perplexity of a text file, scored in windows as llama.cpp's perplexity does.",
                     flags, n, argc, argv, NULL, 0, NULL, &rc))
         return rc;
     if (file == NULL || ctx < 16) {
         fprintf(stderr, "tandem ppl: give -f TEXT and a --ctx of at least 16\n");
+        return TOOL_EXIT_USAGE;
+    }
+    ppl_codec_t pc = {0};
+    if (kv_codec != NULL && tdm_kv_codec_parse(kv_codec, &pc.codec) != TDM_OK) {
+        fprintf(stderr, "tandem ppl: --kv-codec must be f16, q8, f16+lz4 or q8+lz4\n");
         return TOOL_EXIT_USAGE;
     }
     FILE *f = fopen(file, "rb");
@@ -59,6 +98,21 @@ int cmd_ppl(int argc, char **argv)
     const tdm_model_t *m = tdm_engine_model(e);
     const tdm_tokenizer_t *tok = tdm_model_tokenizer(m);
     int32_t V = tdm_model_hparams(m)->n_vocab;
+    if (kv_codec != NULL) {
+        tdm_kv_layout_t layout;
+        tdm_engine_kv_layout(e, &layout);
+        if (tdm_kv_codec_ctx_create(&layout, &pc.ctx) == TDM_OK) {
+            pc.cap = tdm_kv_codec_max_size(&layout, pc.codec);
+            pc.payload = malloc(pc.cap);
+        }
+        if (pc.payload == NULL) {
+            fprintf(stderr, "tandem ppl: out of memory for the KV codec\n");
+            tdm_kv_codec_ctx_destroy(pc.ctx);
+            tdm_engine_destroy(e);
+            free(text);
+            return TOOL_EXIT_FAIL;
+        }
+    }
     size_t cap = len + 16, nt = 0;
     int32_t *toks = malloc(cap * sizeof(int32_t));
     int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
@@ -83,8 +137,9 @@ int cmd_ppl(int argc, char **argv)
         rc = TOOL_EXIT_USAGE;
         goto out;
     }
-    fprintf(stderr, "ppl: %zu tokens, %zu windows of %d, scoring the second half of each\n", nt,
-            n_chunks, ctx);
+    fprintf(stderr, "ppl: %zu tokens, %zu windows of %d, scoring the second half of each%s%s\n", nt,
+            n_chunks, ctx, kv_codec ? ", first half's KV through codec " : "",
+            kv_codec ? tdm_kv_codec_name(pc.codec) : "");
     double nll = 0, nll2 = 0;
     size_t count = 0;
     int first = ctx / 2;
@@ -93,7 +148,11 @@ int cmd_ppl(int argc, char **argv)
         memcpy(win, toks + c * (size_t)ctx, (size_t)ctx * sizeof(int32_t));
         if (bos >= 0)
             win[0] = bos;
-        if (tdm_engine_eval(e, win, (size_t)ctx, logits) != TDM_OK) {
+        tdm_status_t st = kv_codec != NULL
+                              ? tdm_engine_eval_split(e, win, (size_t)ctx, (size_t)first,
+                                                      ppl_codec_roundtrip, &pc, logits)
+                              : tdm_engine_eval(e, win, (size_t)ctx, logits);
+        if (st != TDM_OK) {
             fprintf(stderr, "tandem ppl: evaluation failed\n");
             rc = TOOL_EXIT_FAIL;
             goto out;
@@ -119,12 +178,21 @@ int cmd_ppl(int argc, char **argv)
     double err = count > 1 && var > 0 ? sqrt(var / (double)(count - 1)) : 0;
     printf("Final estimate: PPL = %.4f +/- %.5f\n", exp(mean), exp(mean) * err);
     fprintf(stderr, "ppl: %zu tokens scored in %.1f s\n", count, tool_now() - t0);
+    if (pc.blocks > 0)
+        fprintf(stderr,
+                "ppl: KV codec %s: %llu blocks, %.0f payload bytes per block, %.3fx smaller "
+                "than f16\n",
+                tdm_kv_codec_name(pc.codec), (unsigned long long)pc.blocks,
+                (double)pc.payload_bytes / (double)pc.blocks,
+                (double)pc.f16_bytes / (double)pc.payload_bytes);
     rc = TOOL_EXIT_OK;
 out:
     free(win);
     free(logits);
     free(toks);
     free(text);
+    free(pc.payload);
+    tdm_kv_codec_ctx_destroy(pc.ctx);
     tdm_engine_destroy(e);
     return rc;
 }

@@ -20,6 +20,7 @@
 #include "tandem/gguf.h"
 #include "tandem/hash.h"
 #include "tandem/kernels.h"
+#include "tandem/kv_codec.h"
 #include "tandem/sampler.h"
 #include "tandem/status.h"
 #include "tandem/tokenizer.h"
@@ -163,6 +164,28 @@ void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s);
  * every position into logits[n][n_vocab] (for perplexity and tests). Uses
  * a private sequence of the cache; chunked by max_num_batched_tokens. */
 tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits);
+
+/* What a KV block payload of this engine must match (kv_codec.h). */
+void tdm_engine_kv_layout(const tdm_engine_t *e, tdm_kv_layout_t *out);
+
+/* Called by tdm_engine_eval_split for block `block` of the evaluated
+ * sequence (positions block * block_size ..), which holds n_tokens
+ * positions: k[layer] and v[layer] point to its K and V rows,
+ * [n_tokens][kv_dim] f16, host memory valid during the call. What the
+ * function leaves there is what later positions attend to. A status other
+ * than TDM_OK stops the evaluation and is returned. */
+typedef tdm_status_t (*tdm_engine_kv_fn_t)(void *user, int32_t block, int32_t n_tokens,
+                                           uint16_t *const *k, uint16_t *const *v);
+
+/* tdm_engine_eval in two halves, to simulate KV that crossed the network
+ * (e.g. through a KV codec): evaluates tokens [0, n_ctx), calls fn for
+ * every block holding those positions in order (the last one partial when
+ * n_ctx is not a multiple of the block size), then evaluates [n_ctx, n)
+ * attending to that KV. Logits of all n positions, as tdm_engine_eval
+ * gives them; with a fn that changes nothing they are bit-identical to
+ * tdm_engine_eval's. n_ctx == 0 or n or fn == NULL: tdm_engine_eval. */
+tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_t n, size_t n_ctx,
+                                   tdm_engine_kv_fn_t fn, void *user, float *logits);
 
 #ifdef __cplusplus
 }
