@@ -11,7 +11,7 @@ static void usage(FILE *f)
                "  generate     generate text from a prompt or a chat message (streams to stdout)\n"
                "  tokenize     text on stdin -> token ids\n"
                "  detokenize   token ids on stdin -> text\n"
-               "  bench        bench engine: prefill, decode and batched decode throughput\n"
+               "  bench        bench engine | codec | kvstore: throughput figures (--json)\n"
                "  ppl          perplexity of a text file\n"
                "  mkmodel      write a small Llama GGUF with random weights\n"
                "  logits       logits of a prompt's last position (for tests)\n");

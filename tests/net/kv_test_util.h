@@ -28,10 +28,10 @@
 #ifndef TANDEM_TESTS_KV_TEST_UTIL_H
 #define TANDEM_TESTS_KV_TEST_UTIL_H
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <arpa/inet.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -299,10 +299,10 @@ static inline void kvt_log_dump(const char *path, int max_lines)
 
 /* One tandem-kvstore process. */
 typedef struct kvt_store {
-    pid_t pid;           /* 0 once stopped */
-    int port;            /* UCX listener */
-    char addr[96];       /* "host:port", for tdm_kvc_config_t.stores */
-    char log_path[256];  /* its stdout and stderr */
+    pid_t pid;          /* 0 once stopped */
+    int port;           /* UCX listener */
+    char addr[96];      /* "host:port", for tdm_kvc_config_t.stores */
+    char log_path[256]; /* its stdout and stderr */
 } kvt_store_t;
 
 /* Starts `[prefix...] tandem-kvstore --listen host:port --metrics-port 0
