@@ -298,14 +298,7 @@ static double window_nll(const float *logits, const int32_t *win_next, int ctx, 
 {
     double nll = 0;
     for (int j = ctx / 2; j < ctx - 1; j++) {
-        const float *l = logits + (size_t)j * (size_t)V;
-        double mx = l[0];
-        for (int32_t t = 1; t < V; t++)
-            mx = l[t] > mx ? l[t] : mx;
-        double sum = 0;
-        for (int32_t t = 0; t < V; t++)
-            sum += exp((double)l[t] - mx);
-        nll -= (double)l[win_next[j]] - mx - log(sum);
+        nll -= tool_token_logprob(logits + (size_t)j * (size_t)V, V, win_next[j]);
         (*count)++;
     }
     return nll;

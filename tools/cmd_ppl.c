@@ -158,14 +158,8 @@ int cmd_ppl(int argc, char **argv)
             goto out;
         }
         for (int j = first; j < ctx - 1; j++) {
-            const float *l = logits + (size_t)j * (size_t)V;
-            double mx = l[0];
-            for (int32_t v = 1; v < V; v++)
-                mx = l[v] > mx ? l[v] : mx;
-            double sum = 0;
-            for (int32_t v = 0; v < V; v++)
-                sum += exp((double)l[v] - mx);
-            double lp = (double)l[toks[c * (size_t)ctx + (size_t)j + 1]] - mx - log(sum);
+            double lp = tool_token_logprob(logits + (size_t)j * (size_t)V, V,
+                                           toks[c * (size_t)ctx + (size_t)j + 1]);
             nll -= lp;
             nll2 += lp * lp;
             count++;

@@ -1,5 +1,6 @@
 #include "tool.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,4 +178,15 @@ uint64_t tool_rng_next(uint64_t *state)
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+double tool_token_logprob(const float *l, int32_t n_vocab, int32_t token)
+{
+    double mx = l[0];
+    for (int32_t t = 1; t < n_vocab; t++)
+        mx = l[t] > mx ? l[t] : mx;
+    double sum = 0;
+    for (int32_t t = 0; t < n_vocab; t++)
+        sum += exp((double)l[t] - mx);
+    return (double)l[token] - mx - log(sum);
 }

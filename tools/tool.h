@@ -53,6 +53,8 @@ double tool_now(void); /* monotonic seconds */
 /* splitmix64: the next number of a seeded sequence (benchmark prompts,
  * synthetic weights); the same seed always gives the same sequence. */
 uint64_t tool_rng_next(uint64_t *state);
+/* log p(token) from one row of logits (n_vocab floats), in double. */
+double tool_token_logprob(const float *logits, int32_t n_vocab, int32_t token);
 
 int cmd_generate(int argc, char **argv);
 int cmd_logits(int argc, char **argv);
