@@ -474,6 +474,97 @@ static void test_kill_client_mid_put(kvt_store_t *st)
     free(keys);
 }
 
+/* ---- 5b. a client that stops reading (SIGSTOP) blocks nobody ---- */
+
+static void client_getter(const char *addr, int ready_fd)
+{
+    enum { N = 256, B = 1024 * 1024 };
+    tdm_kvc_t *k = client(&addr, 1, 1, 60000);
+    if (k == NULL)
+        _exit(3);
+    uint8_t *buf = malloc(B), *dst = malloc((size_t)N * B);
+    memset(buf, 0x11, B);
+    tdm_hash128_t keys[N];
+    void *bufs[N];
+    size_t caps[N], lens[N];
+    tdm_status_t sts[N];
+    for (int i = 0; i < N; i++) {
+        keys[i] = key_of(8, (uint64_t)i);
+        bufs[i] = dst + (size_t)i * B;
+        caps[i] = B;
+        if (put1(k, keys[i], buf, B, 0) != TDM_OK)
+            _exit(4);
+    }
+    got_t g = {0};
+    if (tdm_kvc_get(k, N, keys, bufs, caps, lens, sts, got_cb, &g) != TDM_OK)
+        _exit(5);
+    for (int i = 0; i < 3; i++)
+        tdm_kvc_progress(k);
+    if (write(ready_fd, "r", 1) != 1) /* the parent stops this process now */
+        _exit(6);
+    while (!g.done)
+        if (tdm_kvc_progress(k) == 0)
+            tdm_kvc_wait(k, 2);
+    _exit(0);
+}
+
+static void test_stalled_client(kvt_store_t *st)
+{
+    int fds[2];
+    CHECK(pipe(fds) == 0, "pipe");
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        client_getter(st->addr, fds[1]);
+    }
+    close(fds[1]);
+    char c;
+    struct pollfd pfd = {.fd = fds[0], .events = POLLIN};
+    bool started = poll(&pfd, 1, 20000) == 1 && read(fds[0], &c, 1) == 1;
+    close(fds[0]);
+    CHECK(started, "the reading client started its GET");
+    kill(pid, SIGSTOP);
+    /* another client is served at once, while the stalled one holds a
+     * 256 MiB GET */
+    tdm_kvc_t *k = client((const char *const[]){st->addr}, 1, 1, 3000);
+    CHECK(k != NULL, "a second client connects while the first is stalled");
+    int bad = 0;
+    int64_t t0 = tdm_net_now_ms(), worst = 0;
+    uint8_t buf[4096], out[4096];
+    memset(buf, 0x21, sizeof(buf));
+    for (int i = 0; k != NULL && i < 50; i++) {
+        int64_t t = tdm_net_now_ms();
+        tdm_hash128_t key = key_of(9, (uint64_t)i);
+        bad += put1(k, key, buf, sizeof(buf), 0) != TDM_OK;
+        void *d[1] = {out};
+        size_t cap = sizeof(out), len;
+        tdm_status_t s;
+        bad += tdm_kvc_get_sync(k, 1, &key, d, &cap, &len, &s) != TDM_OK || s != TDM_OK;
+        if (tdm_net_now_ms() - t > worst)
+            worst = tdm_net_now_ms() - t;
+    }
+    CHECK(bad == 0, "%d operations of the second client failed", bad);
+    printf("stalled client: 50 PUT+GET of another client in %lld ms (worst %lld ms)\n",
+           (long long)(tdm_net_now_ms() - t0), (long long)worst);
+    /* after --client-timeout the store lets the stalled client go */
+    tdm_kvc_stats_t s = {0};
+    int64_t t1 = tdm_net_now_ms();
+    while (k != NULL && tdm_net_now_ms() - t1 < 10000) {
+        if (tdm_kvc_stats_sync(k, 0, &s) == TDM_OK && s.clients == 1 && s.pinned == 0)
+            break;
+        usleep(50000);
+    }
+    CHECK(s.clients == 1 && s.pinned == 0,
+          "the stalled client was disconnected: %llu clients, %llu pinned blocks",
+          (unsigned long long)s.clients, (unsigned long long)s.pinned);
+    CHECK(kvt_log_find(st->log_path, 0, "client-timeout"), "the store logged why");
+    kill(pid, SIGKILL);
+    kill(pid, SIGCONT);
+    waitpid(pid, NULL, 0);
+    if (k != NULL)
+        tdm_kvc_destroy(k);
+}
+
 /* ---- 6. SIGTERM drains: a GET in flight completes, then exit 0 ---- */
 
 static void test_sigterm(kvt_store_t *st)
@@ -547,6 +638,14 @@ int main(void)
     else
         CHECK(0, "start store c");
     kvt_store_free(&c);
+    kvt_store_t e;
+    const char *impatient[] = {
+        "--capacity", "512MiB", "--max-block-bytes", "1MiB", "--client-timeout", "1000", NULL};
+    if (kvt_store_start(&e, "127.0.0.1", TOKEN, impatient, 20000) == 0)
+        test_stalled_client(&e);
+    else
+        CHECK(0, "start store e");
+    kvt_store_free(&e);
     kvt_store_t d;
     if (kvt_store_start(&d, "127.0.0.1", TOKEN, big, 20000) == 0) {
         test_kill_client_mid_put(&d);
