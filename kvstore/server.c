@@ -792,8 +792,19 @@ static void check_clients(kvs_server_t *srv, int64_t now)
     kvs_client_t *cl = srv->clients;
     while (cl != NULL) {
         kvs_client_t *next = cl->next;
-        if (cl->conn != NULL && cl->transfers > 0 &&
-            now - cl->last_progress > srv->cfg.client_timeout_ms) {
+        /* a PUT batch whose items stopped coming holds a slot: the
+         * client is as stuck as one that stopped reading */
+        bool stale_batch = false;
+        for (kvs_batch_t *b = cl->batches; b != NULL; b = b->next)
+            stale_batch |= now * 1000 - b->started_us > (int64_t)srv->cfg.client_timeout_ms * 1000;
+        if (cl->conn != NULL && cl->transfers == 0 && stale_batch) {
+            tdm_log_warn(LOG_MOD,
+                         "client %s left a PUT batch incomplete for %d ms; closing it "
+                         "(--client-timeout)",
+                         cl->name, srv->cfg.client_timeout_ms);
+            client_close(cl, true);
+        } else if (cl->conn != NULL && cl->transfers > 0 &&
+                   now - cl->last_progress > srv->cfg.client_timeout_ms) {
             tdm_log_warn(LOG_MOD,
                          "client %s moved no data for %d ms with %d transfers pending; closing "
                          "it (--client-timeout)",

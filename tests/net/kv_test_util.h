@@ -12,8 +12,12 @@
  * Every wait has a timeout. Every process started here is recorded and
  * killed (SIGKILL) and reaped by an atexit handler, so a test that fails
  * or exits early leaves no store behind; call kvt_reap_all() yourself from
- * a signal handler path if the test installs one. Processes that a test
- * kills itself are forgotten when reaped (kvt_wait_pid / kvt_kill).
+ * a signal handler path if the test installs one. A test that dies
+ * without atexit (killed, aborted by a sanitizer) takes its processes
+ * along: they get SIGKILL when it ends (PR_SET_PDEATHSIG). Processes that
+ * a test kills itself are forgotten when reaped (kvt_wait_pid / kvt_kill).
+ * Call all of these from the test's main thread: a child process is tied
+ * to the thread that started it.
  *
  * Ports: listen only below 32768 (DESIGN.md "Known traps");
  * kvt_free_port() tries bind() on candidates in 20000..31999 chosen from
@@ -38,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -173,10 +178,15 @@ static inline bool kvt_alive(pid_t pid)
 static inline pid_t kvt_spawn(char *const argv[], const char *log_path)
 {
     fflush(NULL);
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0)
         return -1;
     if (pid == 0) {
+        /* dies with the test, even one killed or aborted before atexit */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(125);
         int in = open("/dev/null", O_RDONLY);
         if (in >= 0) {
             dup2(in, 0);
