@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "blocks.h"
 #include "kvproto.h"
@@ -116,8 +117,14 @@ struct kvs_server {
 
 static int64_t now_us(void)
 {
-    return tdm_net_now_ms() * 1000;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
+
+/* Microseconds the loop keeps polling after its last work before it sleeps
+ * on the event fd. */
+#define KVS_SPIN_US 200
 
 /* Free lists of the per-message records. */
 #define KVS_TAKE(srv, list, type)                                                                  \
@@ -974,7 +981,7 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
                  host, tdm_net_listen_port(srv->net), (double)cfg->capacity / (1 << 30),
                  (unsigned long long)cfg->max_block_bytes, cfg->metrics_host, cfg->metrics_port,
                  cfg->insecure ? "INSECURE (no token)" : "cluster token set");
-    int64_t last_tick = 0, drain_end = 0;
+    int64_t last_tick = 0, drain_end = 0, idle_since = 0;
     for (;;) {
         int work = tdm_net_progress(srv->net);
         int64_t now = tdm_net_now_ms();
@@ -1003,7 +1010,13 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
                 break;
             }
         }
-        if (work == 0)
+        /* Spin a little before sleeping: a wakeup through the event fd
+         * costs more than the gap between the messages of a busy client. */
+        if (work > 0)
+            idle_since = 0;
+        else if (idle_since == 0)
+            idle_since = now_us();
+        else if (now_us() - idle_since > KVS_SPIN_US)
             tdm_net_wait(srv->net, 20);
     }
     rc = 0;

@@ -57,6 +57,7 @@ for name, g, p50, p99 in [("PUT, 1 in flight", k["put1_gbps"], k["put1_p50_us"],
                           ("GET, 16 in flight", k["get_gbps"], k["get_p50_us"], k["get_p99_us"])]:
     print(f"{name:28s}{g:8.2f}{p50:10.0f}{p99:10.0f}")
 pt = k["perftest_am_gbps"]
-print(f"{'ucx_perftest ucp_am_bw':28s}{pt:8.2f}   GET 16 / perftest = {k['get_gbps'] / pt if pt else 0:.2f} (target >= 0.8)")
+print(f"{'GET, 16 in flight, hot':28s}{k['get_hot_gbps']:8.2f}")
+print(f"{'ucx_perftest ucp_am_bw':28s}{pt:8.2f}   GET 16 / perftest = {k['get_vs_perftest']:.2f}, hot {k['get_hot_vs_perftest']:.2f} (target >= 0.8)")
 print(json.dumps(c, indent=1)[:2000])
 PY
