@@ -11,10 +11,13 @@
  *     STATS shows no leaked pool space;
  *   - SIGTERM: the store drains and exits 0.
  * Random contents come from fixed seeds; every wait is bounded. */
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 
 #include "../unit/test_util.h"
@@ -611,6 +614,75 @@ static void test_sigterm(kvt_store_t *st)
     free(dst);
 }
 
+/* ---- 7. start-up refusal and /metrics ---- */
+
+/* GET http://127.0.0.1:port/path into buf; returns the body or NULL. */
+static const char *http_get(int port, const char *path, char *buf, size_t cap)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    char req[256];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: x\r\n\r\n", path);
+    size_t got = 0;
+    if (write(fd, req, (size_t)n) == n) {
+        ssize_t r;
+        while (got + 1 < cap && (r = read(fd, buf + got, cap - 1 - got)) > 0)
+            got += (size_t)r;
+    }
+    close(fd);
+    buf[got] = '\0';
+    char *body = strstr(buf, "\r\n\r\n");
+    return body != NULL ? body + 4 : NULL;
+}
+
+static void test_startup_and_metrics(void)
+{
+    /* no token and no --insecure: the store refuses to start */
+    kvt_store_t st;
+    CHECK(kvt_store_start(&st, "127.0.0.1", NULL, (const char *[]){"--no-insecure", NULL}, 5000) !=
+              0,
+          "a store without a token does not start");
+    CHECK(kvt_log_find(st.log_path, 0, "no cluster token"), "and says why");
+    kvt_store_free(&st);
+    int mport = kvt_free_port("127.0.0.1", 77);
+    char ps[16];
+    snprintf(ps, sizeof(ps), "%d", mport);
+    const char *extra[] = {"--metrics-host", "127.0.0.1", "--metrics-port", ps, NULL};
+    if (kvt_store_start(&st, "127.0.0.1", TOKEN, extra, 20000) != 0) {
+        CHECK(0, "start a store with metrics");
+        return;
+    }
+    tdm_kvc_t *k = client((const char *const[]){st.addr}, 1, 1, 3000);
+    uint8_t b[5000];
+    memset(b, 3, sizeof(b));
+    for (int i = 0; k != NULL && i < 3; i++)
+        put1(k, key_of(10, (uint64_t)i), b, sizeof(b), 0);
+    usleep(150000); /* gauges are refreshed every 50 ms */
+    static char buf[65536];
+    const char *body = http_get(mport, "/metrics", buf, sizeof(buf));
+    CHECK(body != NULL && strstr(body, "\ntandem_kvstore_blocks 3\n") != NULL,
+          "/metrics counts 3 blocks");
+    CHECK(body != NULL && strstr(body, "tandem_kvstore_puts_total 3") != NULL &&
+              strstr(body, "tandem_kvstore_bytes_in_total 15000") != NULL &&
+              strstr(body, "tandem_kvstore_op_seconds_count{op=\"put\"} 3") != NULL &&
+              strstr(body, "# TYPE tandem_kvstore_op_seconds histogram") != NULL,
+          "/metrics has the counters and the latency histogram");
+    body = http_get(mport, "/health", buf, sizeof(buf));
+    CHECK(body != NULL && strncmp(buf, "HTTP/1.", 7) == 0 && strncmp(buf + 8, " 200", 4) == 0,
+          "/health is 200");
+    if (k != NULL)
+        tdm_kvc_destroy(k);
+    kvt_store_free(&st);
+}
+
 int main(void)
 {
     tdm_log_set_level(TDM_LOG_LEVEL_ERROR);
@@ -623,6 +695,7 @@ int main(void)
         fprintf(stderr, "cannot start tandem-kvstore (TANDEM_BIN_DIR?)\n");
         return 1;
     }
+    test_startup_and_metrics();
     const char *addrs[2] = {a.addr, b.addr};
     test_roundtrip(addrs);
     test_lru_leases(small.addr);
