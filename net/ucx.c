@@ -80,6 +80,8 @@ struct tdm_net {
     net_op_t **deferred_tail;
     ep_slot_t *eps;
     size_t eps_cap, eps_used;
+    void *maps[TDM_NET_MAX_MAPS]; /* live registrations, unmapped at destroy */
+    size_t n_maps;
 };
 
 int64_t tdm_net_now_ms(void)
@@ -675,6 +677,11 @@ tdm_status_t tdm_net_mem_map(tdm_net_t *net, void *buf, size_t len, void **memh)
         .address = buf,
         .length = len,
     };
+    if (net->n_maps == TDM_NET_MAX_MAPS) {
+        tdm_log_error(LOG_MOD, "%s: more than %d memory registrations", net->name,
+                      TDM_NET_MAX_MAPS);
+        return TDM_ERR_NOMEM;
+    }
     ucp_mem_h h;
     ucs_status_t s = ucp_mem_map(net->ctx, &p, &h);
     if (s != UCS_OK) {
@@ -682,14 +689,21 @@ tdm_status_t tdm_net_mem_map(tdm_net_t *net, void *buf, size_t len, void **memh)
                       ucs_status_string(s));
         return from_ucs(s);
     }
+    net->maps[net->n_maps++] = h;
     *memh = h;
     return TDM_OK;
 }
 
 void tdm_net_mem_unmap(tdm_net_t *net, void *memh)
 {
-    if (memh != NULL)
-        ucp_mem_unmap(net->ctx, memh);
+    if (memh == NULL)
+        return;
+    for (size_t i = 0; i < net->n_maps; i++)
+        if (net->maps[i] == memh) {
+            net->maps[i] = net->maps[--net->n_maps];
+            ucp_mem_unmap(net->ctx, memh);
+            return;
+        }
 }
 
 /* ---- life cycle and progress ---- */
@@ -804,6 +818,9 @@ void tdm_net_destroy(tdm_net_t *net)
     if (net->closing != NULL)
         tdm_log_warn(LOG_MOD, "%s: some connections did not close in 2 s", net->name);
     run_deferred(net);
+    /* UCX aborts at cleanup over a registration still in place */
+    while (net->n_maps > 0)
+        ucp_mem_unmap(net->ctx, net->maps[--net->n_maps]);
     ucp_worker_destroy(net->worker);
     ucp_cleanup(net->ctx);
     /* Connections whose close did not finish are freed with the worker. */

@@ -33,6 +33,7 @@ extern "C" {
 
 #define TDM_NET_MAX_HEADER 1024 /* bytes of AM header a tandem message may carry */
 #define TDM_NET_MAX_AM_ID  31
+#define TDM_NET_MAX_MAPS   64 /* memory registrations at once */
 
 typedef struct tdm_net tdm_net_t;
 typedef struct tdm_conn tdm_conn_t;
@@ -109,7 +110,8 @@ tdm_status_t tdm_net_recv(tdm_net_t *net, const tdm_net_msg_t *msg, void *buf, t
                           void *user);
 
 /* Registers memory for zero-copy transfers (payload pools, receive
- * buffers). Optional: unregistered memory works through UCX's cache. */
+ * buffers). Optional: unregistered memory works through UCX's cache.
+ * Registrations still in place are removed by tdm_net_destroy(). */
 tdm_status_t tdm_net_mem_map(tdm_net_t *net, void *buf, size_t len, void **memh);
 void tdm_net_mem_unmap(tdm_net_t *net, void *memh);
 
