@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <xxhash.h>
 
 #include "kvproto.h"
@@ -803,12 +804,8 @@ static tdm_status_t op_start(kvc_op_t *op)
     op->subs_left--;
     if (rc != TDM_OK && op->first_error == TDM_OK)
         op->first_error = rc;
-    if (op->subs_left == 0) {
-        /* everything failed at once or there was nothing to do */
-        tdm_kvc_t *kvc = op->kvc;
-        (void)kvc;
+    if (op->subs_left == 0) /* nothing was routed (routing ran out of memory) */
         op_complete(op);
-    }
     return TDM_OK;
 }
 
@@ -1027,9 +1024,22 @@ static tdm_status_t sync_run(tdm_kvc_t *kvc, sync_wait_t *w, tdm_status_t submit
 {
     if (submitted != TDM_OK)
         return submitted;
-    while (!w->done)
-        if (tdm_kvc_progress(kvc) == 0 && !w->done)
+    /* poll while replies come quickly, sleep on the event fd after 200 us
+     * without work (the store's loop does the same) */
+    int64_t idle_since = 0;
+    while (!w->done) {
+        if (tdm_kvc_progress(kvc) > 0 || w->done) {
+            idle_since = 0;
+            continue;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+        if (idle_since == 0)
+            idle_since = us;
+        else if (us - idle_since > 200)
             tdm_kvc_wait(kvc, 2);
+    }
     return w->status;
 }
 
