@@ -37,6 +37,7 @@ typedef struct kvc_sub {
     uint32_t *idx; /* key indexes into the op's arrays */
     int64_t deadline;
     bool sent, replied, failed, done;
+    bool implicit; /* GET: replied by all_found payloads, a Reply may still correct it */
     tdm_status_t fail_status;
     int moving;        /* payload sends or receives in flight */
     uint32_t expected; /* GET: payloads the reply announced */
@@ -510,6 +511,7 @@ static void on_get_item(void *user, const tdm_net_msg_t *msg)
     }
     kvc_sub_t *sub = find_sub(st, m->id);
     uint32_t i = m->index;
+    bool all_found = m->all_found;
     kvp_free(m);
     if (sub == NULL || sub->failed)
         return; /* ended (deadline): the payload is dropped */
@@ -518,6 +520,12 @@ static void on_get_item(void *user, const tdm_net_msg_t *msg)
         return;
     }
     sub->got[i] = 1;
+    if (all_found && !sub->replied) {
+        /* every key was found: the payloads are the whole answer */
+        sub->replied = true;
+        sub->implicit = true;
+        sub->expected = sub->n;
+    }
     kvc_op_t *op = sub->op;
     uint32_t k = sub->idx[i];
     if (msg->length > op->cap[k]) {
@@ -587,6 +595,12 @@ static void on_reply(void *user, const tdm_net_msg_t *msg)
         return;
     }
     kvc_sub_t *sub = find_sub(st, m->id);
+    if (sub != NULL && sub->implicit && !sub->failed) {
+        /* the store could not send every payload it announced */
+        sub->implicit = false;
+        sub->replied = false;
+        sub->expected = 0;
+    }
     if (sub == NULL || sub->failed || sub->replied) {
         kvp_free(m);
         return;

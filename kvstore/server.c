@@ -102,6 +102,8 @@ struct kvs_server {
     size_t scratch_len;
     Tandem__Kv__Status *item_st; /* [KVP_MAX_KEYS] */
     uint64_t *item_len;          /* [KVP_MAX_KEYS] */
+    tdm_kvs_block_id_t *item_id; /* [KVP_MAX_KEYS] */
+    uint64_t *item_off;          /* [KVP_MAX_KEYS] */
     uint8_t present[KVP_MAX_KEYS / 8];
     uint64_t puts, gets, bytes_in, bytes_out, refused;
     /* metrics */
@@ -537,50 +539,68 @@ static void serve_get(kvs_client_t *cl, const Tandem__Kv__Request *req, size_t n
     g->started_us = now_us();
     cl->inflight++;
     cl->refs++;
+    /* find and pin every key first: when all are here, the payloads alone
+     * answer (no Reply message) */
     uint64_t now = (uint64_t)tdm_net_now_ms();
+    size_t n_found = 0;
     for (size_t i = 0; i < n; i++) {
         tdm_hash128_t key = kvp_key_unpack(req->keys.data + i * KVP_KEY_BYTES);
         tdm_kvs_block_id_t id = tdm_kvs_blocks_find(srv->blocks, key, now);
         tdm_kvs_block_info_t info;
+        srv->item_id[i] = -1;
+        st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
         if (id < 0 || tdm_kvs_blocks_info(srv->blocks, id, &info) != TDM_OK ||
-            tdm_kvs_blocks_pin(srv->blocks, id) != TDM_OK) {
-            st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
+            tdm_kvs_blocks_pin(srv->blocks, id) != TDM_OK)
+            continue;
+        srv->item_id[i] = id;
+        srv->item_off[i] = info.offset;
+        lens[i] = info.length;
+        n_found++;
+    }
+    bool all_sent = n_found == n;
+    for (size_t i = 0; i < n; i++) {
+        tdm_kvs_block_id_t id = srv->item_id[i];
+        if (id < 0)
+            continue;
+        kvs_send_t *sd = KVS_TAKE(srv, free_sends, kvs_send_t);
+        if (sd == NULL) {
+            tdm_kvs_blocks_unpin(srv->blocks, id);
+            lens[i] = 0;
+            all_sent = false;
             continue;
         }
-        kvs_send_t *sd = KVS_TAKE(srv, free_sends, kvs_send_t);
         uint8_t hdr[64];
         Tandem__Kv__GetItem gi = TANDEM__KV__GET_ITEM__INIT;
         gi.id = req->id;
         gi.index = (uint32_t)i;
+        gi.all_found = n_found == n;
         size_t hl = tandem__kv__get_item__pack(&gi, hdr);
-        if (sd == NULL) {
-            tdm_kvs_blocks_unpin(srv->blocks, id);
-            st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
-            continue;
-        }
-        *sd = (kvs_send_t){NULL, g, id, info.length};
+        *sd = (kvs_send_t){NULL, g, id, lens[i]};
         g->pending++;
         cl->refs++;
         cl->transfers++;
-        if (tdm_conn_send(cl->conn, KVP_AM_GET_ITEM, hdr, hl, (char *)srv->pool + info.offset,
-                          info.length, false, get_sent, sd) != TDM_OK) {
+        if (cl->conn == NULL ||
+            tdm_conn_send(cl->conn, KVP_AM_GET_ITEM, hdr, hl, (char *)srv->pool + srv->item_off[i],
+                          lens[i], false, get_sent, sd) != TDM_OK) {
             get_sent(sd, TDM_ERR_IO);
-            st[i] = TANDEM__KV__STATUS__S_NOT_FOUND;
+            lens[i] = 0;
+            all_sent = false;
             continue;
         }
         st[i] = TANDEM__KV__STATUS__S_OK;
-        lens[i] = info.length;
         srv->gets++;
         tdm_metrics_counter_inc(srv->c_gets);
     }
-    Tandem__Kv__Reply r = TANDEM__KV__REPLY__INIT;
-    r.id = req->id;
-    r.op = TANDEM__KV__OP__OP_GET;
-    r.n_item_status = n;
-    r.item_status = st;
-    r.n_item_length = n;
-    r.item_length = lens;
-    send_reply(cl, &r);
+    if (!all_sent) {
+        Tandem__Kv__Reply r = TANDEM__KV__REPLY__INIT;
+        r.id = req->id;
+        r.op = TANDEM__KV__OP__OP_GET;
+        r.n_item_status = n;
+        r.item_status = st;
+        r.n_item_length = n;
+        r.item_length = lens;
+        send_reply(cl, &r);
+    }
     /* drop the hold: the GET ends now if nothing is being sent */
     if (--g->pending == 0) {
         tdm_metrics_histogram_observe(srv->h_op[M_GET], (double)(now_us() - g->started_us) / 1e6);
@@ -899,6 +919,8 @@ static void server_fini(kvs_server_t *srv)
     free(srv->scratch);
     free(srv->item_st);
     free(srv->item_len);
+    free(srv->item_id);
+    free(srv->item_off);
     if (srv->pool != NULL)
         munmap(srv->pool, srv->cfg.capacity);
     tdm_metrics_registry_destroy(srv->reg);
@@ -929,7 +951,10 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
     srv->scratch = malloc(srv->scratch_len);
     srv->item_st = malloc(KVP_MAX_KEYS * sizeof(*srv->item_st));
     srv->item_len = malloc(KVP_MAX_KEYS * sizeof(*srv->item_len));
-    if (srv->scratch == NULL || srv->item_st == NULL || srv->item_len == NULL)
+    srv->item_id = malloc(KVP_MAX_KEYS * sizeof(*srv->item_id));
+    srv->item_off = malloc(KVP_MAX_KEYS * sizeof(*srv->item_off));
+    if (srv->scratch == NULL || srv->item_st == NULL || srv->item_len == NULL ||
+        srv->item_id == NULL || srv->item_off == NULL)
         goto out;
     if (tdm_kvs_blocks_create(cfg->capacity, cfg->max_block_bytes, 0, &srv->blocks) != TDM_OK)
         goto out;
