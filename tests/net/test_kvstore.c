@@ -393,6 +393,58 @@ static void test_kill_store_mid_get(kvt_store_t *st)
     free(sts);
 }
 
+/* ---- 4b. a hung store (SIGSTOP): errors by the deadline, then back ---- */
+
+static void test_hung_store(kvt_store_t *st)
+{
+    enum { N = 12, B = 256 * 1024, DEADLINE = 1500 };
+    tdm_kvc_t *k = client((const char *const[]){st->addr}, 1, 1, DEADLINE);
+    CHECK(k != NULL, "client for the hung-store test");
+    if (k == NULL)
+        return;
+    uint8_t *buf = malloc(B), *dst = malloc((size_t)N * B);
+    memset(buf, 0x5c, B);
+    tdm_hash128_t keys[N];
+    void *bufs[N];
+    size_t caps[N], lens[N];
+    tdm_status_t sts[N];
+    int bad = 0;
+    for (int i = 0; i < N; i++) {
+        keys[i] = key_of(11, (uint64_t)i);
+        bufs[i] = dst + (size_t)i * B;
+        caps[i] = B;
+        bad += put1(k, keys[i], buf, B, 0) != TDM_OK;
+    }
+    CHECK(bad == 0, "PUTs before the hang");
+    kill(st->pid, SIGSTOP);
+    got_t g = {0};
+    int64_t t0 = tdm_net_now_ms();
+    CHECK(tdm_kvc_get(k, N, keys, bufs, caps, lens, sts, got_cb, &g) == TDM_OK, "get submitted");
+    while (!g.done && tdm_net_now_ms() - t0 < DEADLINE + 3000)
+        if (tdm_kvc_progress(k) == 0)
+            tdm_kvc_wait(k, 2);
+    CHECK(g.done && g.status != TDM_OK && g.at - t0 <= DEADLINE + 300,
+          "GET from a hung store failed in %lld ms (deadline %d)", (long long)(g.at - t0),
+          DEADLINE);
+    kill(st->pid, SIGCONT);
+    /* the client reconnects (backoff) and the store serves it again */
+    int64_t t1 = tdm_net_now_ms();
+    tdm_status_t rc = TDM_ERR_IO, s1 = TDM_ERR_IO;
+    while (tdm_net_now_ms() - t1 < 10000) {
+        rc = tdm_kvc_get_sync(k, 1, keys, bufs, caps, lens, &s1);
+        if (rc == TDM_OK && s1 == TDM_OK)
+            break;
+        usleep(50000);
+    }
+    CHECK(rc == TDM_OK && s1 == TDM_OK && memcmp(bufs[0], buf, B) == 0,
+          "served again after SIGCONT");
+    printf("hung store: GET failed after %lld ms; served again %lld ms after SIGCONT\n",
+           (long long)(g.at - t0), (long long)(tdm_net_now_ms() - t1));
+    tdm_kvc_destroy(k);
+    free(buf);
+    free(dst);
+}
+
 /* ---- 5. kill -9 of a client mid-PUT ---- */
 
 static void client_putter(const char *addr, int ready_fd)
@@ -711,6 +763,12 @@ int main(void)
     else
         CHECK(0, "start store c");
     kvt_store_free(&c);
+    kvt_store_t h;
+    if (kvt_store_start(&h, "127.0.0.1", TOKEN, tiny, 20000) == 0)
+        test_hung_store(&h);
+    else
+        CHECK(0, "start store h");
+    kvt_store_free(&h);
     kvt_store_t e;
     const char *impatient[] = {
         "--capacity", "512MiB", "--max-block-bytes", "1MiB", "--client-timeout", "1000", NULL};
