@@ -197,7 +197,8 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
         goto err_model;
     e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
     e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
-    if (e->cache_k == NULL || e->cache_v == NULL) {
+    e->kv_rows = calloc(2 * (size_t)hp->n_layer, sizeof(*e->kv_rows));
+    if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL) {
         st = TDM_ERR_NOMEM;
         goto err_cache;
     }
@@ -258,6 +259,7 @@ err_cache:
     }
     free(e->cache_k);
     free(e->cache_v);
+    free(e->kv_rows);
     tdm_kv_pool_fini(&e->pool);
 err_model:
     tdm_model_destroy(e->model);
@@ -317,6 +319,7 @@ void tdm_engine_destroy(tdm_engine_t *e)
     }
     free(e->cache_k);
     free(e->cache_v);
+    free(e->kv_rows);
     free_buffers(e);
     tdm_sampler_destroy(e->sampler);
     tdm_kv_pool_fini(&e->pool);
@@ -370,6 +373,11 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
         tdm_log_warn(MOD, "request refused: %s", why);
         return TDM_ERR_INVALID;
     }
+    if (p->n_kv_tokens < 0 || (size_t)p->n_kv_tokens > p->n_prompt) {
+        tdm_log_warn(MOD, "request refused: n_kv_tokens %d is outside 0..%zu (the prompt)",
+                     p->n_kv_tokens, p->n_prompt);
+        return TDM_ERR_INVALID;
+    }
     int32_t nv = e->model->hp.n_vocab;
     for (size_t i = 0; i < p->n_prompt; i++) {
         if (p->prompt[i] < 0 || p->prompt[i] >= nv) {
@@ -420,6 +428,13 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
     s->logprobs = p->logprobs;
     s->cb = p->cb;
     s->user = p->user;
+    s->kv_export = p->kv_export;
+    s->kv_export_user = p->kv_export_user;
+    if (p->kv_import != NULL && p->n_kv_tokens > 0) {
+        s->kv_import = p->kv_import;
+        s->kv_import_user = p->kv_import_user;
+        s->n_kv_tokens = p->n_kv_tokens;
+    }
     s->state = TDM_SEQ_WAITING;
     op->seq = s;
     pthread_mutex_lock(&e->lock);
@@ -467,6 +482,7 @@ static void emit(tdm_seq_t *s, int32_t token, float logprob, const char *text, s
         .n_output = s->n_tokens - s->n_prompt,
         .n_cached = s->n_cached,
         .error = error,
+        .n_imported = s->n_imported,
     };
     s->cb(s->user, &ev);
 }
@@ -639,6 +655,73 @@ static bool ensure_blocks(tdm_engine_t *e, tdm_seq_t *s, int32_t upto)
         s->blocks[s->n_blocks++] = b;
     }
     return true;
+}
+
+/* Hands fn the K and V rows of blocks[first ..] holding positions
+ * [first * block_size, n_pos), in order, until fn fails. The number of
+ * blocks fn accepted goes into *n_done. */
+static tdm_status_t visit_blocks(tdm_engine_t *e, const int32_t *blocks, int32_t first,
+                                 int32_t n_pos, tdm_engine_kv_fn_t fn, void *user, int32_t *n_done)
+{
+    int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer;
+    uint16_t **rows = e->kv_rows; /* K rows, then V rows */
+    /* The CPU backend's cache is host memory; a device backend would stage
+     * each block through copy_from / copy_to around fn. */
+    e->be->ops->sync(e->be);
+    tdm_status_t st = TDM_OK;
+    int32_t nb = (n_pos + bs - 1) / bs, i;
+    for (i = first; i < nb; i++) {
+        size_t off = (size_t)blocks[i] * (size_t)bs * (size_t)e->kv_dim;
+        for (int32_t il = 0; il < nl; il++) {
+            rows[il] = e->cache_k[il] + off;
+            rows[nl + il] = e->cache_v[il] + off;
+        }
+        int32_t left = n_pos - i * bs;
+        st = fn(user, i, left < bs ? left : bs, rows, rows + nl);
+        if (st != TDM_OK)
+            break;
+    }
+    *n_done = i - first;
+    return st;
+}
+
+/* Offers the prompt's blocks to the request's kv_export, once. */
+static void export_prompt(tdm_engine_t *e, tdm_seq_t *s)
+{
+    int32_t n_done;
+    tdm_status_t st =
+        visit_blocks(e, s->blocks, 0, s->n_prompt, s->kv_export, s->kv_export_user, &n_done);
+    if (st != TDM_OK)
+        tdm_log_debug(MOD, "request %llu: KV export stopped at block %d: %s",
+                      (unsigned long long)s->id, n_done, tdm_status_str(st));
+    s->kv_export = NULL;
+}
+
+/* Fills the blocks of positions [n_computed, n_kv_tokens) through the
+ * request's kv_import (its blocks are allocated) and advances n_computed
+ * over what arrived, leaving at least the last token to compute. Imported
+ * blocks are kept out of the prefix index. Only once per request. */
+static void import_prompt(tdm_engine_t *e, tdm_seq_t *s)
+{
+    int32_t bs = e->cfg.block_size;
+    int32_t first = s->n_computed / bs, n_done = 0;
+    tdm_status_t st = TDM_OK;
+    if (s->n_kv_tokens > s->n_computed)
+        st = visit_blocks(e, s->blocks, first, s->n_kv_tokens, s->kv_import, s->kv_import_user,
+                          &n_done);
+    if (n_done > 0) {
+        int32_t upto = (first + n_done) * bs;
+        upto = upto < s->n_kv_tokens ? upto : s->n_kv_tokens;
+        s->n_imported = upto - first * bs;
+        s->n_computed = upto < s->n_tokens - 1 ? upto : s->n_tokens - 1;
+        /* not registered: the touched blocks count as offered */
+        s->n_registered = (upto + bs - 1) / bs;
+    }
+    if (st != TDM_OK)
+        tdm_log_info(MOD, "request %llu: KV block %d not imported (%s); computing from position %d",
+                     (unsigned long long)s->id, first + n_done, tdm_status_str(st),
+                     (first + n_done) * bs);
+    s->kv_import = NULL;
 }
 
 /* Moves a running sequence back to the head of the waiting queue; its
@@ -842,6 +925,16 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
             seq_release_blocks(e, s); /* undo the prefix match */
             break;
         }
+        if (s->kv_import != NULL) {
+            /* The need check above leaves room for every block of the prompt. */
+            if (!ensure_blocks(e, s, s->n_kv_tokens)) {
+                seq_release_blocks(e, s);
+                break;
+            }
+            import_prompt(e, s);
+            chunk = s->n_tokens - s->n_computed;
+            chunk = chunk < budget ? chunk : budget;
+        }
         if (!ensure_blocks(e, s, s->n_computed + chunk)) {
             seq_release_blocks(e, s);
             break;
@@ -873,6 +966,8 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
             for (int32_t i = 0; i < n_batch; i++) {
                 tdm_seq_t *s = batch[i];
                 s->n_computed += s->chunk;
+                if (s->kv_export != NULL && s->n_computed >= s->n_prompt)
+                    export_prompt(e, s);
                 register_blocks(e, s);
                 if (s->logit_row >= 0 && sample_and_deliver(e, s))
                     retire(e, s, true);
@@ -1012,32 +1107,6 @@ static tdm_status_t eval_range(tdm_engine_t *e, const int32_t *tokens, size_t fr
     return st;
 }
 
-/* Hands fn the K and V rows of the blocks holding positions [0, n_ctx). */
-static tdm_status_t eval_visit_blocks(tdm_engine_t *e, const int32_t *blocks, size_t n_ctx,
-                                      tdm_engine_kv_fn_t fn, void *user)
-{
-    int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer;
-    uint16_t **rows = malloc(2 * (size_t)nl * sizeof(*rows)); /* K rows, then V rows */
-    if (rows == NULL)
-        return TDM_ERR_NOMEM;
-    /* The CPU backend's cache is host memory; a device backend would stage
-     * each block through copy_from / copy_to around fn. */
-    e->be->ops->sync(e->be);
-    tdm_status_t st = TDM_OK;
-    int32_t nb = (int32_t)((n_ctx + (size_t)bs - 1) / (size_t)bs);
-    for (int32_t i = 0; i < nb && st == TDM_OK; i++) {
-        size_t off = (size_t)blocks[i] * (size_t)bs * (size_t)e->kv_dim;
-        for (int32_t il = 0; il < nl; il++) {
-            rows[il] = e->cache_k[il] + off;
-            rows[nl + il] = e->cache_v[il] + off;
-        }
-        size_t left = n_ctx - (size_t)i * (size_t)bs;
-        st = fn(user, i, left < (size_t)bs ? (int32_t)left : bs, rows, rows + nl);
-    }
-    free(rows);
-    return st;
-}
-
 tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_t n, size_t n_ctx,
                                    tdm_engine_kv_fn_t fn, void *user, float *logits)
 {
@@ -1053,12 +1122,13 @@ tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_
     for (int32_t i = 0; i < nb; i++)
         blocks[i] = tdm_kv_pool_alloc(&e->pool);
     tdm_status_t st;
+    int32_t n_done;
     if (fn == NULL || n_ctx == 0 || n_ctx == n) {
         st = eval_range(e, tokens, 0, n, blocks, logits);
     } else {
         st = eval_range(e, tokens, 0, n_ctx, blocks, logits);
         if (st == TDM_OK)
-            st = eval_visit_blocks(e, blocks, n_ctx, fn, user);
+            st = visit_blocks(e, blocks, 0, (int32_t)n_ctx, fn, user, &n_done);
         if (st == TDM_OK)
             st = eval_range(e, tokens, n_ctx, n, blocks, logits);
     }

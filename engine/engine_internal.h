@@ -43,6 +43,13 @@ typedef struct tdm_seq {
     bool logprobs;
     tdm_request_cb_t cb;
     void *user;
+    /* disaggregated serving (tdm_request_params_t) */
+    tdm_engine_kv_fn_t kv_export; /* NULL once done or when not asked */
+    void *kv_export_user;
+    tdm_engine_kv_fn_t kv_import; /* NULL once done (first admission) or not asked */
+    void *kv_import_user;
+    int32_t n_kv_tokens;
+    int32_t n_imported; /* prompt positions filled by kv_import */
     /* output text not yet delivered (incomplete UTF-8, a possible stop string) */
     char *pending;
     size_t n_pending, cap_pending;
@@ -69,6 +76,7 @@ struct tdm_engine {
     /* KV cache: per layer [n_blocks][block_size][kv_dim] f16 (backend buffers) */
     tdm_kv_pool_t pool;
     uint16_t **cache_k, **cache_v;
+    uint16_t **kv_rows; /* (2 * n_layer) K then V row pointers handed to a kv fn */
 
     /* scheduler (stepping thread only) */
     tdm_seq_t *waiting, *running; /* singly linked, arrival order */

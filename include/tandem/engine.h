@@ -103,10 +103,60 @@ typedef struct tdm_request_event {
     int32_t n_output;           /* output tokens so far */
     int32_t n_cached;           /* prompt tokens served from the prefix cache */
     const char *error;          /* with TDM_FINISH_ERROR: why */
+    int32_t n_imported;         /* prompt tokens whose K/V came from kv_import */
 } tdm_request_event_t;
 
 typedef void (*tdm_request_cb_t)(void *user, const tdm_request_event_t *ev);
 
+/* Hands a caller the K and V rows of block `block` of a sequence
+ * (positions block * block_size ..), which holds n_tokens positions:
+ * k[layer] and v[layer] point to its rows, [n_tokens][kv_dim] f16, host
+ * memory valid during the call only. Used by tdm_engine_eval_split (what
+ * the function leaves there is what later positions attend to; a status
+ * other than TDM_OK stops the evaluation and is returned) and by a
+ * request's kv_export and kv_import (tdm_request_params_t). */
+typedef tdm_status_t (*tdm_engine_kv_fn_t)(void *user, int32_t block, int32_t n_tokens,
+                                           uint16_t *const *k, uint16_t *const *v);
+
+/* Disaggregated serving (DESIGN.md "A request's walk", steps 3 to 5): a
+ * request's KV leaves one engine as block payloads (kv_export, e.g. through
+ * tdm_kv_codec_encode) and enters another (kv_import, e.g. through
+ * tdm_kv_codec_decode). Attention reads the cache as stored (f16), so KV
+ * imported through a lossless codec gives the same tokens as computing it.
+ *
+ * kv_export (prefill side): once all prompt positions are in the cache, in
+ *   the step that computed the last of them and before its first token is
+ *   delivered, the stepping thread calls kv_export for every block of the
+ *   prompt in order, 0 .. ceil(n_prompt / block_size) - 1, the last one
+ *   partial (n_tokens = n_prompt % block_size) when n_prompt is not a
+ *   multiple of the block size. Exactly once per request, even if it is
+ *   later preempted and recomputed; never for a request cancelled or
+ *   failed before its prompt was computed. The function must only read the
+ *   rows. A status other than TDM_OK stops the export there (later blocks
+ *   are not offered); the request goes on. Typical use: max_tokens = 1, the
+ *   first token comes with the usual events.
+ *
+ * kv_import (decode side): n_kv_tokens (0 .. n_prompt; 0 or kv_import NULL:
+ *   no import) leading prompt positions whose K/V the caller provides. When
+ *   the request is first admitted, its blocks are allocated and the
+ *   stepping thread calls kv_import for each block holding positions
+ *   [0, n_kv_tokens) in order (the last one partial when n_kv_tokens is not
+ *   a multiple of the block size; blocks already served by the prefix cache
+ *   are skipped); the function fills the rows k[layer], v[layer]
+ *   ([n_tokens][kv_dim] f16). A status other than TDM_OK means that block
+ *   and all later ones are missing: kv_import is not called again and the
+ *   engine computes the prompt from the start of that block itself
+ *   (DESIGN.md step 5); whatever the function wrote there is overwritten.
+ *   The engine computes the rest of the prompt as usual, at least the last
+ *   prompt position (its logits give the next token), so n_kv_tokens =
+ *   n_prompt re-computes the last position over the imported rows. kv_import
+ *   is called only before the request's first event, at most once per block:
+ *   what it reads may be freed once the first event arrives. If the request
+ *   is preempted later it is recomputed locally. Imported blocks are not
+ *   offered to the prefix index (lossy codecs must not leak into other
+ *   requests); blocks computed after them are.
+ *   Typical use: prompt = the prefill's prompt + its first token,
+ *   n_kv_tokens = the prefill's n_prompt. */
 typedef struct tdm_request_params {
     const int32_t *prompt; /* copied */
     size_t n_prompt;
@@ -120,6 +170,12 @@ typedef struct tdm_request_params {
     bool logprobs;   /* fill ev->logprob */
     tdm_request_cb_t cb;
     void *user;
+    /* optional: disaggregated serving (see above); zero-initialize to skip */
+    tdm_engine_kv_fn_t kv_export; /* prompt blocks out, once computed */
+    void *kv_export_user;
+    int32_t n_kv_tokens;          /* leading prompt positions provided by kv_import */
+    tdm_engine_kv_fn_t kv_import; /* fills those positions' blocks at admission */
+    void *kv_import_user;
 } tdm_request_params_t;
 
 typedef struct tdm_engine tdm_engine_t;
@@ -144,7 +200,8 @@ void tdm_engine_destroy(tdm_engine_t *e); /* stops the thread; cancels requests 
 const tdm_model_t *tdm_engine_model(const tdm_engine_t *e);
 
 /* Queues a request (any thread). TDM_ERR_INVALID if the prompt is empty,
- * longer than the model length, or the sampling parameters are bad. */
+ * longer than the model length, the sampling parameters are bad or
+ * n_kv_tokens is outside 0..n_prompt. */
 tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint64_t *id_out);
 /* Cancels (any thread); its callback gets a final CANCELLED event. */
 tdm_status_t tdm_engine_cancel(tdm_engine_t *e, uint64_t id);
@@ -167,15 +224,6 @@ tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, f
 
 /* What a KV block payload of this engine must match (kv_codec.h). */
 void tdm_engine_kv_layout(const tdm_engine_t *e, tdm_kv_layout_t *out);
-
-/* Called by tdm_engine_eval_split for block `block` of the evaluated
- * sequence (positions block * block_size ..), which holds n_tokens
- * positions: k[layer] and v[layer] point to its K and V rows,
- * [n_tokens][kv_dim] f16, host memory valid during the call. What the
- * function leaves there is what later positions attend to. A status other
- * than TDM_OK stops the evaluation and is returned. */
-typedef tdm_status_t (*tdm_engine_kv_fn_t)(void *user, int32_t block, int32_t n_tokens,
-                                           uint16_t *const *k, uint16_t *const *v);
 
 /* tdm_engine_eval in two halves, to simulate KV that crossed the network
  * (e.g. through a KV codec): evaluates tokens [0, n_ctx), calls fn for
