@@ -274,14 +274,11 @@ static void seq_free(tdm_seq_t *s)
 {
     if (s == NULL)
         return;
-    for (size_t i = 0; i < s->n_stop; i++)
-        free(s->stop[i]);
-    free(s->stop);
+    tdm_textstream_free(&s->text);
     free(s->stop_ids);
     free(s->tokens);
     free(s->blocks);
     free(s->keys);
-    free(s->pending);
     free(s);
 }
 
@@ -337,15 +334,6 @@ const tdm_model_t *tdm_engine_model(const tdm_engine_t *e)
 
 /* ------------------------------------------------------------- requests */
 
-static char *dup_str(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d != NULL)
-        memcpy(d, s, n);
-    return d;
-}
-
 /* Queues an op for the stepping thread and wakes it; e->lock is held. */
 static void push_op_locked(tdm_engine_t *e, tdm_op_t *op)
 {
@@ -373,6 +361,11 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
         tdm_log_warn(MOD, "request refused: %s", why);
         return TDM_ERR_INVALID;
     }
+    if (p->n_prior_output < 0 || (size_t)p->n_prior_output >= p->n_prompt) {
+        tdm_log_warn(MOD, "request refused: n_prior_output %d is outside 0..%zu", p->n_prior_output,
+                     p->n_prompt - 1);
+        return TDM_ERR_INVALID;
+    }
     if (p->n_kv_tokens < 0 || (size_t)p->n_kv_tokens > p->n_prompt) {
         tdm_log_warn(MOD, "request refused: n_kv_tokens %d is outside 0..%zu (the prompt)",
                      p->n_kv_tokens, p->n_prompt);
@@ -394,27 +387,12 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
     s->tokens = malloc(ml * sizeof(int32_t));
     s->blocks = malloc((size_t)e->max_blocks * sizeof(int32_t));
     s->keys = malloc((size_t)e->max_blocks * sizeof(tdm_hash128_t));
-    s->cap_pending = 256;
-    if (p->n_stop > 0)
-        s->stop = calloc(p->n_stop, sizeof(char *));
     if (p->n_stop_token_ids > 0)
         s->stop_ids = malloc(p->n_stop_token_ids * sizeof(int32_t));
     if (s->tokens == NULL || s->blocks == NULL || s->keys == NULL ||
-        (p->n_stop > 0 && s->stop == NULL) || (p->n_stop_token_ids > 0 && s->stop_ids == NULL))
+        (p->n_stop_token_ids > 0 && s->stop_ids == NULL))
         goto err_nomem;
-    for (size_t i = 0; i < p->n_stop; i++) {
-        if (p->stop[i] == NULL || p->stop[i][0] == '\0')
-            continue;
-        s->stop[s->n_stop] = dup_str(p->stop[i]);
-        if (s->stop[s->n_stop] == NULL)
-            goto err_nomem;
-        size_t len = strlen(p->stop[i]);
-        s->max_stop_len = len > s->max_stop_len ? len : s->max_stop_len;
-        s->n_stop++;
-    }
-    s->cap_pending += 2 * s->max_stop_len;
-    s->pending = malloc(s->cap_pending);
-    if (s->pending == NULL)
+    if (tdm_textstream_init(&s->text, p->stop, p->n_stop) != TDM_OK)
         goto err_nomem;
     if (p->n_stop_token_ids > 0)
         memcpy(s->stop_ids, p->stop_token_ids, p->n_stop_token_ids * sizeof(int32_t));
@@ -423,6 +401,10 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
     s->n_prompt = s->n_tokens = (int32_t)p->n_prompt;
     s->sampling = p->sampling;
     tdm_sample_state_init(&s->rng, &p->sampling);
+    s->n_prior = p->n_prior_output;
+    /* a seeded request continued elsewhere draws as if it had run here */
+    if (p->sampling.temperature > 0.0f)
+        tdm_sample_state_skip(&s->rng, (uint64_t)s->n_prior);
     s->max_tokens = p->max_tokens;
     s->ignore_eos = p->ignore_eos;
     s->logprobs = p->logprobs;
@@ -503,8 +485,10 @@ static void finish_with(tdm_engine_t *e, tdm_seq_t *s, int32_t token, float logp
 {
     seq_release_blocks(e, s);
     s->state = TDM_SEQ_FINISHED;
-    emit(s, token, logprob, s->pending, s->n_pending, why, error);
-    s->n_pending = 0;
+    const char *text;
+    size_t len;
+    tdm_textstream_flush(&s->text, &text, &len);
+    emit(s, token, logprob, text, len, why, error);
 }
 
 static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const char *error)
@@ -517,46 +501,18 @@ static void finish(tdm_engine_t *e, tdm_seq_t *s, tdm_finish_reason_t why, const
 static bool push_text(tdm_seq_t *s, int32_t token, float logprob, const char *piece, size_t len,
                       tdm_finish_reason_t why)
 {
-    if (s->n_pending + len > s->cap_pending) {
-        size_t cap = (s->n_pending + len) * 2;
-        char *p = realloc(s->pending, cap);
-        if (p == NULL) { /* keep what fits; the text loses bytes, the request goes on */
-            len = s->cap_pending - s->n_pending;
-        } else {
-            s->pending = p;
-            s->cap_pending = cap;
-        }
+    const char *text;
+    size_t n;
+    if (tdm_textstream_push(&s->text, piece, len, why != TDM_FINISH_NONE, &text, &n)) {
+        emit(s, token, logprob, text, n, TDM_FINISH_NONE, NULL);
+        return true;
     }
-    memcpy(s->pending + s->n_pending, piece, len);
-    s->n_pending += len;
-    /* A stop string anywhere in the pending text ends the request there. */
-    for (size_t i = 0; i < s->n_stop; i++) {
-        size_t sl = strlen(s->stop[i]);
-        for (size_t at = 0; at + sl <= s->n_pending; at++) {
-            if (memcmp(s->pending + at, s->stop[i], sl) == 0) {
-                emit(s, token, logprob, s->pending, at, TDM_FINISH_NONE, NULL);
-                s->n_pending = 0;
-                return true;
-            }
-        }
+    if (why != TDM_FINISH_NONE) {
+        /* the final event carries everything: give it back to the stream */
+        s->text.consumed = 0;
+        return false;
     }
-    if (why != TDM_FINISH_NONE)
-        return false; /* the final event carries everything */
-    /* Hold back a tail that could begin a stop string or is half a character. */
-    size_t hold = tdm_utf8_incomplete_tail(s->pending, s->n_pending);
-    for (size_t i = 0; i < s->n_stop; i++) {
-        size_t sl = strlen(s->stop[i]);
-        for (size_t k = sl - 1; k > hold; k--) {
-            if (k <= s->n_pending && memcmp(s->pending + s->n_pending - k, s->stop[i], k) == 0) {
-                hold = k;
-                break;
-            }
-        }
-    }
-    size_t ready = s->n_pending - hold;
-    emit(s, token, logprob, s->pending, ready, TDM_FINISH_NONE, NULL);
-    memmove(s->pending, s->pending + ready, hold);
-    s->n_pending = hold;
+    emit(s, token, logprob, text, n, TDM_FINISH_NONE, NULL);
     return false;
 }
 
@@ -642,6 +598,21 @@ static void compute_keys(tdm_engine_t *e, tdm_seq_t *s, int32_t n_full)
     }
     if (n_full > s->n_keys)
         s->n_keys = n_full;
+}
+
+size_t tdm_engine_block_keys(const tdm_engine_t *e, const int32_t *tokens, size_t n,
+                             tdm_hash128_t *keys)
+{
+    size_t bs = (size_t)e->cfg.block_size, n_full = n / bs;
+    for (size_t i = 0; i < n_full; i++)
+        keys[i] = tdm_hash128_chain(i == 0 ? e->key_seed : keys[i - 1], tokens + i * bs,
+                                    bs * sizeof(int32_t));
+    return n_full;
+}
+
+int32_t tdm_engine_block_size(const tdm_engine_t *e)
+{
+    return e->cfg.block_size;
 }
 
 /* Grows the sequence's block list to cover positions [0, upto). */
@@ -809,9 +780,10 @@ static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
     const tdm_model_hparams_t *hp = &e->model->hp;
     float *logits = e->h_logits + (size_t)s->logit_row * (size_t)hp->n_vocab;
     float lp = 0.0f;
+    int32_t n_in = s->n_prompt - s->n_prior; /* prior output counts as output */
     int32_t tok = tdm_sampler_sample(e->sampler, &s->sampling, &s->rng, logits, s->tokens,
-                                     (size_t)s->n_prompt, s->tokens + s->n_prompt,
-                                     (size_t)(s->n_tokens - s->n_prompt), s->logprobs ? &lp : NULL);
+                                     (size_t)n_in, s->tokens + n_in, (size_t)(s->n_tokens - n_in),
+                                     s->logprobs ? &lp : NULL);
     s->tokens[s->n_tokens++] = tok;
     e->stats.generation_tokens++;
     int32_t n_out = s->n_tokens - s->n_prompt;

@@ -7,6 +7,7 @@
 #include "kv_pool.h"
 #include "model_internal.h"
 #include "tandem/engine.h"
+#include "tandem/textstream.h"
 
 typedef enum tdm_seq_state {
     TDM_SEQ_WAITING = 0,
@@ -34,9 +35,6 @@ typedef struct tdm_seq {
     tdm_sampling_params_t sampling;
     tdm_sample_state_t rng;
     int32_t max_tokens;
-    char **stop;
-    size_t n_stop;
-    size_t max_stop_len;
     int32_t *stop_ids;
     size_t n_stop_ids;
     bool ignore_eos;
@@ -50,9 +48,9 @@ typedef struct tdm_seq {
     void *kv_import_user;
     int32_t n_kv_tokens;
     int32_t n_imported; /* prompt positions filled by kv_import */
+    int32_t n_prior; /* trailing prompt tokens that are earlier output (failover) */
     /* output text not yet delivered (incomplete UTF-8, a possible stop string) */
-    char *pending;
-    size_t n_pending, cap_pending;
+    tdm_textstream_t text;
     /* batch bookkeeping for the current step */
     int32_t chunk;
     int32_t logit_row;

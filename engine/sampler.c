@@ -143,6 +143,12 @@ static double sample_state_uniform(tdm_sample_state_t *st)
     return (double)(xoshiro256ss_next(st->rng) >> 11) * 0x1.0p-53;
 }
 
+void tdm_sample_state_skip(tdm_sample_state_t *st, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        (void)sample_state_uniform(st);
+}
+
 static uint64_t sample_state_os_seed(const tdm_sample_state_t *st)
 {
     uint64_t seed;

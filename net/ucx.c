@@ -10,8 +10,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <ucp/api/ucp.h>
+#include <unistd.h>
 
 #include "tandem/log.h"
 #include "tandem/net.h"
@@ -66,6 +68,7 @@ struct tdm_net {
     ucp_context_h ctx;
     ucp_worker_h worker;
     int efd;
+    int wake_fd; /* eventfd: tdm_net_signal from other threads */
     ucp_listener_h listener;
     int listen_port;
     tdm_net_accept_t on_accept;
@@ -730,8 +733,20 @@ void tdm_net_wait(tdm_net_t *net, int timeout_ms)
         return;
     if (ucp_worker_arm(net->worker) != UCS_OK)
         return; /* events are pending */
-    struct pollfd pfd = {.fd = net->efd, .events = POLLIN};
-    (void)poll(&pfd, 1, timeout_ms);
+    struct pollfd pfd[2] = {{.fd = net->efd, .events = POLLIN},
+                            {.fd = net->wake_fd, .events = POLLIN}};
+    if (poll(pfd, 2, timeout_ms) > 0 && (pfd[1].revents & POLLIN)) {
+        uint64_t v;
+        ssize_t r = read(net->wake_fd, &v, sizeof(v)); /* reset the counter */
+        (void)r;
+    }
+}
+
+void tdm_net_signal(tdm_net_t *net)
+{
+    uint64_t one = 1;
+    ssize_t r = write(net->wake_fd, &one, sizeof(one)); /* EAGAIN: already signalled */
+    (void)r;
 }
 
 /* UCX reads transport settings (UCX_TCP_*) from the environment only, so
@@ -751,6 +766,11 @@ tdm_status_t tdm_net_create(const tdm_net_config_t *cfg, tdm_net_t **out)
     snprintf(net->name, sizeof(net->name), "%s", cfg && cfg->name ? cfg->name : "net");
     net->deferred_tail = &net->deferred;
     net->efd = -1;
+    net->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (net->wake_fd < 0) {
+        free(net);
+        return TDM_ERR_IO;
+    }
     net->listen_port = -1;
     if (cfg == NULL || !cfg->keep_ucx_defaults) {
         apply_default("TLS", "tcp");
@@ -763,6 +783,7 @@ tdm_status_t tdm_net_create(const tdm_net_config_t *cfg, tdm_net_t **out)
     ucs_status_t s = ucp_config_read(NULL, NULL, &ucfg);
     if (s != UCS_OK) {
         tdm_log_error(LOG_MOD, "cannot read the UCX configuration: %s", ucs_status_string(s));
+        close(net->wake_fd);
         free(net);
         return TDM_ERR_IO;
     }
@@ -776,6 +797,7 @@ tdm_status_t tdm_net_create(const tdm_net_config_t *cfg, tdm_net_t **out)
     if (s != UCS_OK) {
         tdm_log_error(LOG_MOD, "cannot start UCX: %s (check the UCX_* settings)",
                       ucs_status_string(s));
+        close(net->wake_fd);
         free(net);
         return TDM_ERR_IO;
     }
@@ -785,6 +807,7 @@ tdm_status_t tdm_net_create(const tdm_net_config_t *cfg, tdm_net_t **out)
     if (s != UCS_OK) {
         tdm_log_error(LOG_MOD, "cannot create a UCX worker: %s", ucs_status_string(s));
         ucp_cleanup(net->ctx);
+        close(net->wake_fd);
         free(net);
         return TDM_ERR_IO;
     }
@@ -793,6 +816,7 @@ tdm_status_t tdm_net_create(const tdm_net_config_t *cfg, tdm_net_t **out)
         tdm_log_error(LOG_MOD, "UCX worker has no event fd: %s", ucs_status_string(s));
         ucp_worker_destroy(net->worker);
         ucp_cleanup(net->ctx);
+        close(net->wake_fd);
         free(net);
         return TDM_ERR_IO;
     }
@@ -835,5 +859,7 @@ void tdm_net_destroy(tdm_net_t *net)
         free(op);
     }
     free(net->eps);
+    if (net->wake_fd >= 0)
+        close(net->wake_fd);
     free(net);
 }

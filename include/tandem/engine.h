@@ -176,6 +176,12 @@ typedef struct tdm_request_params {
     int32_t n_kv_tokens;          /* leading prompt positions provided by kv_import */
     tdm_engine_kv_fn_t kv_import; /* fills those positions' blocks at admission */
     void *kv_import_user;
+    /* optional: the last n_prior_output prompt tokens are output that this
+     * request generated elsewhere (a decode node taking over a prefill's
+     * first token, or failover): they count as output for the penalties and
+     * a seeded generator skips their draws, so the continuation is what one
+     * engine would have produced. Events count only the new tokens. */
+    int32_t n_prior_output;
 } tdm_request_params_t;
 
 typedef struct tdm_engine tdm_engine_t;
@@ -221,6 +227,14 @@ void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s);
  * every position into logits[n][n_vocab] (for perplexity and tests). Uses
  * a private sequence of the cache; chunked by max_num_batched_tokens. */
 tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits);
+
+/* The chained keys of the full blocks of tokens[0, n) (as the prefix cache
+ * computes them: seeded with the model fingerprint and the KV layout):
+ * writes n / block_size keys to keys (room for that many) and returns how
+ * many. */
+size_t tdm_engine_block_keys(const tdm_engine_t *e, const int32_t *tokens, size_t n,
+                             tdm_hash128_t *keys);
+int32_t tdm_engine_block_size(const tdm_engine_t *e);
 
 /* What a KV block payload of this engine must match (kv_codec.h). */
 void tdm_engine_kv_layout(const tdm_engine_t *e, tdm_kv_layout_t *out);

@@ -121,6 +121,10 @@ int tdm_net_progress(tdm_net_t *net);
  * return early). Call tdm_net_progress() after it. */
 void tdm_net_wait(tdm_net_t *net, int timeout_ms);
 
+/* Wakes the thread sleeping in tdm_net_wait (the only call that may come
+ * from any thread), e.g. after queueing work for it. */
+void tdm_net_signal(tdm_net_t *net);
+
 /* Monotonic clock in milliseconds, for deadlines. */
 int64_t tdm_net_now_ms(void);
 

@@ -58,6 +58,10 @@ typedef struct tdm_sample_state {
 /* Seeds the state from p->seed, or from the OS's random source without one. */
 void tdm_sample_state_init(tdm_sample_state_t *st, const tdm_sampling_params_t *p);
 
+/* Advances the state past n draws (one draw per token sampled at a
+ * temperature above 0), as if n tokens had been sampled with it. */
+void tdm_sample_state_skip(tdm_sample_state_t *st, uint64_t n);
+
 typedef struct tdm_sampler tdm_sampler_t;
 
 tdm_status_t tdm_sampler_create(int32_t n_vocab, tdm_sampler_t **out);
