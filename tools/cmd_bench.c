@@ -666,6 +666,7 @@ int cmd_bench(int argc, char **argv)
     } subs[] = {
         {"engine", bench_engine, "prefill, decode and batched decode throughput"},
         {"codec", bench_codec, "KV block codecs: size, GB/s, perplexity change on real KV"},
+        {"serve", cmd_bench_serve, "load against a router's OpenAI API: TTFT, ITL, tok/s"},
 #ifdef TANDEM_HAVE_NET
         {"kvstore", cmd_bench_kvstore, "tandem-kvstore PUT/GET over loopback beside ucx_perftest"},
 #endif

@@ -11,7 +11,10 @@ static void usage(FILE *f)
                "  generate     generate text from a prompt or a chat message (streams to stdout)\n"
                "  tokenize     text on stdin -> token ids\n"
                "  detokenize   token ids on stdin -> text\n"
-               "  bench        bench engine | codec | kvstore: throughput figures (--json)\n"
+               "  bench        bench engine | codec | kvstore | serve: figures (--json)\n"
+               "  up           start a local cluster (router, prefill, decode, kvstore)\n"
+               "  status       list the local cluster's processes and their health\n"
+               "  down         stop the local cluster\n"
                "  ppl          perplexity of a text file\n"
                "  mkmodel      write a small Llama GGUF with random weights\n"
                "  logits       logits of a prompt's last position (for tests)\n");
@@ -30,7 +33,8 @@ int main(int argc, char **argv)
     } cmds[] = {
         {"generate", cmd_generate}, {"tokenize", cmd_tokenize}, {"detokenize", cmd_detokenize},
         {"bench", cmd_bench},       {"ppl", cmd_ppl},           {"mkmodel", cmd_mkmodel},
-        {"logits", cmd_logits},
+        {"logits", cmd_logits},     {"up", cmd_up},             {"status", cmd_status},
+        {"down", cmd_down},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         if (strcmp(cmd, cmds[i].name) == 0)
