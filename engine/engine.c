@@ -615,6 +615,11 @@ int32_t tdm_engine_block_size(const tdm_engine_t *e)
     return e->cfg.block_size;
 }
 
+int32_t tdm_engine_max_model_len(const tdm_engine_t *e)
+{
+    return e->cfg.max_model_len;
+}
+
 /* Grows the sequence's block list to cover positions [0, upto). */
 static bool ensure_blocks(tdm_engine_t *e, tdm_seq_t *s, int32_t upto)
 {

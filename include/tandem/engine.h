@@ -235,6 +235,7 @@ tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, f
 size_t tdm_engine_block_keys(const tdm_engine_t *e, const int32_t *tokens, size_t n,
                              tdm_hash128_t *keys);
 int32_t tdm_engine_block_size(const tdm_engine_t *e);
+int32_t tdm_engine_max_model_len(const tdm_engine_t *e); /* as configured or defaulted */
 
 /* What a KV block payload of this engine must match (kv_codec.h). */
 void tdm_engine_kv_layout(const tdm_engine_t *e, tdm_kv_layout_t *out);
