@@ -123,7 +123,7 @@ struct node {
     tdm_engine_stats_t last; /* stats at the last metrics update */
     struct {
         tdm_metrics_counter_t *prompt, *gen, *pq, *ph, *preempt, *imported, *jobs, *put_blocks,
-            *store_hit;
+            *store_hit, *computed;
         tdm_metrics_gauge_t *running, *waiting, *usage;
     } m;
     int64_t next_beat_ms;
@@ -265,6 +265,9 @@ static void on_engine_event(void *user, const tdm_request_event_t *e)
     if (e->finish != TDM_FINISH_NONE) {
         j->ended = true;
         j->in_engine = false;
+        if (e->finish != TDM_FINISH_ERROR && e->finish != TDM_FINISH_CANCELLED)
+            tdm_metrics_counter_add(n->m.computed,
+                                    (double)(e->n_prompt - e->n_cached - e->n_imported));
     }
     if (j->kind == TANDEM__CLUSTER__JOB_KIND__JOB_PREFILL) {
         if (e->token >= 0) {
@@ -836,6 +839,9 @@ static tdm_status_t setup_metrics(node_t *n)
          "Prompt tokens the KV store already held when a prefill looked them up.", &n->m.store_hit},
         {"tandem_node_kv_put_blocks_total", "KV blocks put to the store.", &n->m.put_blocks},
         {"tandem_node_jobs_total", "Jobs received from routers.", &n->m.jobs},
+        {"tandem_node_prompt_tokens_computed_total",
+         "Prompt tokens computed here (not from the prefix cache or the KV store).",
+         &n->m.computed},
     };
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
         if ((st = tdm_metrics_counter_register(n->reg, counters[i].name, counters[i].help,

@@ -1,0 +1,1035 @@
+/* tandem-router: the request core (core.h, core_impl.h).
+ *
+ * One thread owns everything here: the UCX listener nodes register at, the
+ * nodes, the requests and their state machines. Front ends hand requests
+ * and cancels over through a locked inbox and tdm_net_signal.
+ *
+ * A request's states:
+ *   QUEUED   waiting for a node of its pool (bounded by queue_timeout_ms)
+ *   PREFILL  a prefill node computes the prompt and puts its blocks
+ *   DECODE   a decode node pulls the blocks (or computes the prompt itself)
+ *            and streams tokens
+ * The router keeps every token a request has produced. When a node dies
+ * (endpoint error, or no heartbeat for node_timeout_ms) its requests go
+ * back to QUEUED and continue on another node from the prompt plus those
+ * tokens (n_prior_output), so the client's text goes on with no gap and no
+ * duplicate. Text is assembled here from token ids (tdm_textstream), as
+ * the engine does it, so the text is the same however it was served. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cluster.h"
+#include "core_impl.h"
+#include "tandem/gguf.h"
+#include "tandem/log.h"
+#include "tandem/net.h"
+#include "tandem/textstream.h"
+
+#define MOD "router"
+
+enum { N_HELLO = 0, N_READY = 1, N_DEAD = 2 };
+
+typedef struct rnode {
+    struct rnode *next;
+    rt_core_t *core;
+    tdm_conn_t *conn;
+    int state;
+    Tandem__Cluster__Role role;
+    char name[96];
+    char model[128];
+    char pool[64];
+    char metrics[160];
+    int64_t last_seen_ms;
+    Tandem__Cluster__Heartbeat hb;
+    int active_jobs;
+    int64_t active_tokens;
+    bool failed;
+} rnode_t;
+
+enum { R_QUEUED = 0, R_PREFILL = 1, R_DECODE = 2 };
+
+typedef struct rreq {
+    struct rreq *next;
+    uint64_t id;
+    rt_event_cb_t cb;
+    void *user;
+    char request_id[64];
+    char pool[64];
+    const rt_model_info_t *model;
+    int32_t *prompt;
+    size_t n_prompt;
+    int32_t *out; /* generated tokens */
+    size_t n_out, cap_out;
+    tdm_sampling_params_t sampling;
+    int32_t max_tokens;
+    int32_t *stop_ids;
+    size_t n_stop_ids;
+    bool ignore_eos, logprobs;
+    int32_t top_logprobs;
+    int64_t deadline_ms;
+    tdm_textstream_t text;
+    int state;
+    rnode_t *node;
+    uint64_t job_id;
+    int attempts;
+    bool prefill_done;         /* the prefill ran (or was skipped for good) */
+    ProtobufCBinaryData *keys; /* blocks of the prompt in the store */
+    size_t n_keys;
+    int32_t n_kv_tokens;
+    int32_t n_cached;
+    int64_t t_submit_ms, t_queued_ms, t_last_token_ms;
+    double t_submit;
+} rreq_t;
+
+typedef struct inbox_item {
+    struct inbox_item *next;
+    rreq_t *req;        /* a new request, or */
+    uint64_t cancel_id; /* a cancel */
+} inbox_item_t;
+
+struct rt_core {
+    rt_core_config_t cfg;
+    char served_name[128];
+    tdm_gguf_t *gguf;
+    tdm_tokenizer_t *tok;
+    rt_model_info_t model;
+    char default_system[1024];
+    tdm_net_t *net;
+    pthread_t thread;
+    bool started;
+    atomic_bool stop;
+    pthread_mutex_t lock;
+    inbox_item_t *inbox, **inbox_tail;
+    atomic_uint_fast64_t next_id;
+    uint64_t next_job;
+    rnode_t *nodes;
+    rreq_t *reqs, **reqs_tail;
+    size_t n_reqs;
+    atomic_int ready_decode;
+    atomic_int n_queued;
+    struct {
+        tdm_metrics_counter_t *requests, *failed, *failovers, *cancelled;
+        tdm_metrics_gauge_t *pending, *waiting, *running, *nodes_prefill, *nodes_decode;
+        tdm_metrics_histogram_t *ttft, *itl, *e2e;
+    } m;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------- public API */
+
+const rt_model_info_t *rt_core_model(rt_core_t *core, const char *name)
+{
+    if (name == NULL || name[0] == '\0' || strcmp(name, core->model.name) == 0)
+        return &core->model;
+    return NULL;
+}
+
+size_t rt_core_models(rt_core_t *core, const rt_model_info_t **out, size_t cap)
+{
+    if (cap > 0)
+        out[0] = &core->model;
+    return 1;
+}
+
+bool rt_core_ready(rt_core_t *core, char *reason, size_t cap)
+{
+    if (atomic_load(&core->ready_decode) > 0)
+        return true;
+    snprintf(reason, cap, "no decode node registered");
+    return false;
+}
+
+int rt_core_listen_port(rt_core_t *core)
+{
+    return tdm_net_listen_port(core->net);
+}
+
+static void req_free(rreq_t *r)
+{
+    if (r == NULL)
+        return;
+    free(r->prompt);
+    free(r->out);
+    free(r->stop_ids);
+    for (size_t i = 0; i < r->n_keys; i++)
+        free(r->keys[i].data);
+    free(r->keys);
+    tdm_textstream_free(&r->text);
+    free(r);
+}
+
+static void inbox_push(rt_core_t *c, inbox_item_t *it)
+{
+    pthread_mutex_lock(&c->lock);
+    *c->inbox_tail = it;
+    c->inbox_tail = &it->next;
+    pthread_mutex_unlock(&c->lock);
+    tdm_net_signal(c->net);
+}
+
+tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t cb, void *user,
+                            uint64_t *id_out, char *err, size_t err_len)
+{
+    const rt_model_info_t *m = rt_core_model(core, p->model);
+    if (m == NULL) {
+        snprintf(err, err_len, "The model `%s` does not exist.", p->model ? p->model : "");
+        return TDM_ERR_NOT_FOUND;
+    }
+    if (p->n_prompt == 0) {
+        snprintf(err, err_len, "the prompt is empty");
+        return TDM_ERR_INVALID;
+    }
+    if (p->max_tokens <= 0) {
+        snprintf(err, err_len, "max_tokens must be at least 1, got %d", p->max_tokens);
+        return TDM_ERR_INVALID;
+    }
+    if ((int64_t)p->n_prompt + 1 > m->max_model_len) {
+        snprintf(err, err_len,
+                 "This model's maximum context length is %d tokens. However, your prompt has "
+                 "%zu tokens (no room for any output).",
+                 m->max_model_len, p->n_prompt);
+        return TDM_ERR_INVALID;
+    }
+    if (p->n_stop > RT_MAX_STOP || p->top_logprobs < 0 || p->top_logprobs > RT_MAX_TOP_LOGPROBS) {
+        snprintf(err, err_len, "at most %d stop strings and 0..%d top_logprobs", RT_MAX_STOP,
+                 RT_MAX_TOP_LOGPROBS);
+        return TDM_ERR_INVALID;
+    }
+    int32_t n_vocab = tdm_tokenizer_n_vocab(m->tok);
+    for (size_t i = 0; i < p->n_prompt; i++) {
+        if (p->prompt[i] < 0 || p->prompt[i] >= n_vocab) {
+            snprintf(err, err_len,
+                     "prompt token %d at position %zu is not in the vocabulary "
+                     "(0..%d)",
+                     p->prompt[i], i, n_vocab - 1);
+            return TDM_ERR_INVALID;
+        }
+    }
+    char why[160];
+    if (tdm_sampling_params_validate(&p->sampling, why, sizeof(why)) != TDM_OK) {
+        snprintf(err, err_len, "%s", why);
+        return TDM_ERR_INVALID;
+    }
+    rreq_t *r = calloc(1, sizeof(*r));
+    inbox_item_t *it = calloc(1, sizeof(*it));
+    if (r == NULL || it == NULL) {
+        free(r);
+        free(it);
+        snprintf(err, err_len, "out of memory");
+        return TDM_ERR_NOMEM;
+    }
+    r->prompt = malloc(p->n_prompt * sizeof(int32_t));
+    r->cap_out = 64;
+    r->out = malloc(r->cap_out * sizeof(int32_t));
+    r->stop_ids = p->n_stop_token_ids ? malloc(p->n_stop_token_ids * sizeof(int32_t)) : NULL;
+    if (r->prompt == NULL || r->out == NULL || (p->n_stop_token_ids && r->stop_ids == NULL) ||
+        tdm_textstream_init(&r->text, p->stop, p->n_stop) != TDM_OK) {
+        req_free(r);
+        free(it);
+        snprintf(err, err_len, "out of memory");
+        return TDM_ERR_NOMEM;
+    }
+    memcpy(r->prompt, p->prompt, p->n_prompt * sizeof(int32_t));
+    r->n_prompt = p->n_prompt;
+    if (p->n_stop_token_ids)
+        memcpy(r->stop_ids, p->stop_token_ids, p->n_stop_token_ids * sizeof(int32_t));
+    r->n_stop_ids = p->n_stop_token_ids;
+    r->model = m;
+    snprintf(r->pool, sizeof(r->pool), "%s", p->tier && p->tier[0] ? p->tier : "default");
+    snprintf(r->request_id, sizeof(r->request_id), "%s", p->request_id ? p->request_id : "");
+    r->sampling = p->sampling;
+    int64_t room = (int64_t)m->max_model_len - (int64_t)p->n_prompt;
+    r->max_tokens = p->max_tokens < room ? p->max_tokens : (int32_t)room;
+    r->ignore_eos = p->ignore_eos;
+    r->logprobs = p->logprobs || p->top_logprobs > 0;
+    r->top_logprobs = p->top_logprobs;
+    r->deadline_ms = p->deadline_ms;
+    r->cb = cb;
+    r->user = user;
+    r->id = atomic_fetch_add(&core->next_id, 1);
+    r->t_submit = now_s();
+    it->req = r;
+    if (id_out != NULL)
+        *id_out = r->id;
+    inbox_push(core, it);
+    return TDM_OK;
+}
+
+void rt_core_cancel(rt_core_t *core, uint64_t id)
+{
+    inbox_item_t *it = calloc(1, sizeof(*it));
+    if (it == NULL)
+        return; /* the request runs to its end; its events are still delivered */
+    it->cancel_id = id;
+    inbox_push(core, it);
+}
+
+/* ------------------------------------------------------------ requests */
+
+static void send_msg(rnode_t *n, Tandem__Cluster__ClusterMsg *msg)
+{
+    if (n->conn != NULL && !n->failed && tdm_cluster_send(n->conn, msg) != TDM_OK)
+        n->failed = true;
+}
+
+static void node_cancel_job(rnode_t *n, uint64_t job)
+{
+    Tandem__Cluster__Cancel c = TANDEM__CLUSTER__CANCEL__INIT;
+    c.id = job;
+    Tandem__Cluster__ClusterMsg msg = TANDEM__CLUSTER__CLUSTER_MSG__INIT;
+    msg.body_case = TANDEM__CLUSTER__CLUSTER_MSG__BODY_CANCEL;
+    msg.cancel = &c;
+    send_msg(n, &msg);
+}
+
+/* Detaches a request from its node (the job is over or abandoned). */
+static void req_leave_node(rreq_t *r, bool cancel)
+{
+    rnode_t *n = r->node;
+    if (n == NULL)
+        return;
+    if (cancel && n->state == N_READY)
+        node_cancel_job(n, r->job_id);
+    n->active_jobs--;
+    n->active_tokens -= (int64_t)(r->n_prompt + r->n_out);
+    r->node = NULL;
+}
+
+static void req_unlink(rt_core_t *c, rreq_t *r)
+{
+    for (rreq_t **l = &c->reqs; *l != NULL; l = &(*l)->next) {
+        if (*l == r) {
+            *l = r->next;
+            if (c->reqs_tail == &r->next)
+                c->reqs_tail = l;
+            c->n_reqs--;
+            return;
+        }
+    }
+}
+
+/* Sends one event to the front end; a final one ends the request. */
+static void emit(rt_core_t *c, rreq_t *r, const char *text, size_t len, const rt_token_info_t *tok,
+                 tdm_finish_reason_t finish, int http_status, const char *error)
+{
+    rt_event_t ev = {
+        .id = r->id,
+        .text = text,
+        .text_len = len,
+        .tokens = tok,
+        .n_tokens = tok != NULL ? 1 : 0,
+        .finish = finish,
+        .http_status = http_status,
+        .error = error,
+        .n_prompt = (int32_t)r->n_prompt,
+        .n_output = (int32_t)r->n_out,
+        .n_cached = r->n_cached,
+    };
+    r->cb(r->user, &ev);
+    if (finish == TDM_FINISH_NONE)
+        return;
+    double e2e = now_s() - r->t_submit;
+    if (finish == TDM_FINISH_ERROR)
+        tdm_metrics_counter_inc(c->m.failed);
+    else if (finish == TDM_FINISH_CANCELLED)
+        tdm_metrics_counter_inc(c->m.cancelled);
+    else
+        tdm_metrics_histogram_observe(c->m.e2e, e2e);
+    tdm_log_debug(MOD, "request %llu (%s): %s after %.3f s, %zu prompt, %zu out",
+                  (unsigned long long)r->id, r->request_id, tdm_finish_reason_str(finish), e2e,
+                  r->n_prompt, r->n_out);
+    req_leave_node(r, true);
+    req_unlink(c, r);
+    req_free(r);
+}
+
+static void fail(rt_core_t *c, rreq_t *r, int http_status, const char *why)
+{
+    const char *text;
+    size_t len;
+    tdm_textstream_flush(&r->text, &text, &len);
+    emit(c, r, text, len, NULL, TDM_FINISH_ERROR, http_status, why);
+}
+
+static bool is_stop_token(const rreq_t *r, int32_t tok)
+{
+    if (!r->ignore_eos && tdm_tokenizer_is_eog(r->model->tok, tok))
+        return true;
+    for (size_t i = 0; i < r->n_stop_ids; i++)
+        if (r->stop_ids[i] == tok)
+            return true;
+    return false;
+}
+
+/* One new token of r. Returns true when the request ended. */
+static bool push_token(rt_core_t *c, rreq_t *r, const Tandem__Cluster__JobToken *jt)
+{
+    if (r->n_out == r->cap_out) {
+        int32_t *p = realloc(r->out, r->cap_out * 2 * sizeof(int32_t));
+        if (p == NULL) {
+            fail(c, r, 500, "out of memory");
+            return true;
+        }
+        r->out = p;
+        r->cap_out *= 2;
+    }
+    int32_t tok = jt->token;
+    r->out[r->n_out++] = tok;
+    int64_t now = tdm_net_now_ms();
+    if (r->n_out == 1)
+        tdm_metrics_histogram_observe(c->m.ttft, now_s() - r->t_submit);
+    else
+        tdm_metrics_histogram_observe(c->m.itl, (double)(now - r->t_last_token_ms) / 1000.0);
+    r->t_last_token_ms = now;
+    rt_token_info_t info = {.token = tok, .logprob = jt->logprob};
+    for (size_t i = 0; i < jt->n_top && i < RT_MAX_TOP_LOGPROBS; i++) {
+        info.top[i].token = jt->top[i]->token;
+        info.top[i].logprob = jt->top[i]->logprob;
+        info.n_top = (int32_t)i + 1;
+    }
+    const rt_token_info_t *ti = r->logprobs ? &info : NULL;
+    if (is_stop_token(r, tok)) { /* its text is not shown */
+        const char *text;
+        size_t len;
+        tdm_textstream_flush(&r->text, &text, &len);
+        emit(c, r, text, len, ti, TDM_FINISH_STOP, 0, NULL);
+        return true;
+    }
+    bool length = (int32_t)r->n_out >= r->max_tokens ||
+                  (int64_t)(r->n_prompt + r->n_out) >= r->model->max_model_len;
+    char piece[256];
+    size_t plen = tdm_tokenizer_token_bytes(r->model->tok, tok, false, piece, sizeof(piece));
+    plen = plen > sizeof(piece) ? sizeof(piece) : plen;
+    const char *text;
+    size_t len;
+    if (tdm_textstream_push(&r->text, piece, plen, length, &text, &len)) {
+        emit(c, r, text, len, ti, TDM_FINISH_STOP, 0, NULL);
+        return true;
+    }
+    emit(c, r, text, len, ti, length ? TDM_FINISH_LENGTH : TDM_FINISH_NONE, 0, NULL);
+    return length;
+}
+
+/* --------------------------------------------------------- scheduling */
+
+static rnode_t *pick_node(rt_core_t *c, const rreq_t *r, Tandem__Cluster__Role role)
+{
+    rnode_t *best = NULL;
+    for (rnode_t *n = c->nodes; n != NULL; n = n->next) {
+        if (n->state != N_READY || n->failed || n->role != role || n->hb.draining ||
+            strcmp(n->pool, r->pool) != 0 || strcmp(n->model, r->model->name) != 0)
+            continue;
+        if (best == NULL) {
+            best = n;
+            continue;
+        }
+        if (role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL) {
+            /* fewest prompt tokens queued */
+            if (n->active_tokens + n->hb.queued_tokens <
+                best->active_tokens + best->hb.queued_tokens)
+                best = n;
+        } else {
+            /* fewest requests, then most free KV blocks */
+            if (n->active_jobs < best->active_jobs ||
+                (n->active_jobs == best->active_jobs && n->hb.free_blocks > best->hb.free_blocks))
+                best = n;
+        }
+    }
+    return best;
+}
+
+static void fill_sampling(const rreq_t *r, Tandem__Cluster__Sampling *s)
+{
+    s->temperature = r->sampling.temperature;
+    s->top_k = r->sampling.top_k;
+    s->top_p = r->sampling.top_p;
+    s->min_p = r->sampling.min_p;
+    s->repetition_penalty = r->sampling.repetition_penalty;
+    s->frequency_penalty = r->sampling.frequency_penalty;
+    s->presence_penalty = r->sampling.presence_penalty;
+    s->has_seed = r->sampling.has_seed;
+    s->seed = r->sampling.seed;
+}
+
+/* Sends r to n as a prefill or a decode job. */
+static bool send_job(rt_core_t *c, rreq_t *r, rnode_t *n, Tandem__Cluster__JobKind kind)
+{
+    Tandem__Cluster__Job job = TANDEM__CLUSTER__JOB__INIT;
+    Tandem__Cluster__Sampling samp = TANDEM__CLUSTER__SAMPLING__INIT;
+    fill_sampling(r, &samp);
+    size_t n_tok = r->n_prompt + (kind == TANDEM__CLUSTER__JOB_KIND__JOB_DECODE ? r->n_out : 0);
+    int32_t *toks = malloc(n_tok * sizeof(int32_t));
+    if (toks == NULL)
+        return false;
+    memcpy(toks, r->prompt, r->n_prompt * sizeof(int32_t));
+    if (n_tok > r->n_prompt)
+        memcpy(toks + r->n_prompt, r->out, r->n_out * sizeof(int32_t));
+    job.id = ++c->next_job;
+    job.kind = kind;
+    job.prompt = toks;
+    job.n_prompt = n_tok;
+    job.sampling = &samp;
+    job.max_tokens = r->max_tokens - (int32_t)r->n_out;
+    job.stop_token_ids = r->stop_ids;
+    job.n_stop_token_ids = r->n_stop_ids;
+    job.ignore_eos = r->ignore_eos;
+    job.logprobs = r->logprobs;
+    job.top_logprobs = r->top_logprobs;
+    job.request_id = r->request_id;
+    if (kind == TANDEM__CLUSTER__JOB_KIND__JOB_DECODE) {
+        job.n_prior_output = (int32_t)r->n_out;
+        job.n_kv_tokens = r->n_kv_tokens;
+        job.block_keys = r->keys;
+        job.n_block_keys = r->n_keys;
+    }
+    Tandem__Cluster__ClusterMsg msg = TANDEM__CLUSTER__CLUSTER_MSG__INIT;
+    msg.body_case = TANDEM__CLUSTER__CLUSTER_MSG__BODY_JOB;
+    msg.job = &job;
+    send_msg(n, &msg);
+    free(toks);
+    if (n->failed)
+        return false;
+    r->node = n;
+    r->job_id = job.id;
+    r->state = kind == TANDEM__CLUSTER__JOB_KIND__JOB_PREFILL ? R_PREFILL : R_DECODE;
+    n->active_jobs++;
+    n->active_tokens += (int64_t)n_tok;
+    tdm_log_debug(MOD, "request %llu (%s): job %llu, %s on %s (%zu tokens, %zu keys)",
+                  (unsigned long long)r->id, r->request_id, (unsigned long long)job.id,
+                  kind == TANDEM__CLUSTER__JOB_KIND__JOB_PREFILL ? "prefill" : "decode", n->name,
+                  n_tok, r->n_keys);
+    return true;
+}
+
+static void schedule(rt_core_t *c, int64_t now)
+{
+    int queued = 0;
+    for (rreq_t *r = c->reqs, *next; r != NULL; r = next) {
+        next = r->next;
+        if (r->deadline_ms > 0 && now >= r->deadline_ms) {
+            fail(c, r, 504, "the request's deadline passed before it finished");
+            continue;
+        }
+        if (r->state != R_QUEUED)
+            continue;
+        bool want_prefill =
+            !r->prefill_done && r->n_out == 0 && (int)r->n_prompt >= c->cfg.disagg_min_tokens;
+        rnode_t *n = NULL;
+        if (want_prefill) {
+            n = pick_node(c, r, TANDEM__CLUSTER__ROLE__ROLE_PREFILL);
+            if (n != NULL && send_job(c, r, n, TANDEM__CLUSTER__JOB_KIND__JOB_PREFILL))
+                continue;
+        }
+        n = pick_node(c, r, TANDEM__CLUSTER__ROLE__ROLE_DECODE);
+        if (n != NULL && send_job(c, r, n, TANDEM__CLUSTER__JOB_KIND__JOB_DECODE))
+            continue;
+        if (now - r->t_queued_ms >= c->cfg.queue_timeout_ms) {
+            char why[200];
+            snprintf(why, sizeof(why),
+                     "no node of pool '%s' could take the request within %d ms; retry later",
+                     r->pool, c->cfg.queue_timeout_ms);
+            fail(c, r, 503, why);
+            continue;
+        }
+        queued++;
+    }
+    atomic_store(&c->n_queued, queued);
+    tdm_metrics_gauge_set(c->m.pending, queued);
+    tdm_metrics_gauge_set(c->m.waiting, queued);
+    tdm_metrics_gauge_set(c->m.running, (double)c->n_reqs - queued);
+}
+
+/* The node of r is gone or failed its job: back to the queue, with every
+ * token so far, or an error when it failed too often. */
+static void requeue(rt_core_t *c, rreq_t *r, const char *why)
+{
+    req_leave_node(r, false);
+    r->attempts++;
+    if (r->attempts > c->cfg.max_retries) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "the request failed on %d nodes; last: %s", r->attempts, why);
+        fail(c, r, 503, msg);
+        return;
+    }
+    if (r->state == R_PREFILL && r->attempts >= 2)
+        r->prefill_done = true; /* prefill keeps failing: let a decode node compute it */
+    if (r->state == R_DECODE)
+        tdm_metrics_counter_inc(c->m.failovers);
+    tdm_log_info(MOD, "request %llu (%s): %s; re-sending with %zu tokens generated so far",
+                 (unsigned long long)r->id, r->request_id, why, r->n_out);
+    r->state = R_QUEUED;
+    r->t_queued_ms = tdm_net_now_ms();
+}
+
+static void keep_keys(rreq_t *r, const Tandem__Cluster__JobEvent *ev)
+{
+    r->keys = calloc(ev->n_block_keys ? ev->n_block_keys : 1, sizeof(ProtobufCBinaryData));
+    if (r->keys == NULL)
+        return;
+    for (size_t i = 0; i < ev->n_block_keys; i++) {
+        if (ev->block_keys[i].len != sizeof(tdm_hash128_t))
+            break;
+        r->keys[i].data = malloc(ev->block_keys[i].len);
+        if (r->keys[i].data == NULL)
+            break;
+        memcpy(r->keys[i].data, ev->block_keys[i].data, ev->block_keys[i].len);
+        r->keys[i].len = ev->block_keys[i].len;
+        r->n_keys = i + 1;
+    }
+    r->n_kv_tokens = ev->n_kv_tokens;
+    if (r->n_keys < ev->n_block_keys || r->n_kv_tokens < 0 || r->n_kv_tokens > (int32_t)r->n_prompt)
+        r->n_kv_tokens = 0; /* the decode node computes the prompt itself */
+}
+
+static void on_job_event(rt_core_t *c, rnode_t *n, const Tandem__Cluster__JobEvent *ev)
+{
+    n->last_seen_ms = tdm_net_now_ms();
+    rreq_t *r = NULL;
+    for (rreq_t *x = c->reqs; x != NULL; x = x->next)
+        if (x->node == n && x->job_id == ev->id) {
+            r = x;
+            break;
+        }
+    if (r == NULL)
+        return; /* a job the router gave up on */
+    if (r->state == R_PREFILL) {
+        if (ev->finish == TDM_FINISH_NONE)
+            return;
+        if (ev->finish == TDM_FINISH_ERROR || ev->n_tokens != 1) {
+            char why[200];
+            snprintf(why, sizeof(why), "prefill node %s failed: %s", n->name,
+                     ev->error ? ev->error : "no token");
+            requeue(c, r, why);
+            return;
+        }
+        req_leave_node(r, false);
+        r->prefill_done = true;
+        r->n_cached = ev->n_cached + ev->n_imported;
+        keep_keys(r, ev);
+        r->state = R_QUEUED;
+        r->t_queued_ms = tdm_net_now_ms();
+        push_token(c, r, ev->tokens[0]); /* may end the request (max_tokens 1, a stop) */
+        return;
+    }
+    if (r->n_out == 0 && r->n_cached == 0)
+        r->n_cached = ev->n_cached;
+    for (size_t i = 0; i < ev->n_tokens; i++)
+        if (push_token(c, r, ev->tokens[i]))
+            return;
+    if (ev->finish == TDM_FINISH_ERROR) {
+        char why[200];
+        snprintf(why, sizeof(why), "decode node %s failed: %s", n->name,
+                 ev->error ? ev->error : "unknown");
+        requeue(c, r, why);
+    } else if (ev->finish != TDM_FINISH_NONE) {
+        /* the node ended it (model length): close the text */
+        const char *text;
+        size_t len;
+        tdm_textstream_flush(&r->text, &text, &len);
+        emit(c, r, text, len, NULL, (tdm_finish_reason_t)ev->finish, 0, NULL);
+    }
+}
+
+/* --------------------------------------------------------------- nodes */
+
+static void count_nodes(rt_core_t *c)
+{
+    int pre = 0, dec = 0;
+    for (rnode_t *n = c->nodes; n != NULL; n = n->next) {
+        if (n->state != N_READY || n->failed)
+            continue;
+        if (n->role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL)
+            pre++;
+        else if (!n->hb.draining)
+            dec++;
+    }
+    atomic_store(&c->ready_decode, dec);
+    tdm_metrics_gauge_set(c->m.nodes_prefill, pre);
+    tdm_metrics_gauge_set(c->m.nodes_decode, dec);
+}
+
+static void on_node_error(void *user, tdm_conn_t *conn, tdm_status_t why)
+{
+    (void)conn;
+    rnode_t *n = user;
+    if (!n->failed && n->state == N_READY)
+        tdm_log_warn(MOD, "lost node %s (%s)", n->name, tdm_status_str(why));
+    n->failed = true;
+}
+
+static void on_accept(void *user, tdm_conn_t *conn)
+{
+    rt_core_t *c = user;
+    rnode_t *n = calloc(1, sizeof(*n));
+    if (n == NULL) {
+        tdm_conn_close(conn, true);
+        return;
+    }
+    n->core = c;
+    n->conn = conn;
+    n->state = N_HELLO;
+    n->last_seen_ms = tdm_net_now_ms();
+    snprintf(n->name, sizeof(n->name), "%s", tdm_conn_peer(conn));
+    tdm_conn_set_owner(conn, n, on_node_error);
+    n->next = c->nodes;
+    c->nodes = n;
+}
+
+static void welcome(rnode_t *n, bool ok, const char *error)
+{
+    Tandem__Cluster__Welcome w = TANDEM__CLUSTER__WELCOME__INIT;
+    w.ok = ok;
+    w.error = (char *)error;
+    Tandem__Cluster__ClusterMsg msg = TANDEM__CLUSTER__CLUSTER_MSG__INIT;
+    msg.body_case = TANDEM__CLUSTER__CLUSTER_MSG__BODY_WELCOME;
+    msg.welcome = &w;
+    send_msg(n, &msg);
+}
+
+static bool token_ok(const rt_core_t *c, const ProtobufCBinaryData *t)
+{
+    size_t len = strlen(c->cfg.token);
+    if (t->len != len)
+        return false;
+    unsigned char d = 0; /* constant time */
+    for (size_t i = 0; i < len; i++)
+        d |= (unsigned char)(t->data[i] ^ (unsigned char)c->cfg.token[i]);
+    return d == 0;
+}
+
+static void on_hello(rt_core_t *c, rnode_t *n, const Tandem__Cluster__Hello *h)
+{
+    const char *why = NULL;
+    if (!token_ok(c, &h->token))
+        why = "wrong cluster token";
+    else if (h->version != TDM_CLUSTER_VERSION)
+        why = "protocol version differs from the router's";
+    else if (h->role != TANDEM__CLUSTER__ROLE__ROLE_PREFILL &&
+             h->role != TANDEM__CLUSTER__ROLE__ROLE_DECODE)
+        why = "unknown role";
+    else if (h->model == NULL || strcmp(h->model, c->model.name) != 0)
+        why = "the node serves a model this router does not";
+    else if (h->max_model_len < c->model.max_model_len)
+        why = "the node's --max-model-len is below the router's";
+    if (why != NULL) {
+        tdm_log_warn(MOD, "refused node %s (%s, model '%s'): %s", h->name ? h->name : "?",
+                     tdm_conn_peer(n->conn), h->model ? h->model : "", why);
+        welcome(n, false, why);
+        n->failed = true;
+        return;
+    }
+    n->role = h->role;
+    snprintf(n->name, sizeof(n->name), "%s", h->name && h->name[0] ? h->name : "node");
+    snprintf(n->model, sizeof(n->model), "%s", h->model);
+    snprintf(n->pool, sizeof(n->pool), "%s", h->pool && h->pool[0] ? h->pool : "default");
+    snprintf(n->metrics, sizeof(n->metrics), "%s", h->metrics_address ? h->metrics_address : "");
+    n->hb.free_blocks = h->total_blocks;
+    n->hb.total_blocks = h->total_blocks;
+    n->state = N_READY;
+    welcome(n, true, NULL);
+    tdm_log_info(MOD, "node %s registered: %s, pool %s, %d KV blocks, codec %s, metrics %s",
+                 n->name, n->role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL ? "prefill" : "decode",
+                 n->pool, h->total_blocks, h->kv_codec ? h->kv_codec : "?", n->metrics);
+    count_nodes(c);
+}
+
+static void on_message(void *user, const tdm_net_msg_t *msg)
+{
+    rt_core_t *c = user;
+    rnode_t *n = tdm_conn_owner(msg->conn);
+    if (n == NULL || n->core != c || n->failed)
+        return;
+    char why[160];
+    Tandem__Cluster__ClusterMsg *m = tdm_cluster_decode(msg, why, sizeof(why));
+    if (m == NULL) {
+        tdm_log_warn(MOD, "bad message from %s: %s; closing it", n->name, why);
+        n->failed = true;
+        return;
+    }
+    if (n->state == N_HELLO && m->body_case != TANDEM__CLUSTER__CLUSTER_MSG__BODY_HELLO) {
+        tdm_log_warn(MOD, "%s sent message %d before Hello; closing it", n->name, m->body_case);
+        n->failed = true;
+    } else {
+        switch (m->body_case) {
+        case TANDEM__CLUSTER__CLUSTER_MSG__BODY_HELLO:
+            if (n->state == N_HELLO)
+                on_hello(c, n, m->hello);
+            break;
+        case TANDEM__CLUSTER__CLUSTER_MSG__BODY_HEARTBEAT: {
+            bool was = n->hb.draining;
+            n->hb = *m->heartbeat;
+            n->hb.base.descriptor = NULL;
+            n->last_seen_ms = tdm_net_now_ms();
+            if (n->hb.draining && !was) {
+                tdm_log_info(MOD, "node %s is draining: no new work goes to it", n->name);
+                count_nodes(c);
+            }
+            break;
+        }
+        case TANDEM__CLUSTER__CLUSTER_MSG__BODY_EVENT: on_job_event(c, n, m->event); break;
+        default:
+            tdm_log_warn(MOD, "unexpected message %d from %s; ignored", m->body_case, n->name);
+            break;
+        }
+    }
+    tdm_cluster_free(m);
+}
+
+/* Drops nodes that failed or went silent; their requests go elsewhere. */
+static void check_nodes(rt_core_t *c, int64_t now)
+{
+    bool changed = false;
+    for (rnode_t **l = &c->nodes; *l != NULL;) {
+        rnode_t *n = *l;
+        int64_t silent = now - n->last_seen_ms;
+        if (!n->failed && silent > c->cfg.node_timeout_ms) {
+            tdm_log_warn(MOD, "node %s sent nothing for %lld ms; taking its requests elsewhere",
+                         n->name, (long long)silent);
+            n->failed = true;
+        }
+        if (!n->failed) {
+            l = &n->next;
+            continue;
+        }
+        char why[160];
+        snprintf(why, sizeof(why), "node %s was lost", n->name);
+        for (rreq_t *r = c->reqs, *next; r != NULL; r = next) {
+            next = r->next;
+            if (r->node == n)
+                requeue(c, r, why);
+        }
+        *l = n->next;
+        tdm_conn_close(n->conn, true);
+        free(n);
+        changed = true;
+    }
+    if (changed)
+        count_nodes(c);
+}
+
+/* -------------------------------------------------------------- thread */
+
+static void drain_inbox(rt_core_t *c)
+{
+    pthread_mutex_lock(&c->lock);
+    inbox_item_t *it = c->inbox;
+    c->inbox = NULL;
+    c->inbox_tail = &c->inbox;
+    pthread_mutex_unlock(&c->lock);
+    while (it != NULL) {
+        inbox_item_t *next = it->next;
+        if (it->req != NULL) {
+            rreq_t *r = it->req;
+            if ((int)c->n_reqs >= c->cfg.max_queued) { /* not linked: emit only frees it */
+                emit(c, r, "", 0, NULL, TDM_FINISH_ERROR, 503,
+                     "the router holds too many requests; retry later");
+            } else {
+                r->t_queued_ms = tdm_net_now_ms();
+                r->state = R_QUEUED;
+                *c->reqs_tail = r;
+                c->reqs_tail = &r->next;
+                c->n_reqs++;
+                tdm_metrics_counter_inc(c->m.requests);
+            }
+        } else {
+            for (rreq_t *r = c->reqs; r != NULL; r = r->next) {
+                if (r->id == it->cancel_id) {
+                    const char *text;
+                    size_t len;
+                    tdm_textstream_flush(&r->text, &text, &len);
+                    emit(c, r, text, len, NULL, TDM_FINISH_CANCELLED, 0, NULL);
+                    break;
+                }
+            }
+        }
+        free(it);
+        it = next;
+    }
+}
+
+static void *core_thread(void *arg)
+{
+    rt_core_t *c = arg;
+    while (!atomic_load(&c->stop)) {
+        tdm_net_progress(c->net);
+        drain_inbox(c);
+        int64_t now = tdm_net_now_ms();
+        check_nodes(c, now);
+        schedule(c, now);
+        tdm_net_wait(c->net, 10);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------ lifetime */
+
+static tdm_status_t setup_metrics(rt_core_t *c)
+{
+    tdm_metrics_registry_t *reg = c->cfg.registry;
+    if (reg == NULL)
+        return TDM_ERR_INVALID;
+    static const double lat[] = {0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25, 0.5,
+                                 0.75,  1.0,  2.5,  5.0,  7.5,  10.0, 20.0, 40.0, 80.0};
+    static const double itl[] = {0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+                                 0.15,  0.2,   0.3,  0.4,  0.5,  0.75, 1.0,  2.5};
+    tdm_status_t st;
+    if ((st = tdm_metrics_counter_register(reg, "tandem_router_requests_total",
+                                           "Requests accepted by the router.", &c->m.requests)) !=
+            TDM_OK ||
+        (st = tdm_metrics_counter_register(reg, "tandem_router_requests_failed_total",
+                                           "Requests that ended with an error.", &c->m.failed)) !=
+            TDM_OK ||
+        (st = tdm_metrics_counter_register(reg, "tandem_router_requests_cancelled_total",
+                                           "Requests cancelled by their client.",
+                                           &c->m.cancelled)) != TDM_OK ||
+        (st = tdm_metrics_counter_register(reg, "tandem_router_failovers_total",
+                                           "Requests moved to another decode node mid-stream.",
+                                           &c->m.failovers)) != TDM_OK ||
+        (st = tdm_metrics_gauge_register(reg, "tandem_router_pending_requests",
+                                         "Requests waiting for a node (scale-up signal).",
+                                         &c->m.pending)) != TDM_OK ||
+        (st = tdm_metrics_gauge_register(reg, "vllm:num_requests_waiting",
+                                         "Requests waiting for a node (router view).",
+                                         &c->m.waiting)) != TDM_OK ||
+        (st = tdm_metrics_gauge_register(reg, "vllm:num_requests_running",
+                                         "Requests on a node (router view).", &c->m.running)) !=
+            TDM_OK ||
+        (st = tdm_metrics_gauge_register(reg, "tandem_router_prefill_nodes",
+                                         "Registered prefill nodes.", &c->m.nodes_prefill)) !=
+            TDM_OK ||
+        (st = tdm_metrics_gauge_register(reg, "tandem_router_decode_nodes",
+                                         "Registered decode nodes taking work.",
+                                         &c->m.nodes_decode)) != TDM_OK ||
+        (st = tdm_metrics_histogram_register(reg, "vllm:time_to_first_token_seconds",
+                                             "Time to first token, from arrival at the router.",
+                                             lat, (int)(sizeof(lat) / sizeof(lat[0])),
+                                             &c->m.ttft)) != TDM_OK ||
+        (st = tdm_metrics_histogram_register(
+             reg, "vllm:inter_token_latency_seconds", "Time between tokens of a request.", itl,
+             (int)(sizeof(itl) / sizeof(itl[0])), &c->m.itl)) != TDM_OK ||
+        (st = tdm_metrics_histogram_register(
+             reg, "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+             lat, (int)(sizeof(lat) / sizeof(lat[0])), &c->m.e2e)) != TDM_OK)
+        return st;
+    return TDM_OK;
+}
+
+tdm_status_t rt_core_create(const rt_core_config_t *cfg, char *err, size_t err_len, rt_core_t **out)
+{
+    rt_core_t *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return TDM_ERR_NOMEM;
+    c->cfg = *cfg;
+    pthread_mutex_init(&c->lock, NULL);
+    c->inbox_tail = &c->inbox;
+    c->reqs_tail = &c->reqs;
+    atomic_store(&c->next_id, 1);
+    tdm_status_t st = tdm_gguf_open(cfg->model_path, true, err, err_len, &c->gguf);
+    if (st != TDM_OK)
+        goto fail;
+    if ((st = tdm_tokenizer_create(c->gguf, err, err_len, &c->tok)) != TDM_OK)
+        goto fail;
+    if (tdm_chat_template_detect(c->gguf, &c->model.tmpl, c->default_system,
+                                 sizeof(c->default_system)) != TDM_OK)
+        c->model.tmpl = TDM_CHAT_TEMPLATE_CHATML;
+    tdm_str_t nm;
+    if (cfg->served_model_name != NULL)
+        snprintf(c->served_name, sizeof(c->served_name), "%s", cfg->served_model_name);
+    else if (tdm_gguf_get_str(c->gguf, "general.name", &nm) && nm.len > 0)
+        snprintf(c->served_name, sizeof(c->served_name), "%.*s", (int)nm.len, nm.ptr);
+    else
+        snprintf(c->served_name, sizeof(c->served_name), "model");
+    uint64_t trained = 0;
+    tdm_str_t arch;
+    char key[128];
+    if (tdm_gguf_get_str(c->gguf, "general.architecture", &arch)) {
+        snprintf(key, sizeof(key), "%.*s.context_length", (int)arch.len, arch.ptr);
+        (void)tdm_gguf_get_u64(c->gguf, key, &trained);
+    }
+    int32_t mml = cfg->max_model_len > 0
+                      ? cfg->max_model_len
+                      : (int32_t)(trained > 0 && trained < 8192 ? trained : 8192);
+    c->model = (rt_model_info_t){
+        .name = c->served_name,
+        .tok = c->tok,
+        .tmpl = c->model.tmpl,
+        .default_system = c->default_system,
+        .max_model_len = mml,
+        .created = (int64_t)time(NULL),
+    };
+    if ((st = setup_metrics(c)) != TDM_OK) {
+        snprintf(err, err_len, "cannot register the router's metrics");
+        goto fail;
+    }
+    tdm_net_config_t nc = {.name = "router"};
+    if ((st = tdm_net_create(&nc, &c->net)) != TDM_OK) {
+        snprintf(err, err_len, "cannot start UCX (see the messages above)");
+        goto fail;
+    }
+    char host[128];
+    int port = 0;
+    if ((st = tdm_net_parse_addr(cfg->listen, host, sizeof(host), &port)) != TDM_OK) {
+        snprintf(err, err_len, "--listen %s is not HOST:PORT", cfg->listen);
+        goto fail;
+    }
+    if ((st = tdm_net_set_handler(c->net, TDM_CLUSTER_AM_ID, on_message, c)) != TDM_OK ||
+        (st = tdm_net_listen(c->net, host, port, on_accept, c)) != TDM_OK) {
+        snprintf(err, err_len, "cannot listen for nodes on %s (%s): is the port in use?",
+                 cfg->listen, tdm_status_str(st));
+        goto fail;
+    }
+    if (pthread_create(&c->thread, NULL, core_thread, c) != 0) {
+        st = TDM_ERR_IO;
+        snprintf(err, err_len, "cannot start the router's thread");
+        goto fail;
+    }
+    c->started = true;
+    tdm_log_info(MOD,
+                 "serving model '%s' (max model len %d, template %s); nodes register at %s "
+                 "(port %d); queue timeout %d ms, prompts under %d tokens skip prefill",
+                 c->served_name, mml,
+                 c->model.tmpl == TDM_CHAT_TEMPLATE_LLAMA3 ? "llama3" : "chatml", cfg->listen,
+                 tdm_net_listen_port(c->net), cfg->queue_timeout_ms, cfg->disagg_min_tokens);
+    *out = c;
+    return TDM_OK;
+fail:
+    rt_core_destroy(c);
+    return st;
+}
+
+void rt_core_destroy(rt_core_t *c)
+{
+    if (c == NULL)
+        return;
+    if (c->started) {
+        atomic_store(&c->stop, true);
+        tdm_net_signal(c->net);
+        pthread_join(c->thread, NULL);
+    }
+    drain_inbox(c);
+    while (c->reqs != NULL)
+        fail(c, c->reqs, 503, "the router is shutting down");
+    while (c->nodes != NULL) {
+        rnode_t *n = c->nodes;
+        c->nodes = n->next;
+        tdm_conn_close(n->conn, true);
+        free(n);
+    }
+    if (c->net != NULL)
+        tdm_net_destroy(c->net);
+    tdm_tokenizer_destroy(c->tok);
+    if (c->gguf != NULL)
+        tdm_gguf_close(c->gguf);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}

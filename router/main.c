@@ -1,0 +1,168 @@
+/* tandem-router: the endpoint clients talk to (OpenAI HTTP and gRPC); the
+ * nodes register at its --listen port (core.c). */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "api_grpc.h"
+#include "api_openai.h"
+#include "core_impl.h"
+#include "tandem/flags.h"
+#include "tandem/log.h"
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+int main(int argc, char **argv)
+{
+    rt_core_config_t cc = {
+        .listen = "0.0.0.0:7500",
+        .queue_timeout_ms = 0,
+        .disagg_min_tokens = 32,
+        .node_timeout_ms = 3000,
+        .max_retries = 3,
+        .max_queued = 4096,
+    };
+    const char *host = "127.0.0.1", *grpc_host = "127.0.0.1", *api_key = NULL;
+    const char *log_level = NULL;
+    int port = 8000, grpc_port = 8001, queue_timeout_s = 30;
+    uint64_t max_body = 4ull << 20;
+    tdm_flag_t flags[] = {
+        {"model", 'm', TDM_FLAG_TYPE_STR, &cc.model_path,
+         "GGUF model file (the router reads its tokenizer and chat template only)", NULL},
+        {"served-model-name", 0, TDM_FLAG_TYPE_STR, &cc.served_model_name,
+         "the model's name in the API (default: the GGUF's general.name)", NULL},
+        {"host", 0, TDM_FLAG_TYPE_STR, &host, "address of the OpenAI HTTP API", NULL},
+        {"port", 'p', TDM_FLAG_TYPE_INT, &port, "its port", NULL},
+        {"grpc-host", 0, TDM_FLAG_TYPE_STR, &grpc_host, "address of the gRPC API", NULL},
+        {"grpc-port", 0, TDM_FLAG_TYPE_INT, &grpc_port, "its port (-1: no gRPC)", NULL},
+        {"listen", 'l', TDM_FLAG_TYPE_STR, &cc.listen, "HOST:PORT nodes register at (UCX)", NULL},
+        {"cluster-token", 0, TDM_FLAG_TYPE_STR, &cc.token,
+         "shared secret of the cluster (prefer the TANDEM_CLUSTER_TOKEN variable)", NULL},
+        {"api-key", 0, TDM_FLAG_TYPE_STR, &api_key,
+         "clients must send Authorization: Bearer KEY (prefer TANDEM_API_KEY)", NULL},
+        {"max-model-len", 0, TDM_FLAG_TYPE_INT, &cc.max_model_len,
+         "prompt + output tokens (0: the model's, at most 8192)", NULL},
+        {"queue-timeout", 0, TDM_FLAG_TYPE_INT, &queue_timeout_s,
+         "seconds a request waits for a node before a 503", NULL},
+        {"disagg-min-tokens", 0, TDM_FLAG_TYPE_INT, &cc.disagg_min_tokens,
+         "prompts shorter than this skip the prefill pool", NULL},
+        {"node-timeout", 0, TDM_FLAG_TYPE_INT, &cc.node_timeout_ms,
+         "ms without a heartbeat after which a node is taken as lost", NULL},
+        {"max-retries", 0, TDM_FLAG_TYPE_INT, &cc.max_retries,
+         "times a request is re-sent after its node failed", NULL},
+        {"max-queued", 0, TDM_FLAG_TYPE_INT, &cc.max_queued, "requests held at once", NULL},
+        {"max-body-bytes", 0, TDM_FLAG_TYPE_SIZE, &max_body, "largest HTTP request body", NULL},
+        {"log-level", 0, TDM_FLAG_TYPE_STR, &log_level, "error, warn, info or debug", NULL},
+    };
+    size_t n_flags = sizeof(flags) / sizeof(flags[0]);
+    bool help = false;
+    char err[512];
+    size_t n_pos = 0;
+    if (tdm_flags_parse(flags, n_flags, argc - 1, argv + 1, NULL, 0, &n_pos, &help, err,
+                        sizeof(err)) != TDM_OK) {
+        fprintf(stderr, "tandem-router: %s (see --help)\n", err);
+        return 2;
+    }
+    if (help) {
+        printf("usage: tandem-router --model GGUF [flags]\n\n"
+               "The client endpoint of a tandem cluster: OpenAI-compatible HTTP and gRPC.\n"
+               "Prefill and decode nodes register at --listen. Flags may also be set as\n"
+               "TANDEM_<NAME> variables (TANDEM_CLUSTER_TOKEN, TANDEM_API_KEY).\n\n");
+        tdm_flags_usage(stdout, flags, n_flags);
+        return 0;
+    }
+    if (log_level != NULL) {
+        int lv = tdm_log_parse_level(log_level);
+        if (lv < 0) {
+            fprintf(stderr, "tandem-router: unknown --log-level %s\n", log_level);
+            return 2;
+        }
+        tdm_log_set_level((tdm_log_level_t)lv);
+    }
+    if (cc.token == NULL)
+        cc.token = getenv("TANDEM_CLUSTER_TOKEN");
+    if (api_key == NULL)
+        api_key = getenv("TANDEM_API_KEY");
+    if (cc.model_path == NULL || cc.token == NULL || cc.token[0] == '\0') {
+        fprintf(stderr, "tandem-router: --model and a cluster token (--cluster-token or "
+                        "TANDEM_CLUSTER_TOKEN) are required (see --help)\n");
+        return 2;
+    }
+    if (port < 0 || port > 65535 || grpc_port < -1 || grpc_port > 65535 || queue_timeout_s < 0 ||
+        cc.node_timeout_ms < 500 || cc.max_retries < 0 || cc.max_queued < 1 ||
+        cc.disagg_min_tokens < 0 || cc.max_model_len < 0) {
+        fprintf(stderr, "tandem-router: a flag is out of range (see --help)\n");
+        return 2;
+    }
+    cc.queue_timeout_ms = queue_timeout_s * 1000;
+    signal(SIGPIPE, SIG_IGN);
+    tdm_metrics_registry_t *reg = NULL;
+    if (tdm_metrics_registry_create(&reg) != TDM_OK)
+        return 1;
+    cc.registry = reg;
+    rt_core_t *core = NULL;
+    if (rt_core_create(&cc, err, sizeof(err), &core) != TDM_OK) {
+        tdm_log_error("router", "cannot start: %s", err);
+        tdm_metrics_registry_destroy(reg);
+        return 1;
+    }
+    rt_openai_config_t oc = {
+        .host = host,
+        .port = port,
+        .api_key = api_key,
+        .max_body_bytes = (size_t)max_body,
+        .registry = reg,
+    };
+    rt_openai_t *http = NULL;
+    if (rt_openai_start(core, &oc, &http) != TDM_OK) {
+        tdm_log_error("router", "cannot serve HTTP on %s:%d (see above); is --port in use?", host,
+                      port);
+        rt_core_destroy(core);
+        tdm_metrics_registry_destroy(reg);
+        return 1;
+    }
+    rt_grpc_t *grpc = NULL;
+    if (grpc_port >= 0) {
+        rt_grpc_config_t gc;
+        rt_grpc_config_default(&gc);
+        gc.host = grpc_host;
+        gc.port = grpc_port;
+        gc.api_key = api_key;
+        if (rt_grpc_start(core, &gc, &grpc) != TDM_OK) {
+            tdm_log_error("router",
+                          "cannot serve gRPC on %s:%d (see above); is --grpc-port in "
+                          "use?",
+                          grpc_host, grpc_port);
+            rt_openai_stop(http);
+            rt_core_destroy(core);
+            tdm_metrics_registry_destroy(reg);
+            return 1;
+        }
+    }
+    tdm_log_info("router",
+                 "OpenAI API on http://%s:%d/v1%s, gRPC on %s:%d; nodes register at "
+                 "%s",
+                 host, rt_openai_port(http), api_key ? " (API key required)" : "", grpc_host,
+                 grpc != NULL ? rt_grpc_port(grpc) : -1, cc.listen);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    while (!g_stop)
+        pause();
+    tdm_log_info("router", "stopping: no new requests; in-flight ones are cancelled");
+    rt_grpc_stop(grpc);
+    rt_openai_stop(http);
+    rt_core_destroy(core);
+    tdm_metrics_registry_destroy(reg);
+    return 0;
+}
