@@ -1121,7 +1121,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         }
         if (now >= next_metrics) {
             update_metrics(n);
-            next_metrics = now + 250;
+            next_metrics = now + 100;
         }
         if (!did) {
             if (n->kvc != NULL)

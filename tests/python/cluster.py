@@ -243,8 +243,9 @@ class Cluster:
         assert st == 200, js
         return js["choices"][0]["message"]["content"], js
 
-    def chat_stream(self, message, max_tokens=48, timeout=120, **kw):
-        """Streamed chat completion: (joined text, list of chunk dicts)."""
+    def chat_stream(self, message, max_tokens=48, timeout=120, on_chunk=None, **kw):
+        """Streamed chat completion: (joined text, list of chunk dicts);
+        on_chunk(n) runs after the n-th chunk."""
         body = {"messages": [{"role": "user", "content": message}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, **kw}
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
@@ -267,6 +268,8 @@ class Cluster:
                     break
                 js = json.loads(payload)
                 chunks.append(js)
+                if on_chunk:
+                    on_chunk(len(chunks))
                 for ch in js.get("choices", []):
                     text.append(ch.get("delta", {}).get("content") or "")
             assert done, "stream ended without [DONE]"

@@ -19,19 +19,27 @@ pytestmark = pytest.mark.skipif(not os.path.exists(default_model()) or sanitized
                                 reason="needs the default model and the Release build")
 
 N = 50
-MAX_TOKENS = 24
+MAX_TOKENS = 48
 QUESTIONS = [f"Tell me one fact about the number {i}." for i in range(N)]
 
 
 def run_all(c, on_progress=None):
-    """Streams all N at once; returns the texts (or exceptions)."""
-    started = [0]
+    """Streams all N at once; returns the texts (or exceptions).
+    on_progress(mid) runs meanwhile; mid.wait() returns once 25 streams
+    have had 4 chunks (they are mid-stream)."""
+    mid = threading.Event()
+    count = [0]
     lock = threading.Lock()
 
+    def seen(n):
+        if n == 4:
+            with lock:
+                count[0] += 1
+                if count[0] == 25:
+                    mid.set()
+
     def one(q):
-        text, chunks = c.chat_stream(q, MAX_TOKENS, timeout=300)
-        with lock:
-            started[0] += 1
+        text, chunks = c.chat_stream(q, MAX_TOKENS, timeout=300, on_chunk=seen)
         finishes = [ch["choices"][0].get("finish_reason") for ch in chunks if ch.get("choices")]
         assert sum(1 for f in finishes if f) == 1, finishes
         return text
@@ -39,7 +47,7 @@ def run_all(c, on_progress=None):
     with cf.ThreadPoolExecutor(N) as ex:
         futs = [ex.submit(one, q) for q in QUESTIONS]
         if on_progress:
-            on_progress()
+            on_progress(mid)
         out = []
         for f in futs:
             try:
@@ -57,19 +65,6 @@ def check(got, want, what):
                       f"  got  {got[diff[0]]!r}\n  want {want[diff[0]]!r}")
 
 
-def wait_generating(c, role="decode", index=0, min_tokens=40, timeout=120):
-    """Until node role-index has generated at least min_tokens (mid-stream)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if c.metrics(role, index).get("vllm:generation_tokens_total", 0) >= min_tokens:
-                return
-        except (OSError, AssertionError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{role}-{index} generated nothing in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     with Cluster(prefill=1, decode=2, stores=2, kv_replicas=1,
@@ -85,8 +80,7 @@ def undisturbed(cluster):
 def test_kill_decode_mid_stream(cluster, undisturbed, report):
     c = cluster
     before = c.metrics("router").get("tandem_router_failovers_total", 0)
-    got = run_all(c, on_progress=lambda: (wait_generating(c, "decode", 0, 40),
-                                          c.kill("decode", 0)))
+    got = run_all(c, on_progress=lambda mid: (mid.wait(120), c.kill("decode", 0)))
     check(got, undisturbed, "decode node killed")
     moved = c.metrics("router").get("tandem_router_failovers_total", 0) - before
     assert moved > 0, "no request was moved: the kill came too late"
@@ -97,13 +91,13 @@ def test_kill_decode_mid_stream(cluster, undisturbed, report):
 
 def test_kill_store(cluster, undisturbed, report):
     c = cluster
-    got = run_all(c, on_progress=lambda: (time.sleep(0.3), c.kill("kvstore", 0)))
+    got = run_all(c, on_progress=lambda mid: (time.sleep(0.3), c.kill("kvstore", 0)))
     check(got, undisturbed, "store killed")
     report(f"kill -9 store under load: {N} of {N} requests complete and identical")
 
 
 def test_kill_prefill(cluster, undisturbed, report):
     c = cluster
-    got = run_all(c, on_progress=lambda: (time.sleep(0.3), c.kill("prefill", 0)))
+    got = run_all(c, on_progress=lambda mid: (time.sleep(0.3), c.kill("prefill", 0)))
     check(got, undisturbed, "prefill node killed")
     report(f"kill -9 prefill under load: {N} of {N} requests complete and identical")
