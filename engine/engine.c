@@ -408,6 +408,9 @@ tdm_status_t tdm_engine_add(tdm_engine_t *e, const tdm_request_params_t *p, uint
     s->max_tokens = p->max_tokens;
     s->ignore_eos = p->ignore_eos;
     s->logprobs = p->logprobs;
+    s->top_logprobs = p->top_logprobs < 0                      ? 0
+                      : p->top_logprobs > TDM_MAX_TOP_LOGPROBS ? TDM_MAX_TOP_LOGPROBS
+                                                               : p->top_logprobs;
     s->cb = p->cb;
     s->user = p->user;
     s->kv_export = p->kv_export;
@@ -465,6 +468,8 @@ static void emit(tdm_seq_t *s, int32_t token, float logprob, const char *text, s
         .n_cached = s->n_cached,
         .error = error,
         .n_imported = s->n_imported,
+        .top = token >= 0 && s->n_top > 0 ? s->top : NULL,
+        .n_top = token >= 0 ? s->n_top : 0,
     };
     s->cb(s->user, &ev);
 }
@@ -778,6 +783,34 @@ static bool is_stop_token(const tdm_engine_t *e, const tdm_seq_t *s, int32_t tok
     return false;
 }
 
+/* The k most likely tokens of a logits row with their log-softmax values
+ * (ties: the lower id first). */
+static int32_t top_logprobs(const float *logits, int32_t n_vocab, int32_t k,
+                            tdm_token_logprob_t *out)
+{
+    float max = logits[0];
+    for (int32_t i = 1; i < n_vocab; i++)
+        max = logits[i] > max ? logits[i] : max;
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; i++)
+        sum += exp((double)(logits[i] - max));
+    double lse = (double)max + log(sum);
+    int32_t n = 0;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        if (n == k && logits[i] <= out[n - 1].logprob)
+            continue;
+        int32_t at = n < k ? n++ : k - 1;
+        while (at > 0 && out[at - 1].logprob < logits[i]) {
+            out[at] = out[at - 1];
+            at--;
+        }
+        out[at] = (tdm_token_logprob_t){i, logits[i]};
+    }
+    for (int32_t i = 0; i < n; i++)
+        out[i].logprob = (float)((double)out[i].logprob - lse);
+    return n;
+}
+
 /* Samples the next token of s from its logits row and delivers it. Returns
  * true when the request is finished. */
 static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
@@ -785,6 +818,9 @@ static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
     const tdm_model_hparams_t *hp = &e->model->hp;
     float *logits = e->h_logits + (size_t)s->logit_row * (size_t)hp->n_vocab;
     float lp = 0.0f;
+    s->n_top = 0;
+    if (s->top_logprobs > 0)
+        s->n_top = top_logprobs(logits, hp->n_vocab, s->top_logprobs, s->top);
     int32_t n_in = s->n_prompt - s->n_prior; /* prior output counts as output */
     int32_t tok = tdm_sampler_sample(e->sampler, &s->sampling, &s->rng, logits, s->tokens,
                                      (size_t)n_in, s->tokens + n_in, (size_t)(s->n_tokens - n_in),

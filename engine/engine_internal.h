@@ -39,6 +39,9 @@ typedef struct tdm_seq {
     size_t n_stop_ids;
     bool ignore_eos;
     bool logprobs;
+    int32_t top_logprobs;
+    tdm_token_logprob_t top[TDM_MAX_TOP_LOGPROBS]; /* of the token being delivered */
+    int32_t n_top;
     tdm_request_cb_t cb;
     void *user;
     /* disaggregated serving (tdm_request_params_t) */
@@ -48,7 +51,7 @@ typedef struct tdm_seq {
     void *kv_import_user;
     int32_t n_kv_tokens;
     int32_t n_imported; /* prompt positions filled by kv_import */
-    int32_t n_prior; /* trailing prompt tokens that are earlier output (failover) */
+    int32_t n_prior;    /* trailing prompt tokens that are earlier output (failover) */
     /* output text not yet delivered (incomplete UTF-8, a possible stop string) */
     tdm_textstream_t text;
     /* batch bookkeeping for the current step */

@@ -88,6 +88,8 @@ typedef struct job {
     /* prefill: the final event, held until the PUT is acknowledged */
     int32_t first_token;
     float first_logprob;
+    tdm_token_logprob_t first_top[TDM_MAX_TOP_LOGPROBS];
+    int32_t n_first_top;
     int finish;
     char error[160];
     int32_t ev_n_prompt, ev_n_cached, ev_n_imported;
@@ -216,6 +218,20 @@ static void fail_job(node_t *n, job_t *j, const char *why)
     j->state = J_DONE;
 }
 
+/* Alternatives of a token into the message (tl and tp: room for n). */
+static void fill_top(Tandem__Cluster__JobToken *tok, const tdm_token_logprob_t *top, int32_t n,
+                     Tandem__Cluster__TokenLogprob *tl, Tandem__Cluster__TokenLogprob **tp)
+{
+    for (int32_t i = 0; i < n; i++) {
+        tandem__cluster__token_logprob__init(&tl[i]);
+        tl[i].token = top[i].token;
+        tl[i].logprob = top[i].logprob;
+        tp[i] = &tl[i];
+    }
+    tok->top = tp;
+    tok->n_top = (size_t)n;
+}
+
 /* The prefill's answer: first token and the keys of what the store holds. */
 static void send_prefill_result(node_t *n, job_t *j)
 {
@@ -238,9 +254,11 @@ static void send_prefill_result(node_t *n, job_t *j)
             covered = end < (int32_t)j->n_prompt ? end : (int32_t)j->n_prompt;
         }
     }
+    Tandem__Cluster__TokenLogprob tl[TDM_MAX_TOP_LOGPROBS], *tp[TDM_MAX_TOP_LOGPROBS];
     if (j->first_token >= 0) {
         tok.token = j->first_token;
         tok.logprob = j->first_logprob;
+        fill_top(&tok, j->first_top, j->n_first_top, tl, tp);
         ev.n_tokens = 1;
         ev.tokens = toks;
     }
@@ -273,6 +291,9 @@ static void on_engine_event(void *user, const tdm_request_event_t *e)
         if (e->token >= 0) {
             j->first_token = e->token;
             j->first_logprob = e->logprob;
+            j->n_first_top = e->n_top;
+            if (e->n_top > 0)
+                memcpy(j->first_top, e->top, (size_t)e->n_top * sizeof(e->top[0]));
         }
         if (e->finish == TDM_FINISH_NONE)
             return;
@@ -292,9 +313,11 @@ static void on_engine_event(void *user, const tdm_request_event_t *e)
         Tandem__Cluster__JobEvent ev = TANDEM__CLUSTER__JOB_EVENT__INIT;
         Tandem__Cluster__JobToken tok = TANDEM__CLUSTER__JOB_TOKEN__INIT;
         Tandem__Cluster__JobToken *toks[1] = {&tok};
+        Tandem__Cluster__TokenLogprob tl[TDM_MAX_TOP_LOGPROBS], *tp[TDM_MAX_TOP_LOGPROBS];
         if (e->token >= 0) {
             tok.token = e->token;
             tok.logprob = e->logprob;
+            fill_top(&tok, e->top, e->n_top, tl, tp);
             ev.tokens = toks;
             ev.n_tokens = 1;
         }
@@ -594,6 +617,7 @@ static void on_job(node_t *n, rconn_t *rc, const Tandem__Cluster__Job *m)
     p->max_tokens = m->kind == TANDEM__CLUSTER__JOB_KIND__JOB_PREFILL ? 1 : m->max_tokens;
     p->ignore_eos = m->ignore_eos;
     p->logprobs = m->logprobs;
+    p->top_logprobs = m->top_logprobs;
     p->n_prior_output = m->n_prior_output;
     j->next = n->jobs;
     n->jobs = j;

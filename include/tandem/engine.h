@@ -92,6 +92,13 @@ typedef enum tdm_finish_reason {
 
 const char *tdm_finish_reason_str(tdm_finish_reason_t r); /* "stop", "length", ... */
 
+#define TDM_MAX_TOP_LOGPROBS 20
+
+typedef struct tdm_token_logprob {
+    int32_t token;
+    float logprob;
+} tdm_token_logprob_t;
+
 typedef struct tdm_request_event {
     uint64_t id;
     int32_t token;    /* the new token, or -1 with a final event without one */
@@ -104,6 +111,10 @@ typedef struct tdm_request_event {
     int32_t n_cached;           /* prompt tokens served from the prefix cache */
     const char *error;          /* with TDM_FINISH_ERROR: why */
     int32_t n_imported;         /* prompt tokens whose K/V came from kv_import */
+    /* with top_logprobs > 0: the most likely tokens at this position, best
+     * first (log-softmax of the logits before penalties and temperature) */
+    const tdm_token_logprob_t *top;
+    int32_t n_top;
 } tdm_request_event_t;
 
 typedef void (*tdm_request_cb_t)(void *user, const tdm_request_event_t *ev);
@@ -166,8 +177,9 @@ typedef struct tdm_request_params {
     size_t n_stop;
     const int32_t *stop_token_ids; /* copied */
     size_t n_stop_token_ids;
-    bool ignore_eos; /* keep going past end-of-generation tokens */
-    bool logprobs;   /* fill ev->logprob */
+    bool ignore_eos;      /* keep going past end-of-generation tokens */
+    bool logprobs;        /* fill ev->logprob */
+    int32_t top_logprobs; /* 0..TDM_MAX_TOP_LOGPROBS alternatives per token (ev->top) */
     tdm_request_cb_t cb;
     void *user;
     /* optional: disaggregated serving (see above); zero-initialize to skip */
