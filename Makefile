@@ -2,7 +2,7 @@
 #   make deps    Debian packages and the Python venv for tests (idempotent)
 #   make         Release build; binaries in build/bin/
 #   make model   fetch and verify the default model into $TANDEM_HOME/models
-#   make demo    set-up, build, model, then one chat answer
+#   make demo    set-up, build, model, then a local cluster (tandem up) and one streamed answer
 #   make test    set-up, Release and ASan+UBSan builds, every test on both
 #   make bench   tandem bench engine against llama.cpp on this machine
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)

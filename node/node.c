@@ -451,6 +451,41 @@ static void start_in_engine(node_t *n, job_t *j)
     j->state = J_RUN;
 }
 
+typedef struct release_op {
+    size_t n;
+    tdm_hash128_t keys[];
+} release_op_t;
+
+static void on_released(void *user, tdm_status_t status)
+{
+    (void)status; /* a lease that outlives us expires on its own */
+    free(user);
+}
+
+/* Decode side: the blocks are here, so their leases end (they stay in the
+ * store as cache, evictable); the per-job partial block is deleted. */
+static void release_blocks(node_t *n, const job_t *j, size_t n_got)
+{
+    if (n->kvc == NULL || n_got == 0)
+        return;
+    bool partial = j->n_kv_tokens % n->bs != 0 && n_got == j->n_keys;
+    size_t n_full = partial ? n_got - 1 : n_got;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t cnt = pass == 0 ? n_full : (partial ? 1 : 0);
+        if (cnt == 0)
+            continue;
+        release_op_t *op = malloc(sizeof(*op) + cnt * sizeof(tdm_hash128_t));
+        if (op == NULL)
+            return;
+        op->n = cnt;
+        memcpy(op->keys, j->keys + (pass == 0 ? 0 : n_full), cnt * sizeof(tdm_hash128_t));
+        tdm_status_t st = pass == 0 ? tdm_kvc_release(n->kvc, cnt, op->keys, NULL, on_released, op)
+                                    : tdm_kvc_delete(n->kvc, cnt, op->keys, NULL, on_released, op);
+        if (st != TDM_OK)
+            free(op);
+    }
+}
+
 static void on_get_done(void *user, tdm_status_t status)
 {
     job_t *j = user;
@@ -474,6 +509,8 @@ static void on_get_done(void *user, tdm_status_t status)
                      "the rest",
                      (unsigned long long)j->id, lead, j->n_keys, tdm_status_str(status));
     tdm_metrics_counter_add(n->m.imported, (double)j->n_kv_tokens);
+    if (j->kind == TANDEM__CLUSTER__JOB_KIND__JOB_DECODE)
+        release_blocks(n, j, lead);
     start_in_engine(n, j);
 }
 

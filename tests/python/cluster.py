@@ -137,10 +137,10 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def add_node(self, role, start=True, extra=()):
+    def add_node(self, role, start=True, extra=(), wrap=()):
         index = sum(1 for p in self.procs if p.role == role)
         mport = free_port()
-        argv = [os.path.join(self.bin, f"tandem-{role}"), "--model", self.model,
+        argv = list(wrap) + [os.path.join(self.bin, f"tandem-{role}"), "--model", self.model,
                 "--router", f"127.0.0.1:{self.listen_port}", "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(mport), "--threads", str(self.threads),
                 "--name", f"{role}-{index}", "--kv-cache-memory", "256MiB",

@@ -26,6 +26,6 @@ def report():
 
 def pytest_terminal_summary(terminalreporter):
     if _figures:
-        terminalreporter.section("measured against the numpy reference")
+        terminalreporter.section("measured")
         for line in _figures:
             terminalreporter.write_line(line)
