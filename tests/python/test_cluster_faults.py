@@ -101,3 +101,30 @@ def test_kill_prefill(cluster, undisturbed, report):
     got = run_all(c, on_progress=lambda mid: (time.sleep(0.3), c.kill("prefill", 0)))
     check(got, undisturbed, "prefill node killed")
     report(f"kill -9 prefill under load: {N} of {N} requests complete and identical")
+
+
+def test_failover_gap_single_stream(report):
+    """One long stream whose decode node is killed after 40 chunks: the
+    text is the undisturbed one; the pause the client saw is reported."""
+    with Cluster(prefill=0, decode=2, stores=0) as c:
+        q = "Write a long story about a dragon."
+        ref, _ = c.chat_stream(q, max_tokens=160)
+        times, killed = [], []
+
+        def on_chunk(n):
+            times.append(time.monotonic())
+            if n == 40:
+                for i in range(2):
+                    if c.metrics("decode", i).get("vllm:num_requests_running", 0) > 0:
+                        c.kill("decode", i)
+                        killed.append(i)
+                        break
+
+        before = c.metrics("router").get("tandem_router_failovers_total", 0)
+        text, _ = c.chat_stream(q, max_tokens=160, on_chunk=on_chunk)
+        assert killed, "no decode node was running the stream"
+        assert text == ref
+        assert c.metrics("router").get("tandem_router_failovers_total", 0) == before + 1
+        gaps = sorted((b - a for a, b in zip(times, times[1:])), reverse=True)
+        report(f"failover of one stream after 40 tokens: identical text; longest pause "
+               f"{gaps[0] * 1000:.0f} ms (median gap {gaps[len(gaps) // 2] * 1000:.1f} ms)")
