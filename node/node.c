@@ -603,7 +603,8 @@ static void start_prefill(node_t *n, job_t *j)
 
 static void on_job(node_t *n, rconn_t *rc, const Tandem__Cluster__Job *m)
 {
-    if (n->draining) {
+    if (n->draining) { /* sent before the router saw our heartbeat; it re-sends it */
+        tdm_log_info(MOD, "job %llu refused: draining", (unsigned long long)m->id);
         job_t tmp = {.node = n, .rc = rc, .id = m->id};
         fail_job(n, &tmp, "the node is draining");
         return;
