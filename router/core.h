@@ -35,12 +35,12 @@ typedef struct rt_core rt_core_t;
 /* What the front ends need of a model the router serves. Valid while the
  * core lives. */
 typedef struct rt_model_info {
-    const char *name;             /* the id clients put in "model" */
-    const tdm_tokenizer_t *tok;   /* the router loads only the tokenizer */
-    tdm_chat_template_t tmpl;     /* chat template of the GGUF */
-    const char *default_system;   /* the template's default system prompt, or "" */
-    int32_t max_model_len;        /* prompt + output tokens */
-    int64_t created;              /* unix seconds, for /v1/models */
+    const char *name;           /* the id clients put in "model" */
+    const tdm_tokenizer_t *tok; /* the router loads only the tokenizer */
+    tdm_chat_template_t tmpl;   /* chat template of the GGUF */
+    const char *default_system; /* the template's default system prompt, or "" */
+    int32_t max_model_len;      /* prompt + output tokens */
+    int64_t created;            /* unix seconds, for /v1/models */
 } rt_model_info_t;
 
 /* The model a request names (NULL or "": the default one). NULL when the
@@ -56,7 +56,7 @@ typedef struct rt_params {
     const int32_t *prompt;  /* copied */
     size_t n_prompt;
     tdm_sampling_params_t sampling;
-    int32_t max_tokens; /* > 0; prompt + max_tokens is capped at max_model_len */
+    int32_t max_tokens;      /* > 0; prompt + max_tokens is capped at max_model_len */
     const char *const *stop; /* stop strings (copied), at most RT_MAX_STOP */
     size_t n_stop;
     const int32_t *stop_token_ids; /* copied */

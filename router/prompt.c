@@ -62,11 +62,12 @@ tdm_status_t rt_prompt_chat(const rt_model_info_t *m, const tdm_chat_msg_t *msgs
 {
     for (size_t i = 0; i < n; i++) {
         const char *r = msgs[i].role;
-        if (r == NULL || (strcmp(r, "system") != 0 && strcmp(r, "user") != 0 &&
-                          strcmp(r, "assistant") != 0 && strcmp(r, "developer") != 0 &&
-                          strcmp(r, "tool") != 0)) {
-            snprintf(err, err_len, "messages[%zu].role must be system, user, assistant, "
-                                   "developer or tool",
+        if (r == NULL ||
+            (strcmp(r, "system") != 0 && strcmp(r, "user") != 0 && strcmp(r, "assistant") != 0 &&
+             strcmp(r, "developer") != 0 && strcmp(r, "tool") != 0)) {
+            snprintf(err, err_len,
+                     "messages[%zu].role must be system, user, assistant, "
+                     "developer or tool",
                      i);
             return TDM_ERR_INVALID;
         }

@@ -31,9 +31,15 @@ int main(int argc, char **argv)
         const char *name;
         int (*fn)(int, char **);
     } cmds[] = {
-        {"generate", cmd_generate}, {"tokenize", cmd_tokenize}, {"detokenize", cmd_detokenize},
-        {"bench", cmd_bench},       {"ppl", cmd_ppl},           {"mkmodel", cmd_mkmodel},
-        {"logits", cmd_logits},     {"up", cmd_up},             {"status", cmd_status},
+        {"generate", cmd_generate},
+        {"tokenize", cmd_tokenize},
+        {"detokenize", cmd_detokenize},
+        {"bench", cmd_bench},
+        {"ppl", cmd_ppl},
+        {"mkmodel", cmd_mkmodel},
+        {"logits", cmd_logits},
+        {"up", cmd_up},
+        {"status", cmd_status},
         {"down", cmd_down},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
