@@ -79,3 +79,36 @@ def test_scale_from_zero_and_queue_timeout(report):
         assert 1.5 < waited < 10, waited
         report(f"empty pool: 503 after {waited:.1f} s (--queue-timeout 2): "
                f"{js['error']['message']}")
+
+
+def test_every_role_metrics_parse(report):
+    """Every role's /metrics parses with prometheus_client's text parser and
+    carries the vLLM-named series where the idea is the same."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    import http.client
+    with Cluster(prefill=1, decode=1, stores=1, router_args=["--disagg-min-tokens", "0"]) as c:
+        c.chat("Say hi.", max_tokens=4)
+        want = {
+            "router": {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                       "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                       "tandem_router_pending_requests"},
+            "prefill": {"vllm:num_requests_running", "vllm:prompt_tokens_total",
+                        "vllm:prefix_cache_queries_total", "vllm:kv_cache_usage_perc"},
+            "decode": {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                       "vllm:generation_tokens_total", "vllm:kv_cache_usage_perc"},
+            "kvstore": set(),
+        }
+        counts = []
+        for role, names in want.items():
+            p = c.get(role)
+            conn = http.client.HTTPConnection("127.0.0.1", p.health_port, timeout=5)
+            conn.request("GET", "/metrics")
+            body = conn.getresponse().read().decode()
+            conn.close()
+            fams = {f.name for f in parser.text_string_to_metric_families(body)}
+            # the parser drops _total from counter family names
+            fams |= {f + "_total" for f in fams}
+            missing = names - fams
+            assert not missing, f"{role} lacks {missing}"
+            counts.append(f"{role} {len(fams) // 2}")
+        report("metrics families parsed: " + ", ".join(counts))
