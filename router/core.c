@@ -29,7 +29,8 @@
 #include "tandem/net.h"
 #include "tandem/textstream.h"
 
-#define MOD "router"
+#define MOD          "router"
+#define RT_MAX_POOLS 64 /* pools with a pending-requests series */
 
 enum { N_HELLO = 0, N_READY = 1, N_DEAD = 2 };
 
@@ -109,11 +110,18 @@ struct rt_core {
     rnode_t *nodes;
     rreq_t *reqs, **reqs_tail;
     size_t n_reqs;
+    struct {
+        char name[64];
+        tdm_metrics_gauge_t *pending;
+        int count;
+    } pools[RT_MAX_POOLS];
+    int n_pools;
+    tdm_metrics_family_t *pending_family;
     atomic_int ready_decode;
     atomic_int n_queued;
     struct {
         tdm_metrics_counter_t *requests, *failed, *failovers, *cancelled;
-        tdm_metrics_gauge_t *pending, *waiting, *running, *nodes_prefill, *nodes_decode;
+        tdm_metrics_gauge_t *waiting, *running, *nodes_prefill, *nodes_decode;
         tdm_metrics_histogram_t *ttft, *itl, *e2e;
     } m;
 };
@@ -511,9 +519,28 @@ static bool send_job(rt_core_t *c, rreq_t *r, rnode_t *n, Tandem__Cluster__JobKi
     return true;
 }
 
+/* The pool's slot for the per-pool pending series (NULL when full). */
+static int pool_slot(rt_core_t *c, const char *name)
+{
+    for (int i = 0; i < c->n_pools; i++)
+        if (strcmp(c->pools[i].name, name) == 0)
+            return i;
+    if (c->n_pools == RT_MAX_POOLS)
+        return -1;
+    int i = c->n_pools;
+    snprintf(c->pools[i].name, sizeof(c->pools[i].name), "%s", name);
+    const char *values[1] = {c->pools[i].name};
+    if (tdm_metrics_family_gauge(c->pending_family, values, &c->pools[i].pending) != TDM_OK)
+        return -1;
+    c->n_pools++;
+    return i;
+}
+
 static void schedule(rt_core_t *c, int64_t now)
 {
     int queued = 0;
+    for (int i = 0; i < c->n_pools; i++)
+        c->pools[i].count = 0;
     for (rreq_t *r = c->reqs, *next; r != NULL; r = next) {
         next = r->next;
         if (r->deadline_ms > 0 && now >= r->deadline_ms) {
@@ -542,9 +569,16 @@ static void schedule(rt_core_t *c, int64_t now)
             continue;
         }
         queued++;
+        int slot = pool_slot(c, r->pool);
+        if (slot >= 0)
+            c->pools[slot].count++;
     }
+    for (rnode_t *n = c->nodes; n != NULL; n = n->next)
+        if (n->state == N_READY)
+            (void)pool_slot(c, n->pool); /* a pool shows 0 once it has a node */
+    for (int i = 0; i < c->n_pools; i++)
+        tdm_metrics_gauge_set(c->pools[i].pending, c->pools[i].count);
     atomic_store(&c->n_queued, queued);
-    tdm_metrics_gauge_set(c->m.pending, queued);
     tdm_metrics_gauge_set(c->m.waiting, queued);
     tdm_metrics_gauge_set(c->m.running, (double)c->n_reqs - queued);
 }
@@ -882,7 +916,18 @@ static tdm_status_t setup_metrics(rt_core_t *c)
                                  0.75,  1.0,  2.5,  5.0,  7.5,  10.0, 20.0, 40.0, 80.0};
     static const double itl[] = {0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
                                  0.15,  0.2,   0.3,  0.4,  0.5,  0.75, 1.0,  2.5};
-    tdm_status_t st;
+    static const char *const pool_label[1] = {"pool"};
+    tdm_metrics_desc_t pd = {
+        .type = TDM_METRICS_TYPE_GAUGE,
+        .name = "tandem_router_pending_requests",
+        .help = "Requests waiting for a node of their pool (the scale-from-zero signal).",
+        .label_names = pool_label,
+        .n_labels = 1,
+        .max_children = RT_MAX_POOLS,
+    };
+    tdm_status_t st = tdm_metrics_family_register(reg, &pd, &c->pending_family);
+    if (st != TDM_OK)
+        return st;
     if ((st = tdm_metrics_counter_register(reg, "tandem_router_requests_total",
                                            "Requests accepted by the router.", &c->m.requests)) !=
             TDM_OK ||
@@ -895,9 +940,7 @@ static tdm_status_t setup_metrics(rt_core_t *c)
         (st = tdm_metrics_counter_register(reg, "tandem_router_failovers_total",
                                            "Requests moved to another decode node mid-stream.",
                                            &c->m.failovers)) != TDM_OK ||
-        (st = tdm_metrics_gauge_register(reg, "tandem_router_pending_requests",
-                                         "Requests waiting for a node (scale-up signal).",
-                                         &c->m.pending)) != TDM_OK ||
+
         (st = tdm_metrics_gauge_register(reg, "vllm:num_requests_waiting",
                                          "Requests waiting for a node (router view).",
                                          &c->m.waiting)) != TDM_OK ||

@@ -63,9 +63,12 @@ def test_scale_from_zero_and_queue_timeout(report):
             time.sleep(1.0)
             assert not any(f.done() for f in futs), "a request finished with no node"
             m = c.metrics("router")
-            assert m.get("tandem_router_pending_requests") == 4, m
+            assert m.get('tandem_router_pending_requests{pool="default"}') == 4, m
             c.add_node("decode")
             texts = [f.result(timeout=120)[0] for f in futs]
+            time.sleep(0.1)
+            m = c.metrics("router")
+            assert m.get('tandem_router_pending_requests{pool="default"}') == 0, m
             took = time.monotonic() - t0
         assert all(texts)
         report(f"scale from zero: 4 held requests completed {took:.1f} s after arrival, "
