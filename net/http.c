@@ -253,28 +253,27 @@ tdm_status_t tdm_http_server_route(tdm_http_server_t *server, const char *path,
     return TDM_OK;
 }
 
-/* A listening IPv4 TCP socket on host:port; the port it got in *port. */
-static tdm_status_t http_listen(const tdm_http_server_t *s, int *fd_out, int *port_out)
+tdm_status_t tdm_http_listen_socket(const char *host, int port, const char *port_flag, int backlog,
+                                    int *fd_out, int *port_out)
 {
     struct addrinfo hints = {.ai_family = AF_INET,
                              .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV};
     struct addrinfo *ai = NULL;
     char port_s[8];
-    snprintf(port_s, sizeof(port_s), "%d", s->port);
-    int rc = getaddrinfo(s->host, port_s, &hints, &ai);
+    snprintf(port_s, sizeof(port_s), "%d", port);
+    int rc = getaddrinfo(host, port_s, &hints, &ai);
     if (rc != 0) {
         tdm_log_error(MOD,
                       "cannot listen on %s:%d: %s; give an IPv4 address such as 0.0.0.0 "
                       "or 127.0.0.1",
-                      s->host, s->port,
-                      rc == EAI_NONAME ? "not an IPv4 address" : gai_strerror(rc));
+                      host, port, rc == EAI_NONAME ? "not an IPv4 address" : gai_strerror(rc));
         return TDM_ERR_INVALID;
     }
     tdm_status_t st = TDM_OK;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
-        tdm_log_error(MOD, "cannot listen on %s:%d: socket: %s", s->host, s->port, strerror(errno));
+        tdm_log_error(MOD, "cannot listen on %s:%d: socket: %s", host, port, strerror(errno));
         st = TDM_ERR_IO;
         goto err_free_addr;
     }
@@ -285,40 +284,39 @@ static tdm_status_t http_listen(const tdm_http_server_t *s, int *fd_out, int *po
     if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
         int e = errno;
         if (e == EADDRINUSE) {
-            tdm_log_error(MOD, "cannot listen on %s:%d: port in use; choose another with %s",
-                          s->host, s->port, s->port_flag);
+            tdm_log_error(MOD, "cannot listen on %s:%d: port in use; choose another with %s", host,
+                          port, port_flag);
             st = TDM_ERR_BUSY;
         } else if (e == EACCES) {
             tdm_log_error(MOD,
                           "cannot listen on %s:%d: %s (ports below 1024 need privileges); "
                           "choose another with %s",
-                          s->host, s->port, strerror(e), s->port_flag);
+                          host, port, strerror(e), port_flag);
             st = TDM_ERR_INVALID;
         } else if (e == EADDRNOTAVAIL) {
             tdm_log_error(MOD,
                           "cannot listen on %s:%d: %s; give an address of this machine, "
                           "or 0.0.0.0",
-                          s->host, s->port, strerror(e));
+                          host, port, strerror(e));
             st = TDM_ERR_INVALID;
         } else {
-            tdm_log_error(MOD, "cannot listen on %s:%d: bind: %s", s->host, s->port, strerror(e));
+            tdm_log_error(MOD, "cannot listen on %s:%d: bind: %s", host, port, strerror(e));
             st = TDM_ERR_IO;
         }
         goto err_close;
     }
-    if (listen(fd, HTTP_LISTEN_BACKLOG) != 0) {
+    if (listen(fd, backlog) != 0) {
         int e = errno;
-        tdm_log_error(MOD, "cannot listen on %s:%d: %s%s%s", s->host, s->port, strerror(e),
+        tdm_log_error(MOD, "cannot listen on %s:%d: %s%s%s", host, port, strerror(e),
                       e == EADDRINUSE ? "; choose another port with " : "",
-                      e == EADDRINUSE ? s->port_flag : "");
+                      e == EADDRINUSE ? port_flag : "");
         st = e == EADDRINUSE ? TDM_ERR_BUSY : TDM_ERR_IO;
         goto err_close;
     }
     struct sockaddr_in sin;
     socklen_t sin_len = sizeof(sin);
     if (getsockname(fd, (struct sockaddr *)&sin, &sin_len) != 0) {
-        tdm_log_error(MOD, "cannot listen on %s:%d: getsockname: %s", s->host, s->port,
-                      strerror(errno));
+        tdm_log_error(MOD, "cannot listen on %s:%d: getsockname: %s", host, port, strerror(errno));
         st = TDM_ERR_IO;
         goto err_close;
     }
@@ -341,7 +339,8 @@ tdm_status_t tdm_http_server_start(tdm_http_server_t *server)
     if (server->daemon != NULL)
         return TDM_ERR_BUSY;
     int fd, port;
-    tdm_status_t st = http_listen(server, &fd, &port);
+    tdm_status_t st = tdm_http_listen_socket(server->host, server->port, server->port_flag,
+                                             HTTP_LISTEN_BACKLOG, &fd, &port);
     if (st != TDM_OK)
         return st;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC;

@@ -38,8 +38,6 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <microhttpd.h>
-#include <netdb.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -52,6 +50,7 @@
 #include <unistd.h>
 
 #include "prompt.h"
+#include "tandem/http.h"
 #include "tandem/log.h"
 #include "tandem/net.h"
 
@@ -1877,59 +1876,6 @@ static void *oa_watchdog(void *arg)
 
 /* ---- life cycle ---- */
 
-static tdm_status_t oa_listen(const rt_openai_t *s, int port, int *fd_out, int *port_out)
-{
-    struct addrinfo hints = {.ai_family = AF_INET,
-                             .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV};
-    struct addrinfo *ai = NULL;
-    char port_s[8];
-    snprintf(port_s, sizeof(port_s), "%d", port);
-    int rc = getaddrinfo(s->host, port_s, &hints, &ai);
-    if (rc != 0) {
-        tdm_log_error(MOD, "cannot listen on %s:%d: %s; give a numeric IPv4 address", s->host, port,
-                      rc == EAI_NONAME ? "not an IPv4 address" : gai_strerror(rc));
-        return TDM_ERR_INVALID;
-    }
-    tdm_status_t st = TDM_ERR_IO;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) {
-        tdm_log_error(MOD, "cannot listen on %s:%d: socket: %s", s->host, port, strerror(errno));
-        goto err_free_addr;
-    }
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, OA_LISTEN_BACKLOG) != 0) {
-        int e = errno;
-        st = e == EADDRINUSE                     ? TDM_ERR_BUSY
-             : e == EACCES || e == EADDRNOTAVAIL ? TDM_ERR_INVALID
-                                                 : TDM_ERR_IO;
-        tdm_log_error(MOD, "cannot listen on %s:%d: %s%s", s->host, port, strerror(e),
-                      e == EADDRINUSE      ? "; choose another port"
-                      : e == EACCES        ? " (ports below 1024 need privileges)"
-                      : e == EADDRNOTAVAIL ? "; give an address of this machine or 0.0.0.0"
-                                           : "");
-        goto err_close;
-    }
-    struct sockaddr_in sin;
-    socklen_t sl = sizeof(sin);
-    if (getsockname(fd, (struct sockaddr *)&sin, &sl) != 0) {
-        tdm_log_error(MOD, "cannot listen on %s:%d: getsockname: %s", s->host, port,
-                      strerror(errno));
-        goto err_close;
-    }
-    freeaddrinfo(ai);
-    *fd_out = fd;
-    *port_out = ntohs(sin.sin_port);
-    return TDM_OK;
-
-err_close:
-    close(fd);
-err_free_addr:
-    freeaddrinfo(ai);
-    return st;
-}
-
 tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_openai_t **out)
 {
     if (core == NULL || cfg == NULL || cfg->port < 0 || cfg->port > 65535) {
@@ -1962,7 +1908,7 @@ tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_
     pthread_condattr_destroy(&ca);
 
     int fd = -1, port = 0;
-    st = oa_listen(s, cfg->port, &fd, &port);
+    st = tdm_http_listen_socket(s->host, cfg->port, "--port", OA_LISTEN_BACKLOG, &fd, &port);
     if (st != TDM_OK)
         goto err_destroy_sync;
     unsigned threads = OA_POOL_THREADS;

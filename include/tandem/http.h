@@ -77,6 +77,14 @@ typedef struct tdm_http_config {
     const char *name; /* the role ("kvstore"), in log lines; NULL: none; copied */
 } tdm_http_config_t;
 
+/* A listening, non-blocking IPv4 TCP socket on host:port (numeric; port 0
+ * picks one) for an MHD daemon (MHD_OPTION_LISTEN_SOCKET); the bound port
+ * goes to *port_out. A failure is logged once with its cause and what to do
+ * (naming port_flag): TDM_ERR_BUSY (port in use), TDM_ERR_INVALID (bad or
+ * foreign address, privileged port) or TDM_ERR_IO. */
+tdm_status_t tdm_http_listen_socket(const char *host, int port, const char *port_flag, int backlog,
+                                    int *fd_out, int *port_out);
+
 /* Makes a server from config (copied, host included); nothing listens yet.
  * TDM_ERR_INVALID for a bad port. */
 tdm_status_t tdm_http_server_create(const tdm_http_config_t *config, tdm_http_server_t **out);
