@@ -20,6 +20,17 @@ int tdm_log_parse_level(const char *name)
     return -1;
 }
 
+bool tdm_log_set_level_name(const char *name)
+{
+    if (name == NULL)
+        return true;
+    int level = tdm_log_parse_level(name);
+    if (level < 0)
+        return false;
+    tdm_log_set_level((tdm_log_level_t)level);
+    return true;
+}
+
 tdm_log_level_t tdm_log_get_level(void)
 {
     int level = atomic_load_explicit(&log_level, memory_order_relaxed);

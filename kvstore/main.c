@@ -73,13 +73,9 @@ int main(int argc, char **argv)
         tdm_flags_usage(stdout, flags, n_flags);
         return 0;
     }
-    if (log_level != NULL) {
-        int lv = tdm_log_parse_level(log_level);
-        if (lv < 0) {
-            fprintf(stderr, "tandem-kvstore: unknown --log-level %s\n", log_level);
-            return 2;
-        }
-        tdm_log_set_level((tdm_log_level_t)lv);
+    if (!tdm_log_set_level_name(log_level)) {
+        fprintf(stderr, "tandem-kvstore: unknown --log-level %s\n", log_level);
+        return 2;
     }
     if (cfg.capacity < cfg.max_block_bytes || cfg.max_block_bytes == 0 ||
         cfg.max_block_bytes > (4ull << 30) - 1) {

@@ -451,15 +451,26 @@ static void start_in_engine(node_t *n, job_t *j)
     j->state = J_RUN;
 }
 
-typedef struct release_op {
-    size_t n;
-    tdm_hash128_t keys[];
-} release_op_t;
-
-static void on_released(void *user, tdm_status_t status)
+static void on_keys_done(void *user, tdm_status_t status)
 {
     (void)status; /* a lease that outlives us expires on its own */
-    free(user);
+    free(user);   /* the key copy */
+}
+
+typedef tdm_status_t (*keys_op_fn)(tdm_kvc_t *, size_t, const tdm_hash128_t *, tdm_status_t *,
+                                   tdm_kvc_cb_t, void *);
+
+/* Runs a RELEASE or DELETE of n keys on a copy the callback frees. */
+static void keys_op(node_t *n, keys_op_fn fn, const tdm_hash128_t *keys, size_t cnt)
+{
+    if (cnt == 0)
+        return;
+    tdm_hash128_t *copy = malloc(cnt * sizeof(*copy));
+    if (copy == NULL)
+        return;
+    memcpy(copy, keys, cnt * sizeof(*copy));
+    if (fn(n->kvc, cnt, copy, NULL, on_keys_done, copy) != TDM_OK)
+        free(copy);
 }
 
 /* Decode side: the blocks are here, so their leases end (they stay in the
@@ -470,32 +481,29 @@ static void release_blocks(node_t *n, const job_t *j, size_t n_got)
         return;
     bool partial = j->n_kv_tokens % n->bs != 0 && n_got == j->n_keys;
     size_t n_full = partial ? n_got - 1 : n_got;
-    for (int pass = 0; pass < 2; pass++) {
-        size_t cnt = pass == 0 ? n_full : (partial ? 1 : 0);
-        if (cnt == 0)
-            continue;
-        release_op_t *op = malloc(sizeof(*op) + cnt * sizeof(tdm_hash128_t));
-        if (op == NULL)
-            return;
-        op->n = cnt;
-        memcpy(op->keys, j->keys + (pass == 0 ? 0 : n_full), cnt * sizeof(tdm_hash128_t));
-        tdm_status_t st = pass == 0 ? tdm_kvc_release(n->kvc, cnt, op->keys, NULL, on_released, op)
-                                    : tdm_kvc_delete(n->kvc, cnt, op->keys, NULL, on_released, op);
-        if (st != TDM_OK)
-            free(op);
-    }
+    keys_op(n, tdm_kvc_release, j->keys, n_full);
+    if (partial)
+        keys_op(n, tdm_kvc_delete, j->keys + n_full, 1);
+}
+
+/* A store operation of j ended. Returns true when j was cancelled meanwhile
+ * (then it is finished here and may be gone). */
+static bool store_op_ended(node_t *n, job_t *j)
+{
+    j->kvc_pending--;
+    if (!j->cancelled)
+        return false;
+    j->state = J_DONE;
+    job_maybe_destroy(n, j);
+    return true;
 }
 
 static void on_get_done(void *user, tdm_status_t status)
 {
     job_t *j = user;
     node_t *n = j->node;
-    j->kvc_pending--;
-    if (j->cancelled) {
-        j->state = J_DONE;
-        job_maybe_destroy(n, j);
+    if (store_op_ended(n, j))
         return;
-    }
     size_t lead = 0;
     while (lead < j->n_keys && j->kst[lead] == TDM_OK)
         lead++;
@@ -542,12 +550,8 @@ static void on_lookup_done(void *user, tdm_status_t status)
 {
     job_t *j = user;
     node_t *n = j->node;
-    j->kvc_pending--;
-    if (j->cancelled) {
-        j->state = J_DONE;
-        job_maybe_destroy(n, j);
+    if (store_op_ended(n, j))
         return;
-    }
     if (status != TDM_OK)
         j->n_leading = 0;
     tdm_metrics_counter_add(n->m.store_hit, (double)j->n_leading * n->bs);
@@ -713,8 +717,6 @@ static void on_cancel(node_t *n, rconn_t *rc, uint64_t id)
 
 static void send_hello(node_t *n, rconn_t *rc)
 {
-    const tdm_model_hparams_t *hp = tdm_model_hparams(n->model);
-    (void)hp;
     tdm_engine_stats_t st;
     tdm_engine_get_stats(n->eng, &st);
     tdm_hash128_t fp = tdm_model_fingerprint(n->model);
@@ -1038,13 +1040,9 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         tdm_flags_usage(stdout, flags, n_flags);
         return 0;
     }
-    if (log_level != NULL) {
-        int lv = tdm_log_parse_level(log_level);
-        if (lv < 0) {
-            fprintf(stderr, "%s: unknown --log-level %s\n", prog, log_level);
-            return 2;
-        }
-        tdm_log_set_level((tdm_log_level_t)lv);
+    if (!tdm_log_set_level_name(log_level)) {
+        fprintf(stderr, "%s: unknown --log-level %s\n", prog, log_level);
+        return 2;
     }
     if (n->token == NULL)
         n->token = getenv("TANDEM_CLUSTER_TOKEN");

@@ -8,6 +8,8 @@
 #ifndef TANDEM_LOG_H
 #define TANDEM_LOG_H
 
+#include <stdbool.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -23,6 +25,8 @@ void tdm_log_set_level(tdm_log_level_t level);
 tdm_log_level_t tdm_log_get_level(void);
 /* Parses "error", "warn", "info", "debug" (or 0..3); returns -1 if unknown. */
 int tdm_log_parse_level(const char *name);
+/* A --log-level flag's value (NULL: unchanged). False for an unknown name. */
+bool tdm_log_set_level_name(const char *name);
 
 void tdm_log_write(tdm_log_level_t level, const char *module, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
