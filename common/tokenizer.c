@@ -1092,6 +1092,17 @@ bool tdm_tokenizer_is_eog(const tdm_tokenizer_t *t, int32_t id)
     return false;
 }
 
+bool tdm_tokenizer_is_stop(const tdm_tokenizer_t *t, int32_t id, bool ignore_eos,
+                           const int32_t *stop_ids, size_t n_stop_ids)
+{
+    if (!ignore_eos && tdm_tokenizer_is_eog(t, id))
+        return true;
+    for (size_t i = 0; i < n_stop_ids; i++)
+        if (stop_ids[i] == id)
+            return true;
+    return false;
+}
+
 bool tdm_tokenizer_add_bos(const tdm_tokenizer_t *t)
 {
     return t != NULL && t->add_bos;

@@ -773,16 +773,6 @@ static void add_rows(tdm_engine_t *e, tdm_seq_t *s, int32_t table, int32_t *n_ro
     }
 }
 
-static bool is_stop_token(const tdm_engine_t *e, const tdm_seq_t *s, int32_t tok)
-{
-    if (!s->ignore_eos && tdm_tokenizer_is_eog(e->model->tok, tok))
-        return true;
-    for (size_t i = 0; i < s->n_stop_ids; i++)
-        if (s->stop_ids[i] == tok)
-            return true;
-    return false;
-}
-
 /* The k most likely tokens of a logits row with their log-softmax values
  * (ties: the lower id first). */
 static int32_t top_logprobs(const float *logits, int32_t n_vocab, int32_t k,
@@ -829,7 +819,8 @@ static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
     e->stats.generation_tokens++;
     int32_t n_out = s->n_tokens - s->n_prompt;
     tdm_finish_reason_t why = TDM_FINISH_NONE;
-    bool stop_tok = is_stop_token(e, s, tok);
+    bool stop_tok =
+        tdm_tokenizer_is_stop(e->model->tok, tok, s->ignore_eos, s->stop_ids, s->n_stop_ids);
     if (stop_tok)
         why = TDM_FINISH_STOP;
     else if ((s->max_tokens > 0 && n_out >= s->max_tokens) || s->n_tokens >= e->cfg.max_model_len)

@@ -369,16 +369,6 @@ static void fail(rt_core_t *c, rreq_t *r, int http_status, const char *why)
     emit(c, r, text, len, NULL, TDM_FINISH_ERROR, http_status, why);
 }
 
-static bool is_stop_token(const rreq_t *r, int32_t tok)
-{
-    if (!r->ignore_eos && tdm_tokenizer_is_eog(r->model->tok, tok))
-        return true;
-    for (size_t i = 0; i < r->n_stop_ids; i++)
-        if (r->stop_ids[i] == tok)
-            return true;
-    return false;
-}
-
 /* One new token of r. Returns true when the request ended. */
 static bool push_token(rt_core_t *c, rreq_t *r, const Tandem__Cluster__JobToken *jt)
 {
@@ -406,7 +396,8 @@ static bool push_token(rt_core_t *c, rreq_t *r, const Tandem__Cluster__JobToken 
         info.n_top = (int32_t)i + 1;
     }
     const rt_token_info_t *ti = r->logprobs ? &info : NULL;
-    if (is_stop_token(r, tok)) { /* its text is not shown */
+    if (tdm_tokenizer_is_stop(r->model->tok, tok, r->ignore_eos, r->stop_ids,
+                              r->n_stop_ids)) { /* its text is not shown */
         const char *text;
         size_t len;
         tdm_textstream_flush(&r->text, &text, &len);

@@ -73,6 +73,11 @@ int32_t tdm_tokenizer_eos(const tdm_tokenizer_t *t); /* -1 if none */
 /* End-of-generation tokens: eos, eot, <|im_end|>, <|eot_id|>, <|eom_id|>
  * when present in the vocabulary. */
 bool tdm_tokenizer_is_eog(const tdm_tokenizer_t *t, int32_t id);
+/* Whether a generated token ends a request: an end-of-generation token
+ * (unless ignore_eos) or one of stop_ids. The engine and the router decide
+ * with this one rule, so a request stops at the same token wherever it runs. */
+bool tdm_tokenizer_is_stop(const tdm_tokenizer_t *t, int32_t id, bool ignore_eos,
+                           const int32_t *stop_ids, size_t n_stop_ids);
 bool tdm_tokenizer_add_bos(const tdm_tokenizer_t *t); /* tokenizer.ggml.add_bos_token */
 tdm_token_type_t tdm_tokenizer_token_type(const tdm_tokenizer_t *t, int32_t id);
 /* The vocabulary string of a token (byte alphabet, not decoded). */
