@@ -816,16 +816,16 @@ static void send_heartbeat(node_t *n)
     tdm_engine_stats_t st;
     tdm_engine_get_stats(n->eng, &st);
     int64_t queued = 0;
-    for (job_t *j = n->jobs; j != NULL; j = j->next)
+    int32_t fetching = 0; /* jobs waiting for the store before the engine sees them */
+    for (job_t *j = n->jobs; j != NULL; j = j->next) {
         if (j->state != J_DONE && !j->ended)
             queued += (int64_t)j->n_prompt;
+        fetching += j->state == J_LOOKUP || j->state == J_FETCH;
+    }
     Tandem__Cluster__Heartbeat hb = TANDEM__CLUSTER__HEARTBEAT__INIT;
     hb.queued_tokens = queued;
     hb.running = st.num_running;
-    hb.waiting =
-        st.num_waiting + (int32_t)(n->n_jobs > (size_t)(st.num_running + st.num_waiting)
-                                       ? n->n_jobs - (size_t)(st.num_running + st.num_waiting)
-                                       : 0);
+    hb.waiting = st.num_waiting + fetching;
     hb.free_blocks = st.num_free_blocks;
     hb.total_blocks = st.num_blocks;
     hb.draining = n->draining;
