@@ -286,3 +286,49 @@ def tandem_generate(chat, max_tokens=48, model=None):
     assert out.returncode == 0, out.stderr.decode()
     text = out.stdout.decode("utf-8")
     return text[:-1] if text.endswith("\n") else text  # generate ends with a newline
+
+
+class TandemUp(Cluster):
+    """The same client helpers, over a cluster started by `tandem up` (and
+    stopped by `tandem down`), as a user would run it."""
+
+    def __init__(self, prefill=1, decode=1, stores=1, api_key=None, extra=(), start_timeout=240):
+        self.model = default_model()
+        self.bin = bin_dir()
+        self.dir = tempfile.mkdtemp(prefix="tandem-up-")
+        self.api_key = api_key
+        self.procs = []
+        self.counts = (prefill, decode, stores)
+        self.extra = list(extra)
+        self.start_timeout = start_timeout
+
+    def _tandem(self, *args, timeout=300):
+        env = dict(os.environ)
+        env.pop("TANDEM_API_KEY", None)
+        return subprocess.run([os.path.join(self.bin, "tandem"), *args], env=env,
+                              capture_output=True, timeout=timeout)
+
+    def start(self):
+        p, d, s = self.counts
+        for attempt in range(5):  # a port of the range may be taken meanwhile
+            self.http_port, self.grpc_port = free_port(), free_port()
+            base = 20000 + secrets.randbelow(10000)
+            argv = ["up", "--run-dir", self.dir, "--prefill", str(p), "--decode", str(d),
+                    "--kvstore", str(s), "-m", self.model, "--port", str(self.http_port),
+                    "--grpc-port", str(self.grpc_port), "--port-base", str(base),
+                    "--kv-capacity", "512MiB", "--timeout", str(self.start_timeout)]
+            if self.api_key:
+                argv += ["--api-key", self.api_key]
+            r = self._tandem(*argv, *self.extra, timeout=self.start_timeout + 60)
+            if r.returncode == 0:
+                return self
+            if b"is taken" not in r.stderr:
+                break
+        raise RuntimeError("tandem up failed:\n" + r.stderr.decode(errors="replace")[-4000:])
+
+    def status(self):
+        r = self._tandem("status", "--run-dir", self.dir, "--json", timeout=30)
+        return r.returncode, json.loads(r.stdout or b"[]")
+
+    def close(self):
+        self._tandem("down", "--run-dir", self.dir, timeout=120)

@@ -1,5 +1,5 @@
-"""Real clients no one here wrote, against a live cluster (1 prefill, 1
-decode, 1 store, API key on): the `openai` Python SDK (completions, chat,
+"""Real clients no one here wrote, against a cluster started by `tandem up`
+(1 prefill, 1 decode, 1 store, API key on; `tandem down` at the end): the `openai` Python SDK (completions, chat,
 streaming, errors) and a grpcio client generated from proto/ (the suite in
 test_grpc_client.py, run against this cluster). Also bad input through the
 HTTP API against the real core: each gets its 4xx and the cluster keeps
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cluster import HERE, Cluster, default_model, sanitized
+from cluster import HERE, TandemUp, default_model, sanitized
 
 pytestmark = pytest.mark.skipif(not os.path.exists(default_model()) or sanitized(),
                                 reason="needs the default model and the Release build")
@@ -24,10 +24,9 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def cluster():
-    with Cluster(prefill=1, decode=1, stores=1, api_key=KEY,
-                 router_args=["--max-model-len", "2048", "--disagg-min-tokens", "0",
-                              "--queue-timeout", "5"],
-                 node_args=["--max-model-len", "4096"]) as c:
+    with TandemUp(prefill=1, decode=1, stores=1, api_key=KEY) as c:
+        st, procs = c.status()
+        assert st == 0 and len(procs) == 4 and all(p["healthy"] for p in procs), procs
         yield c
 
 
@@ -83,7 +82,7 @@ def test_sdk_errors(cluster, client):
         client.chat.completions.create(model="no-such-model", max_tokens=4,
                                        messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=mid, prompt="word " * 3000, max_tokens=4)
+        client.completions.create(model=mid, prompt="word " * 9000, max_tokens=4)
     assert "maximum context length" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=mid, prompt="hi", max_tokens=0)
