@@ -101,6 +101,45 @@ bad:
     return TDM_ERR_INVALID;
 }
 
+/* A list flag from the environment: "a:1,b:2". The items are copied into
+ * one process-lifetime arena (environ may change under us); they stay valid
+ * until the next tdm_flags_parse. */
+static char env_arena[4096];
+static size_t env_arena_used;
+
+static tdm_status_t set_env_list(const tdm_flag_t *f, const char *val, const char *origin,
+                                 char *err, size_t err_len)
+{
+    char *arena = env_arena;
+    size_t used = env_arena_used;
+    for (const char *p = val; *p != '\0';) {
+        size_t len = strcspn(p, ",");
+        const char *item = p;
+        p += len + (p[len] == ',');
+        while (len > 0 && (*item == ' ' || *item == '\t')) {
+            item++;
+            len--;
+        }
+        while (len > 0 && (item[len - 1] == ' ' || item[len - 1] == '\t'))
+            len--;
+        if (len == 0)
+            continue;
+        if (used + len + 1 > sizeof(env_arena)) {
+            snprintf(err, err_len, "%s is too long (%zu bytes at most)", origin, sizeof(env_arena));
+            return TDM_ERR_INVALID;
+        }
+        char *copy = arena + used;
+        memcpy(copy, item, len);
+        copy[len] = '\0';
+        used += len + 1;
+        env_arena_used = used;
+        tdm_status_t st = set_value(f, copy, origin, err, err_len);
+        if (st != TDM_OK)
+            return st;
+    }
+    return TDM_OK;
+}
+
 static void env_name(const char *name, char *out, size_t cap)
 {
     size_t n = (size_t)snprintf(out, cap, "TANDEM_");
@@ -115,16 +154,32 @@ tdm_status_t tdm_flags_parse(const tdm_flag_t *flags, size_t n_flags, int argc, 
 {
     *help = false;
     *n_pos = 0;
-    /* Environment first, so the command line wins. */
+    env_arena_used = 0;
+    /* Environment first, so the command line wins (a list given on the
+     * command line replaces the one from the environment). */
+    enum { MAX_LISTS = 8 };
+    const tdm_flag_t *env_lists[MAX_LISTS];
+    size_t n_env_lists = 0;
     for (size_t i = 0; i < n_flags; i++) {
         char name[96];
         env_name(flags[i].name, name, sizeof(name));
         const char *v = getenv(name);
-        if (v != NULL && flags[i].type != TDM_FLAG_TYPE_LIST) {
-            tdm_status_t st = set_value(&flags[i], v, name, err, err_len);
-            if (st != TDM_OK)
-                return st;
+        if (v == NULL)
+            continue;
+        tdm_status_t st;
+        if (flags[i].type == TDM_FLAG_TYPE_LIST) {
+            if (n_env_lists == MAX_LISTS) {
+                snprintf(err, err_len, "more than %d list flags set from the environment",
+                         MAX_LISTS);
+                return TDM_ERR_INVALID;
+            }
+            env_lists[n_env_lists++] = &flags[i];
+            st = set_env_list(&flags[i], v, name, err, err_len);
+        } else {
+            st = set_value(&flags[i], v, name, err, err_len);
         }
+        if (st != TDM_OK)
+            return st;
     }
     for (int a = 0; a < argc; a++) {
         const char *arg = argv[a];
@@ -181,6 +236,11 @@ tdm_status_t tdm_flags_parse(const tdm_flag_t *flags, size_t n_flags, int argc, 
             }
             val = argv[++a];
         }
+        for (size_t k = 0; k < n_env_lists; k++)
+            if (env_lists[k] == f) { /* the first command-line item drops the env's */
+                ((tdm_flag_list_t *)f->dst)->n = 0;
+                env_lists[k] = NULL;
+            }
         tdm_status_t st = set_value(f, val, "the command line", err, err_len);
         if (st != TDM_OK)
             return st;

@@ -3,7 +3,9 @@
  * Each command describes its flags once, in an array of tdm_flag_t; that
  * table gives the parser, `--help`, and environment variables: a flag
  * "max-num-seqs" may also be set by TANDEM_MAX_NUM_SEQS (the command line
- * wins). Values are written to the flag's destination as they are parsed;
+ * wins). A repeatable (list) flag takes a comma-separated list from its
+ * variable (TANDEM_ROUTER="a:7500,b:7500"); giving it on the command line
+ * replaces that list. Values are written to the flag's destination as they are parsed;
  * destinations hold the defaults beforehand. */
 #ifndef TANDEM_FLAGS_H
 #define TANDEM_FLAGS_H
