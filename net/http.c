@@ -1,5 +1,5 @@
-/* tandem: the HTTP server for /metrics, /health, /ready and extra GET
- * routes (see include/tandem/http.h).
+/* tandem: the HTTP server for /metrics, /health, /ready and extra GET and
+ * POST routes (see include/tandem/http.h).
  *
  * tandem binds the listening socket itself and hands it to libmicrohttpd
  * (MHD_OPTION_LISTEN_SOCKET): a bind that fails then has its exact errno to
@@ -36,6 +36,7 @@ typedef struct http_route {
     char *path;
     tdm_http_handler_fn_t fn;
     void *arg;
+    bool post; /* an action: POST only; otherwise GET and HEAD */
 } http_route_t;
 
 struct tdm_http_server {
@@ -71,13 +72,18 @@ const char *tdm_http_request_path(const tdm_http_request_t *req)
     return req->path;
 }
 
+const char *tdm_http_request_header(const tdm_http_request_t *req, const char *name)
+{
+    return MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, name);
+}
+
 /* ---- responses ---- */
 
 /* Queues a response whose body is either static (owned == NULL) or a
  * malloc'd buffer that libmicrohttpd frees once sent. */
-static enum MHD_Result http_respond(struct MHD_Connection *conn, unsigned status,
-                                    const char *content_type, const char *body, size_t len,
-                                    char *owned)
+static enum MHD_Result http_respond_allow(struct MHD_Connection *conn, unsigned status,
+                                          const char *content_type, const char *body, size_t len,
+                                          char *owned, const char *allow)
 {
     struct MHD_Response *resp;
     if (owned != NULL)
@@ -91,10 +97,17 @@ static enum MHD_Result http_respond(struct MHD_Connection *conn, unsigned status
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
     if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, HTTP_ALLOW);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow);
     enum MHD_Result ret = MHD_queue_response(conn, status, resp);
     MHD_destroy_response(resp);
     return ret;
+}
+
+static enum MHD_Result http_respond(struct MHD_Connection *conn, unsigned status,
+                                    const char *content_type, const char *body, size_t len,
+                                    char *owned)
+{
+    return http_respond_allow(conn, status, content_type, body, len, owned, HTTP_ALLOW);
 }
 
 static enum MHD_Result http_text(struct MHD_Connection *conn, unsigned status, const char *text)
@@ -164,8 +177,15 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
             route = &s->routes[i];
     if ((builtin < 0 && route == NULL) || (builtin == 0 && s->metrics == NULL))
         return http_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
-    if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
+    bool get =
+        strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+    if (route != NULL && route->post) {
+        if (strcmp(method, MHD_HTTP_METHOD_POST) != 0)
+            return http_respond_allow(conn, MHD_HTTP_METHOD_NOT_ALLOWED, HTTP_TEXT,
+                                      "method not allowed\n", 19, NULL, "POST");
+    } else if (!get) {
         return http_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
 
     switch (builtin) {
     case 0: return http_metrics(s, conn);
@@ -222,8 +242,8 @@ err_free_server:
     return TDM_ERR_NOMEM;
 }
 
-tdm_status_t tdm_http_server_route(tdm_http_server_t *server, const char *path,
-                                   tdm_http_handler_fn_t fn, void *arg)
+static tdm_status_t add_route(tdm_http_server_t *server, const char *path, tdm_http_handler_fn_t fn,
+                              void *arg, bool post)
 {
     if (server == NULL || path == NULL || path[0] != '/' || strchr(path, '?') != NULL ||
         fn == NULL) {
@@ -249,8 +269,21 @@ tdm_status_t tdm_http_server_route(tdm_http_server_t *server, const char *path,
     char *copy = strdup(path);
     if (copy == NULL)
         return TDM_ERR_NOMEM;
-    server->routes[server->n_routes++] = (http_route_t){.path = copy, .fn = fn, .arg = arg};
+    server->routes[server->n_routes++] =
+        (http_route_t){.path = copy, .fn = fn, .arg = arg, .post = post};
     return TDM_OK;
+}
+
+tdm_status_t tdm_http_server_route(tdm_http_server_t *server, const char *path,
+                                   tdm_http_handler_fn_t fn, void *arg)
+{
+    return add_route(server, path, fn, arg, false);
+}
+
+tdm_status_t tdm_http_server_route_post(tdm_http_server_t *server, const char *path,
+                                        tdm_http_handler_fn_t fn, void *arg)
+{
+    return add_route(server, path, fn, arg, true);
 }
 
 tdm_status_t tdm_http_listen_socket(const char *host, int port, const char *port_flag, int backlog,

@@ -7,6 +7,8 @@
  *   GET /ready    200 "ready\n" when the readiness callback says so (or
  *                 there is none), else 503 "not ready: REASON\n"
  *   GET PATH      a route the role added (e.g. /stats)
+ *   POST PATH     an action the role added (e.g. /drain); the body is not
+ *                 read, so actions take their arguments from the query
  *
  * HEAD works wherever GET does (headers only). Any other method on one of
  * these paths is 405 with an Allow header; any other path is 404. Request
@@ -61,6 +63,8 @@ typedef void (*tdm_http_handler_fn_t)(void *arg, const tdm_http_request_t *req,
 const char *tdm_http_request_query(const tdm_http_request_t *req, const char *key);
 /* The request's path, without the query. */
 const char *tdm_http_request_path(const tdm_http_request_t *req);
+/* The value of request header `name` (case-insensitive), or NULL. */
+const char *tdm_http_request_header(const tdm_http_request_t *req, const char *name);
 
 typedef struct tdm_http_config {
     const char *host;                 /* the IPv4 address to bind, numeric ("0.0.0.0", "127.0.0.1");
@@ -94,6 +98,10 @@ tdm_status_t tdm_http_server_create(const tdm_http_config_t *config, tdm_http_se
  * TDM_HTTP_MAX_ROUTES routes are there. The path is copied. */
 tdm_status_t tdm_http_server_route(tdm_http_server_t *server, const char *path,
                                    tdm_http_handler_fn_t fn, void *arg);
+/* The same for a POST route: an action ("/drain"), answered 405 with
+ * "Allow: POST" to any other method. */
+tdm_status_t tdm_http_server_route_post(tdm_http_server_t *server, const char *path,
+                                        tdm_http_handler_fn_t fn, void *arg);
 /* Binds host:port, starts the server's thread and logs the address. A bind
  * that fails is logged once with its cause and returns TDM_ERR_BUSY (port
  * in use), TDM_ERR_INVALID (bad host or address) or TDM_ERR_IO; a server

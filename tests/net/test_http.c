@@ -153,6 +153,17 @@ static void stats_handler(void *arg, const tdm_http_request_t *req, tdm_http_rep
                                        tdm_http_request_path(req), verbose ? verbose : "");
 }
 
+/* An action: echoes the Host header and a query argument. */
+static void action_handler(void *arg, const tdm_http_request_t *req, tdm_http_reply_t *reply)
+{
+    const char *host = tdm_http_request_header(req, "host"); /* any case */
+    const char *why = tdm_http_request_query(req, "why");
+    reply->status = 202;
+    reply->body_len =
+        (size_t)asprintf(&reply->body, "host=%s why=%s missing=%s", host ? host : "-",
+                         why ? why : "-", tdm_http_request_header(req, "X-None") ? "no" : "yes");
+}
+
 static void empty_handler(void *arg, const tdm_http_request_t *req, tdm_http_reply_t *reply)
 {
     reply->status = 204;
@@ -223,6 +234,9 @@ int main(void)
     CHECK(tdm_http_server_route(srv, "/stats", stats_handler, &role) == TDM_OK, "route");
     CHECK(tdm_http_server_route(srv, "/empty", empty_handler, NULL) == TDM_OK, "route");
     CHECK(tdm_http_server_route(srv, "/buggy", buggy_handler, NULL) == TDM_OK, "route");
+    CHECK(tdm_http_server_route_post(srv, "/drain", action_handler, NULL) == TDM_OK, "post route");
+    CHECK(tdm_http_server_route_post(srv, "/stats", action_handler, NULL) == TDM_ERR_INVALID,
+          "a path is GET or POST, not both");
     CHECK(tdm_http_server_route(srv, "/stats", stats_handler, &role) == TDM_ERR_INVALID, "twice");
     CHECK(tdm_http_server_route(srv, "/metrics", stats_handler, &role) == TDM_ERR_INVALID,
           "built-in");
@@ -287,6 +301,11 @@ int main(void)
     CHECK(http_call(port, "GET", "/empty", NULL, &r) == 204 && r.body_len == 0, "204: %d",
           r.status);
     CHECK(http_call(port, "GET", "/buggy", NULL, &r) == 500, "buggy handler: %d", r.status);
+    CHECK(http_call(port, "POST", "/drain?why=spot", NULL, &r) == 202 &&
+              strcmp(r.body, "host=127.0.0.1 why=spot missing=yes") == 0,
+          "POST route: %d %s", r.status, r.body);
+    CHECK(http_call(port, "GET", "/drain", NULL, &r) == 405, "GET on a POST route: %d", r.status);
+    CHECK(strcmp(header(&r, "Allow", h), "POST") == 0, "Allow: %s", h);
 
     /* Concurrent clients. */
     pthread_t clients[4];
