@@ -27,6 +27,7 @@
 #include "tandem/log.h"
 #include "tandem/metrics.h"
 #include "tandem/net.h"
+#include "tandem/secret.h"
 
 #define LOG_MOD "kvstore"
 
@@ -260,14 +261,6 @@ static void reply_status(kvs_client_t *cl, uint64_t id, int op, Tandem__Kv__Stat
 
 /* ---- hello ---- */
 
-static bool token_equal(const char *want, size_t want_len, const uint8_t *got, size_t got_len)
-{
-    unsigned diff = want_len != got_len;
-    for (size_t i = 0; i < want_len; i++)
-        diff |= (unsigned)(want[i] ^ (i < got_len ? got[i] : 0));
-    return diff == 0;
-}
-
 static void closed_after_send(void *user, tdm_status_t status)
 {
     kvs_client_t *cl = user;
@@ -299,7 +292,7 @@ static void on_hello(void *user, const tdm_net_msg_t *msg)
         r.status = TANDEM__KV__STATUS__S_BAD_VERSION;
         r.message = "protocol version not spoken";
         ok = false;
-    } else if (!srv->cfg.insecure && !token_equal(tok, strlen(tok), h->token.data, h->token.len)) {
+    } else if (!srv->cfg.insecure && !tdm_secret_equal(tok, h->token.data, h->token.len)) {
         r.status = TANDEM__KV__STATUS__S_DENIED;
         r.message = "wrong cluster token";
         ok = false;

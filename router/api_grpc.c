@@ -35,11 +35,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "prompt.h"
 #include "tandem/log.h"
 #include "tandem/net.h"
 #include "tandem/proto/generation.pb-c.h"
+#include "tandem/secret.h"
 
 #define MOD "grpc"
 
@@ -282,18 +284,11 @@ static bool auth_ok(const rt_grpc_t *s, const grpc_metadata_array *md)
     for (size_t i = 0; i < md->count; i++) {
         if (!slice_eq(md->metadata[i].key, "authorization"))
             continue;
-        const uint8_t *v = GRPC_SLICE_START_PTR(md->metadata[i].value);
+        const char *v = (const char *)GRPC_SLICE_START_PTR(md->metadata[i].value);
         size_t n = GRPC_SLICE_LENGTH(md->metadata[i].value);
-        static const char bearer[] = "Bearer ";
-        size_t nb = sizeof(bearer) - 1, nk = strlen(s->api_key);
-        if (n != nb + nk)
+        if (n < 7 || strncasecmp(v, "Bearer ", 7) != 0)
             return false;
-        unsigned diff = 0;
-        for (size_t j = 0; j < nb; j++)
-            diff |= (unsigned)(v[j] ^ (uint8_t)bearer[j]);
-        for (size_t j = 0; j < nk; j++)
-            diff |= (unsigned)(v[nb + j] ^ (uint8_t)s->api_key[j]);
-        return diff == 0;
+        return tdm_secret_equal(s->api_key, v + 7, n - 7);
     }
     return false;
 }

@@ -53,6 +53,7 @@
 #include "tandem/http.h"
 #include "tandem/log.h"
 #include "tandem/net.h"
+#include "tandem/secret.h"
 
 #define MOD "openai"
 
@@ -1627,22 +1628,9 @@ static bool oa_auth_ok(const rt_openai_t *s, struct MHD_Connection *conn)
 {
     if (s->api_key == NULL)
         return true;
-    const char *h =
-        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    if (h == NULL || strncasecmp(h, "Bearer ", 7) != 0)
-        return false;
-    h += 7;
-    while (*h == ' ')
-        h++;
-    size_t hl = strlen(h), kl = strlen(s->api_key);
-    while (hl > 0 && (h[hl - 1] == ' ' || h[hl - 1] == '\t'))
-        hl--;
-    /* compare in time independent of where they differ */
-    unsigned diff = hl != kl;
-    for (size_t i = 0; i < kl; i++)
-        diff |=
-            (unsigned)(unsigned char)s->api_key[i] ^ (unsigned)(unsigned char)(i < hl ? h[i] : 0);
-    return diff == 0;
+    return tdm_bearer_matches(
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+        s->api_key);
 }
 
 static oa_req_t *oa_req_create(rt_openai_t *s, struct MHD_Connection *conn, const char *url,

@@ -27,6 +27,7 @@
 #include "tandem/gguf.h"
 #include "tandem/log.h"
 #include "tandem/net.h"
+#include "tandem/secret.h"
 #include "tandem/textstream.h"
 
 #define MOD          "router"
@@ -723,13 +724,7 @@ static void welcome(rnode_t *n, bool ok, const char *error)
 
 static bool token_ok(const rt_core_t *c, const ProtobufCBinaryData *t)
 {
-    size_t len = strlen(c->cfg.token);
-    if (t->len != len)
-        return false;
-    unsigned char d = 0; /* constant time */
-    for (size_t i = 0; i < len; i++)
-        d |= (unsigned char)(t->data[i] ^ (unsigned char)c->cfg.token[i]);
-    return d == 0;
+    return tdm_secret_equal(c->cfg.token, t->data, t->len);
 }
 
 static void on_hello(rt_core_t *c, rnode_t *n, const Tandem__Cluster__Hello *h)
