@@ -11,6 +11,7 @@
 #include "server.h"
 #include "tandem/flags.h"
 #include "tandem/log.h"
+#include "tandem/net.h"
 
 static volatile sig_atomic_t g_stop;
 
@@ -71,6 +72,7 @@ int main(int argc, char **argv)
                "The KV block store of a tandem cluster: blocks in RAM, LRU eviction, leases,\n"
                "UCX active messages. Flags may also be set as TANDEM_<NAME> variables.\n\n");
         tdm_flags_usage(stdout, flags, n_flags);
+        printf("\n%s", TDM_NET_HELP_ENV);
         return 0;
     }
     if (!tdm_log_set_level_name(log_level)) {

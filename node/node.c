@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,8 @@
 #include "tandem/kvclient.h"
 #include "tandem/log.h"
 #include "tandem/metrics.h"
+#include "tandem/net.h"
+#include "tandem/secret.h"
 
 #define MOD            "node"
 #define MAX_ROUTERS    8
@@ -119,6 +122,8 @@ struct node {
     size_t n_jobs;
     uint64_t nonce; /* per-process: keys of partial blocks */
     bool draining;
+    atomic_bool drain_asked; /* POST /drain (tandem drain), from the HTTP thread */
+    int drain_timeout_s;
     char metrics_addr[160];
     tdm_http_server_t *http;
     tdm_metrics_registry_t *reg;
@@ -208,11 +213,14 @@ static void send_event(node_t *n, job_t *j, Tandem__Cluster__JobEvent *ev)
 }
 
 /* A job that ends before the engine ran it (bad request, cancelled). */
-static void fail_job(node_t *n, job_t *j, const char *why)
+/* Ends a job with an error; handoff: not a failure, the router re-sends it
+ * elsewhere without counting an attempt (this node is draining). */
+static void end_job(node_t *n, job_t *j, const char *why, bool handoff)
 {
     Tandem__Cluster__JobEvent ev = TANDEM__CLUSTER__JOB_EVENT__INIT;
     ev.finish = TDM_FINISH_ERROR;
     ev.error = (char *)why;
+    ev.handoff = handoff;
     ev.n_prompt = (int32_t)j->n_prompt;
     send_event(n, j, &ev);
     j->state = J_DONE;
@@ -443,7 +451,7 @@ static void start_in_engine(node_t *n, job_t *j)
     }
     tdm_status_t st = tdm_engine_add(n->eng, &p, &j->eng_id);
     if (st != TDM_OK) {
-        fail_job(n, j, "the node refused the request (see its log)");
+        end_job(n, j, "the node refused the request (see its log)", false);
         job_maybe_destroy(n, j);
         return;
     }
@@ -610,7 +618,7 @@ static void on_job(node_t *n, rconn_t *rc, const Tandem__Cluster__Job *m)
     if (n->draining) { /* sent before the router saw our heartbeat; it re-sends it */
         tdm_log_info(MOD, "job %llu refused: draining", (unsigned long long)m->id);
         job_t tmp = {.node = n, .rc = rc, .id = m->id};
-        fail_job(n, &tmp, "the node is draining");
+        end_job(n, &tmp, "the node is draining", true);
         return;
     }
     if (m->n_prompt == 0 || m->sampling == NULL || n->n_jobs >= MAX_JOBS ||
@@ -618,7 +626,7 @@ static void on_job(node_t *n, rconn_t *rc, const Tandem__Cluster__Job *m)
          m->kind != TANDEM__CLUSTER__JOB_KIND__JOB_DECODE) ||
         m->n_kv_tokens < 0 || (size_t)m->n_kv_tokens > m->n_prompt || m->n_prior_output < 0) {
         job_t tmp = {.node = n, .rc = rc, .id = m->id};
-        fail_job(n, &tmp, "malformed job");
+        end_job(n, &tmp, "malformed job", false);
         return;
     }
     job_t *j = calloc(1, sizeof(*j));
@@ -938,6 +946,51 @@ static bool node_ready(void *arg, char *reason, size_t cap)
     return false;
 }
 
+/* POST /drain: what SIGTERM does, asked over HTTP (`tandem drain`, a
+ * spot-interruption watcher, a preStop hook). With a cluster token the
+ * caller must present it as a bearer token. */
+static void on_drain_request(void *arg, const tdm_http_request_t *req, tdm_http_reply_t *reply)
+{
+    node_t *n = arg;
+    char text[256];
+    if (n->token != NULL &&
+        !tdm_bearer_matches(tdm_http_request_header(req, "Authorization"), n->token)) {
+        reply->status = 401;
+        snprintf(text, sizeof(text),
+                 "unauthorized: send Authorization: Bearer <cluster token> (tandem drain reads "
+                 "TANDEM_CLUSTER_TOKEN)\n");
+    } else {
+        bool again = atomic_exchange(&n->drain_asked, true);
+        if (!again)
+            tdm_log_info(MOD, "drain asked over HTTP");
+        reply->status = 202;
+        snprintf(text, sizeof(text), "%s: %s %s finishes what it holds within %d s, then exits\n",
+                 again ? "already draining" : "draining", n->role_name, n->name,
+                 n->drain_timeout_s);
+    }
+    reply->body = strdup(text);
+    reply->body_len = reply->body != NULL ? strlen(text) : 0;
+}
+
+/* At the drain deadline: every job that has not ended goes back to its
+ * router, which re-sends it elsewhere with the tokens so far. */
+static void hand_off_jobs(node_t *n)
+{
+    char why[200];
+    snprintf(why, sizeof(why), "%s %s drained before the job ended (--drain-timeout %d s)",
+             n->role_name, n->name, n->drain_timeout_s);
+    size_t handed = 0;
+    for (job_t *j = n->jobs; j != NULL; j = j->next) {
+        if (j->state == J_DONE || j->cancelled)
+            continue;
+        end_job(n, j, why, true);
+        handed++;
+    }
+    if (handed > 0)
+        tdm_log_warn(MOD, "drain timeout: handed %zu unfinished job(s) back to the router(s)",
+                     handed);
+}
+
 /* ---------------------------------------------------------------- main */
 
 /* Splits "a,b,c" items of a repeatable flag into out (up to max). */
@@ -1038,6 +1091,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
                "variables (TANDEM_CLUSTER_TOKEN for the token).\n\n",
                prog, n->role_name);
         tdm_flags_usage(stdout, flags, n_flags);
+        printf("\n%s", TDM_NET_HELP_ENV);
         return 0;
     }
     if (!tdm_log_set_level_name(log_level)) {
@@ -1062,6 +1116,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
                 prog);
         return 2;
     }
+    n->drain_timeout_s = drain_timeout;
     static char router_storage[2048], store_storage[2048];
     const char *router_addrs[MAX_ROUTERS], *store_addrs[TDM_KVC_MAX_STORES];
     n->n_routers =
@@ -1133,6 +1188,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
                                 .port_flag = "--metrics-port",
                                 .name = n->role_name};
         if (tdm_http_server_create(&hc, &n->http) != TDM_OK ||
+            tdm_http_server_route_post(n->http, "/drain", on_drain_request, n) != TDM_OK ||
             tdm_http_server_start(n->http) != TDM_OK) {
             tdm_log_error(MOD, "cannot serve /metrics on %s:%d (see above)", metrics_host,
                           metrics_port);
@@ -1158,11 +1214,11 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
     int64_t drain_deadline = 0, next_metrics = 0;
     for (;;) {
         int64_t now = tdm_net_now_ms();
-        if (g_term && !n->draining) {
+        if ((g_term || atomic_load(&n->drain_asked)) && !n->draining) {
             n->draining = true;
             drain_deadline = now + (int64_t)drain_timeout * 1000;
-            tdm_log_info(MOD, "SIGTERM: draining (no new jobs; %zu held; up to %d s)", n->n_jobs,
-                         drain_timeout);
+            tdm_log_info(MOD, "%s: draining (no new jobs; %zu held; up to %d s)",
+                         g_term ? "SIGTERM" : "drain asked", n->n_jobs, drain_timeout);
             send_heartbeat(n);
         }
         if (n->draining && (n->n_jobs == 0 || now >= drain_deadline))
@@ -1191,6 +1247,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         }
     }
     tdm_log_info(MOD, "%s %s stopping (%zu jobs left)", n->role_name, n->name, n->n_jobs);
+    hand_off_jobs(n);
     for (job_t *j = n->jobs; j != NULL; j = j->next)
         cancel_job(n, j);
     (void)tdm_engine_run_until_idle(n->eng);

@@ -1951,6 +1951,16 @@ int rt_openai_port(const rt_openai_t *s)
     return s != NULL ? s->port : 0;
 }
 
+size_t rt_openai_active(rt_openai_t *s)
+{
+    if (s == NULL)
+        return 0;
+    pthread_mutex_lock(&s->lock);
+    size_t n = s->n_reqs;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
 void rt_openai_stop(rt_openai_t *s)
 {
     if (s == NULL)

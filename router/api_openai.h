@@ -58,6 +58,8 @@ typedef struct rt_openai_config {
 tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_openai_t **out);
 /* The port listened on. */
 int rt_openai_port(const rt_openai_t *s);
+/* HTTP requests not yet completed (answers still being sent included). */
+size_t rt_openai_active(rt_openai_t *s);
 /* Cancels the requests in flight (rt_core_cancel), resumes suspended
  * connections, stops libmicrohttpd, waits (up to 5 s) for the core's final
  * events of those requests, frees. Accepts NULL. */

@@ -120,8 +120,10 @@ struct rt_core {
     tdm_metrics_family_t *pending_family;
     atomic_int ready_decode;
     atomic_int n_queued;
+    atomic_bool draining;      /* rt_core_drain: no new requests */
+    atomic_size_t n_in_flight; /* submitted, final event not yet sent */
     struct {
-        tdm_metrics_counter_t *requests, *failed, *failovers, *cancelled;
+        tdm_metrics_counter_t *requests, *failed, *failovers, *handoffs, *cancelled;
         tdm_metrics_gauge_t *waiting, *running, *nodes_prefill, *nodes_decode;
         tdm_metrics_histogram_t *ttft, *itl, *e2e;
     } m;
@@ -152,6 +154,10 @@ size_t rt_core_models(rt_core_t *core, const rt_model_info_t **out, size_t cap)
 
 bool rt_core_ready(rt_core_t *core, char *reason, size_t cap)
 {
+    if (atomic_load(&core->draining)) {
+        snprintf(reason, cap, "draining");
+        return false;
+    }
     if (atomic_load(&core->ready_decode) > 0)
         return true;
     snprintf(reason, cap, "no decode node registered");
@@ -161,6 +167,16 @@ bool rt_core_ready(rt_core_t *core, char *reason, size_t cap)
 int rt_core_listen_port(rt_core_t *core)
 {
     return tdm_net_listen_port(core->net);
+}
+
+void rt_core_drain(rt_core_t *core)
+{
+    atomic_store(&core->draining, true);
+}
+
+size_t rt_core_in_flight(rt_core_t *core)
+{
+    return atomic_load(&core->n_in_flight);
 }
 
 static void req_free(rreq_t *r)
@@ -189,6 +205,10 @@ static void inbox_push(rt_core_t *c, inbox_item_t *it)
 tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t cb, void *user,
                             uint64_t *id_out, char *err, size_t err_len)
 {
+    if (atomic_load(&core->draining)) {
+        snprintf(err, err_len, "this router is shutting down; send the request to another replica");
+        return TDM_ERR_BUSY;
+    }
     const rt_model_info_t *m = rt_core_model(core, p->model);
     if (m == NULL) {
         snprintf(err, err_len, "The model `%s` does not exist.", p->model ? p->model : "");
@@ -270,6 +290,7 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
     it->req = r;
     if (id_out != NULL)
         *id_out = r->id;
+    atomic_fetch_add(&core->n_in_flight, 1);
     inbox_push(core, it);
     return TDM_OK;
 }
@@ -360,6 +381,7 @@ static void emit(rt_core_t *c, rreq_t *r, const char *text, size_t len, const rt
     req_leave_node(r, true);
     req_unlink(c, r);
     req_free(r);
+    atomic_fetch_sub(&c->n_in_flight, 1);
 }
 
 static void fail(rt_core_t *c, rreq_t *r, int http_status, const char *why)
@@ -575,12 +597,14 @@ static void schedule(rt_core_t *c, int64_t now)
     tdm_metrics_gauge_set(c->m.running, (double)c->n_reqs - queued);
 }
 
-/* The node of r is gone or failed its job: back to the queue, with every
- * token so far, or an error when it failed too often. */
-static void requeue(rt_core_t *c, rreq_t *r, const char *why)
+/* The node of r is gone, failed its job or handed it back while draining:
+ * back to the queue, with every token so far, or an error when it failed
+ * too often (a hand-off is not a failure and is not counted). */
+static void requeue(rt_core_t *c, rreq_t *r, const char *why, bool handoff)
 {
     req_leave_node(r, false);
-    r->attempts++;
+    if (!handoff)
+        r->attempts++;
     if (r->attempts > c->cfg.max_retries) {
         char msg[256];
         snprintf(msg, sizeof(msg), "the request failed on %d nodes; last: %s", r->attempts, why);
@@ -589,8 +613,10 @@ static void requeue(rt_core_t *c, rreq_t *r, const char *why)
     }
     if (r->state == R_PREFILL && r->attempts >= 2)
         r->prefill_done = true; /* prefill keeps failing: let a decode node compute it */
-    if (r->state == R_DECODE)
+    if (r->state == R_DECODE && !handoff)
         tdm_metrics_counter_inc(c->m.failovers);
+    if (handoff)
+        tdm_metrics_counter_inc(c->m.handoffs);
     tdm_log_info(MOD, "request %llu (%s): %s; re-sending with %zu tokens generated so far",
                  (unsigned long long)r->id, r->request_id, why, r->n_out);
     r->state = R_QUEUED;
@@ -633,9 +659,9 @@ static void on_job_event(rt_core_t *c, rnode_t *n, const Tandem__Cluster__JobEve
             return;
         if (ev->finish == TDM_FINISH_ERROR || ev->n_tokens != 1) {
             char why[200];
-            snprintf(why, sizeof(why), "prefill node %s failed: %s", n->name,
-                     ev->error ? ev->error : "no token");
-            requeue(c, r, why);
+            snprintf(why, sizeof(why), "prefill node %s %s: %s", n->name,
+                     ev->handoff ? "handed it back" : "failed", ev->error ? ev->error : "no token");
+            requeue(c, r, why, ev->handoff);
             return;
         }
         req_leave_node(r, false);
@@ -654,9 +680,9 @@ static void on_job_event(rt_core_t *c, rnode_t *n, const Tandem__Cluster__JobEve
             return;
     if (ev->finish == TDM_FINISH_ERROR) {
         char why[200];
-        snprintf(why, sizeof(why), "decode node %s failed: %s", n->name,
-                 ev->error ? ev->error : "unknown");
-        requeue(c, r, why);
+        snprintf(why, sizeof(why), "decode node %s %s: %s", n->name,
+                 ev->handoff ? "handed it back" : "failed", ev->error ? ev->error : "unknown");
+        requeue(c, r, why, ev->handoff);
     } else if (ev->finish != TDM_FINISH_NONE) {
         /* the node ended it (model length): close the text */
         const char *text;
@@ -826,7 +852,7 @@ static void check_nodes(rt_core_t *c, int64_t now)
         for (rreq_t *r = c->reqs, *next; r != NULL; r = next) {
             next = r->next;
             if (r->node == n)
-                requeue(c, r, why);
+                requeue(c, r, why, false);
         }
         *l = n->next;
         tdm_conn_close(n->conn, true);
@@ -926,7 +952,10 @@ static tdm_status_t setup_metrics(rt_core_t *c)
         (st = tdm_metrics_counter_register(reg, "tandem_router_failovers_total",
                                            "Requests moved to another decode node mid-stream.",
                                            &c->m.failovers)) != TDM_OK ||
-
+        (st = tdm_metrics_counter_register(
+             reg, "tandem_router_handoffs_total",
+             "Requests a draining node handed back at its drain timeout, re-sent elsewhere.",
+             &c->m.handoffs)) != TDM_OK ||
         (st = tdm_metrics_gauge_register(reg, "vllm:num_requests_waiting",
                                          "Requests waiting for a node (router view).",
                                          &c->m.waiting)) != TDM_OK ||

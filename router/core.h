@@ -107,7 +107,13 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
 /* The client went away or cancelled: stops the request on its nodes. */
 void rt_core_cancel(rt_core_t *core, uint64_t id);
 
-/* Liveness / readiness of the router (at least one node in some pool). */
+/* Liveness / readiness of the router (at least one node in some pool, not
+ * draining). */
 bool rt_core_ready(rt_core_t *core, char *reason, size_t cap);
+/* Stops taking requests (rt_core_submit answers TDM_ERR_BUSY, readiness
+ * says "draining"); those in flight go on to their end. */
+void rt_core_drain(rt_core_t *core);
+/* Requests submitted whose final event has not been sent yet. */
+size_t rt_core_in_flight(rt_core_t *core);
 
 #endif

@@ -11,13 +11,16 @@
 #include "core_impl.h"
 #include "tandem/flags.h"
 #include "tandem/log.h"
+#include "tandem/net.h"
 
 static volatile sig_atomic_t g_stop;
 
+/* The first SIGTERM/SIGINT drains; a second one stops at once. */
 static void on_signal(int sig)
 {
     (void)sig;
-    g_stop = 1;
+    if (g_stop < 2)
+        g_stop++;
 }
 
 int main(int argc, char **argv)
@@ -32,7 +35,7 @@ int main(int argc, char **argv)
     };
     const char *host = "127.0.0.1", *grpc_host = "127.0.0.1", *api_key = NULL;
     const char *log_level = NULL;
-    int port = 8000, grpc_port = 8001, queue_timeout_s = 30;
+    int port = 8000, grpc_port = 8001, queue_timeout_s = 30, drain_timeout_s = 30;
     uint64_t max_body = 4ull << 20;
     tdm_flag_t flags[] = {
         {"model", 'm', TDM_FLAG_TYPE_STR, &cc.model_path,
@@ -60,6 +63,8 @@ int main(int argc, char **argv)
          "times a request is re-sent after its node failed", NULL},
         {"max-queued", 0, TDM_FLAG_TYPE_INT, &cc.max_queued, "requests held at once", NULL},
         {"max-body-bytes", 0, TDM_FLAG_TYPE_SIZE, &max_body, "largest HTTP request body", NULL},
+        {"drain-timeout", 0, TDM_FLAG_TYPE_INT, &drain_timeout_s,
+         "seconds in-flight requests may take to finish after SIGTERM", NULL},
         {"log-level", 0, TDM_FLAG_TYPE_STR, &log_level, "error, warn, info or debug", NULL},
     };
     size_t n_flags = sizeof(flags) / sizeof(flags[0]);
@@ -77,6 +82,7 @@ int main(int argc, char **argv)
                "Prefill and decode nodes register at --listen. Flags may also be set as\n"
                "TANDEM_<NAME> variables (TANDEM_CLUSTER_TOKEN, TANDEM_API_KEY).\n\n");
         tdm_flags_usage(stdout, flags, n_flags);
+        printf("\n%s", TDM_NET_HELP_ENV);
         return 0;
     }
     if (!tdm_log_set_level_name(log_level)) {
@@ -94,7 +100,7 @@ int main(int argc, char **argv)
     }
     if (port < 0 || port > 65535 || grpc_port < -1 || grpc_port > 65535 || queue_timeout_s < 0 ||
         cc.node_timeout_ms < 500 || cc.max_retries < 0 || cc.max_queued < 1 ||
-        cc.disagg_min_tokens < 0 || cc.max_model_len < 0) {
+        cc.disagg_min_tokens < 0 || cc.max_model_len < 0 || drain_timeout_s < 0) {
         fprintf(stderr, "tandem-router: a flag is out of range (see --help)\n");
         return 2;
     }
@@ -155,7 +161,21 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     while (!g_stop)
         pause();
-    tdm_log_info("router", "stopping: no new requests; in-flight ones are cancelled");
+    /* Drain: readiness turns 503 (load balancers stop sending), new requests
+     * get 503 (clients retry on another replica), those in flight finish. */
+    rt_core_drain(core);
+    int64_t deadline = tdm_net_now_ms() + (int64_t)drain_timeout_s * 1000;
+    tdm_log_info("router", "draining: no new requests; %zu in flight, up to %d s",
+                 rt_core_in_flight(core), drain_timeout_s);
+    while (g_stop < 2 && tdm_net_now_ms() < deadline &&
+           (rt_core_in_flight(core) > 0 || rt_openai_active(http) > 0))
+        usleep(20 * 1000);
+    size_t left = rt_core_in_flight(core);
+    if (left > 0)
+        tdm_log_warn("router", "stopping with %zu request(s) in flight (%s); they end with 503",
+                     left, g_stop >= 2 ? "a second signal" : "--drain-timeout passed");
+    else
+        tdm_log_info("router", "drained: no request in flight; stopping");
     rt_grpc_stop(grpc);
     rt_openai_stop(http);
     rt_core_destroy(core);

@@ -1,4 +1,5 @@
-/* tandem up / status / down: a local cluster on loopback.
+/* tandem up / status / down: a local cluster on loopback; tandem drain: a
+ * node of any cluster, or of the local one by name.
  *
  * `up` starts every role as a detached process (its own session, stdin from
  * /dev/null, stdout and stderr to RUN/NAME.log) in the order the roles need
@@ -1471,4 +1472,169 @@ int cmd_down(int argc, char **argv)
     }
     free(c);
     return rc;
+}
+
+/* ---- drain ------------------------------------------------------------ */
+
+/* "HOST:PORT" into its parts (port 1..65535). */
+static bool hostport_split(const char *s, char *host, size_t host_cap, int *port)
+{
+    const char *colon = strrchr(s, ':');
+    if (colon == NULL || colon == s || (size_t)(colon - s) >= host_cap)
+        return false;
+    char *end;
+    long v = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || *end != '\0' || v < 1 || v > 65535)
+        return false;
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = '\0';
+    *port = (int)v;
+    return true;
+}
+
+/* Reads RUN/token (the local cluster's) into buf; false when absent. */
+static bool read_local_token(const up_cluster_t *c, char *buf, size_t cap)
+{
+    char path[PATH_MAX + 32];
+    path_in(c, "token", path, sizeof(path));
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return false;
+    bool ok = fgets(buf, (int)cap, f) != NULL;
+    fclose(f);
+    buf[strcspn(buf, "\r\n")] = '\0';
+    return ok && buf[0] != '\0';
+}
+
+int cmd_drain(int argc, char **argv)
+{
+    const char *run_dir = NULL, *token = NULL;
+    bool wait = false;
+    int timeout_s = 120;
+    tdm_flag_t flags[] = {
+        {"wait", 'w', TDM_FLAG_TYPE_BOOL, &wait,
+         "return when the node has exited (its /health no longer answers)", NULL},
+        {"timeout", 0, TDM_FLAG_TYPE_INT, &timeout_s,
+         "seconds --wait waits before it gives up (exit 1)", NULL},
+        {"cluster-token", 0, TDM_FLAG_TYPE_STR, &token,
+         "the node's cluster token (prefer TANDEM_CLUSTER_TOKEN; a local cluster's is read "
+         "from its run dir)",
+         NULL},
+        {"run-dir", 0, TDM_FLAG_TYPE_STR, &run_dir,
+         "the local cluster's run dir, for NODE given by name (default: $TANDEM_HOME/cluster)",
+         NULL},
+    };
+    const char *pos[1];
+    size_t n_pos = 0;
+    int rc;
+    if (!tool_parse("drain NODE [flags]",
+                    "Drains a prefill or decode node, as SIGTERM does: it stops taking work at "
+                    "once, finishes what it holds within its --drain-timeout, hands the rest "
+                    "back to the router and exits 0. NODE is HOST:PORT of the node's metrics "
+                    "server (its --metrics-port: 7600 prefill, 7700 decode) or a name from "
+                    "`tandem status`. Exit 0: drain started (with --wait: the node exited), "
+                    "1: failed.",
+                    flags, sizeof(flags) / sizeof(flags[0]), argc, argv, pos, 1, &n_pos, &rc))
+        return rc;
+    if (n_pos != 1 || timeout_s < 0) {
+        fprintf(stderr, "tandem drain: give one NODE (HOST:PORT or a local node's name) and "
+                        "--timeout >= 0 (see --help)\n");
+        return TOOL_EXIT_USAGE;
+    }
+    char host[256], tok_buf[256] = "";
+    int port = 0;
+    const up_proc_t *local = NULL;
+    up_cluster_t *c = NULL;
+    if (!hostport_split(pos[0], host, sizeof(host), &port)) {
+        char dir[PATH_MAX];
+        run_dir_arg(run_dir, dir, sizeof(dir));
+        c = calloc(1, sizeof(*c));
+        if (c == NULL || cluster_load(dir, c) != 1) {
+            fprintf(stderr,
+                    "tandem drain: '%s' is not HOST:PORT and no local cluster is recorded in "
+                    "%s\n",
+                    pos[0], dir);
+            free(c);
+            return TOOL_EXIT_USAGE;
+        }
+        for (size_t i = 0; i < c->n && local == NULL; i++)
+            if (strcmp(c->procs[i].name, pos[0]) == 0)
+                local = &c->procs[i];
+        const char *path;
+        if (local == NULL ||
+            (strcmp(local->role, "prefill") != 0 && strcmp(local->role, "decode") != 0)) {
+            fprintf(stderr,
+                    "tandem drain: no prefill or decode node '%s' in the local cluster (see "
+                    "tandem status; routers and stores drain on SIGTERM)\n",
+                    pos[0]);
+            free(c);
+            return TOOL_EXIT_USAGE;
+        }
+        if (!url_split(local->health_url, host, sizeof(host), &port, &path)) {
+            fprintf(stderr, "tandem drain: %s has no usable metrics address (%s)\n", local->name,
+                    local->health_url);
+            free(c);
+            return TOOL_EXIT_FAIL;
+        }
+        if (token == NULL && getenv("TANDEM_CLUSTER_TOKEN") == NULL &&
+            read_local_token(c, tok_buf, sizeof(tok_buf)))
+            token = tok_buf;
+    }
+    if (token == NULL)
+        token = getenv("TANDEM_CLUSTER_TOKEN");
+    char auth[320] = "";
+    if (token != NULL && token[0] != '\0')
+        snprintf(auth, sizeof(auth), "Authorization: Bearer %s\r\n", token);
+    httpc_response_t resp;
+    char err[256];
+    int r = httpc_request(host, port, "POST", "/drain", auth[0] ? auth : NULL, NULL, 0, 10000, NULL,
+                          NULL, &resp, err, sizeof(err));
+    memset(auth, 0, sizeof(auth));
+    memset(tok_buf, 0, sizeof(tok_buf));
+    int status = r == 0 ? resp.status : 0;
+    if (status != 202) {
+        if (r != 0)
+            fprintf(stderr,
+                    "tandem drain: no answer from %s:%d (%s); is it a node's metrics "
+                    "address (--metrics-port)?\n",
+                    host, port, err);
+        else if (status == 401)
+            fprintf(stderr,
+                    "tandem drain: %s:%d wants the cluster token: set "
+                    "TANDEM_CLUSTER_TOKEN or --cluster-token\n",
+                    host, port);
+        else
+            fprintf(stderr, "tandem drain: %s:%d answered %d: %s", host, port, status,
+                    resp.body != NULL ? resp.body : "\n");
+        httpc_response_free(&resp);
+        free(c);
+        return TOOL_EXIT_FAIL;
+    }
+    printf("%s:%d: %s", host, port, resp.body != NULL ? resp.body : "draining\n");
+    httpc_response_free(&resp);
+    fflush(stdout);
+    if (!wait) {
+        free(c);
+        return TOOL_EXIT_OK;
+    }
+    /* The node has exited when its /health stops answering (and, for a
+     * local node, its process is gone). */
+    char url[300];
+    snprintf(url, sizeof(url), "http://%s:%d/health", host, port);
+    double t0 = tool_now(), deadline = t0 + timeout_s;
+    for (;;) {
+        bool gone = http_get_status(url, 1000) == 0 && (local == NULL || !proc_alive(local));
+        if (gone) {
+            printf("%s:%d: drained and exited after %.1f s\n", host, port, tool_now() - t0);
+            free(c);
+            return TOOL_EXIT_OK;
+        }
+        if (tool_now() >= deadline) {
+            fprintf(stderr, "tandem drain: %s:%d still runs after %d s (--timeout)\n", host, port,
+                    timeout_s);
+            free(c);
+            return TOOL_EXIT_FAIL;
+        }
+        sleep_ms(200);
+    }
 }

@@ -15,6 +15,7 @@ static void usage(FILE *f)
                "  up           start a local cluster (router, prefill, decode, kvstore)\n"
                "  status       list the local cluster's processes and their health\n"
                "  down         stop the local cluster\n"
+               "  drain        drain a prefill or decode node (as SIGTERM does)\n"
                "  ppl          perplexity of a text file\n"
                "  mkmodel      write a small Llama GGUF with random weights\n"
                "  logits       logits of a prompt's last position (for tests)\n");
@@ -41,6 +42,7 @@ int main(int argc, char **argv)
         {"up", cmd_up},
         {"status", cmd_status},
         {"down", cmd_down},
+        {"drain", cmd_drain},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         if (strcmp(cmd, cmds[i].name) == 0)

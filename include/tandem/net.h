@@ -35,6 +35,15 @@ extern "C" {
 #define TDM_NET_MAX_AM_ID  31
 #define TDM_NET_MAX_MAPS   64 /* memory registrations at once */
 
+/* The end of --help of every role that speaks UCX: the UCX variables an
+ * operator sets most (firewalls, NIC choice). */
+#define TDM_NET_HELP_ENV                                                                           \
+    "UCX reads its own variables too; the ones deployments set most:\n"                            \
+    "  UCX_TCP_PORT_RANGE=LO-HI   ports UCX's TCP transport listens on besides the\n"              \
+    "                             listener (open them between tandem hosts)\n"                     \
+    "  UCX_NET_DEVICES=DEV,...    network devices to use (e.g. eth0, mlx5_0:1)\n"                  \
+    "  UCX_TLS=tcp|rc,...         transports to use (default: all that work)\n"
+
 typedef struct tdm_net tdm_net_t;
 typedef struct tdm_conn tdm_conn_t;
 
