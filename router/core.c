@@ -118,7 +118,6 @@ struct rt_core {
     } pools[RT_MAX_POOLS];
     int n_pools;
     tdm_metrics_family_t *pending_family;
-    atomic_int ready_decode;
     atomic_int n_queued;
     atomic_bool draining;      /* rt_core_drain: no new requests */
     atomic_size_t n_in_flight; /* submitted, final event not yet sent */
@@ -154,14 +153,14 @@ size_t rt_core_models(rt_core_t *core, const rt_model_info_t **out, size_t cap)
 
 bool rt_core_ready(rt_core_t *core, char *reason, size_t cap)
 {
+    /* An empty pool does not make the router unready: it holds requests
+     * while the pool scales from zero (tandem_router_decode_nodes says how
+     * many nodes it has). */
     if (atomic_load(&core->draining)) {
         snprintf(reason, cap, "draining");
         return false;
     }
-    if (atomic_load(&core->ready_decode) > 0)
-        return true;
-    snprintf(reason, cap, "no decode node registered");
-    return false;
+    return true;
 }
 
 int rt_core_listen_port(rt_core_t *core)
@@ -705,7 +704,6 @@ static void count_nodes(rt_core_t *c)
         else if (!n->hb.draining)
             dec++;
     }
-    atomic_store(&c->ready_decode, dec);
     tdm_metrics_gauge_set(c->m.nodes_prefill, pre);
     tdm_metrics_gauge_set(c->m.nodes_decode, dec);
 }

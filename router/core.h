@@ -107,8 +107,8 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
 /* The client went away or cancelled: stops the request on its nodes. */
 void rt_core_cancel(rt_core_t *core, uint64_t id);
 
-/* Liveness / readiness of the router (at least one node in some pool, not
- * draining). */
+/* Readiness of the router: true unless draining. A pool without nodes
+ * does not count: requests wait for one (scale from zero). */
 bool rt_core_ready(rt_core_t *core, char *reason, size_t cap);
 /* Stops taking requests (rt_core_submit answers TDM_ERR_BUSY, readiness
  * says "draining"); those in flight go on to their end. */

@@ -68,6 +68,8 @@ def test_scale_from_zero_and_queue_timeout(report):
             futs = [ex.submit(c.chat, f"Say {w}.", 8) for w in ("one", "two", "three", "four")]
             time.sleep(1.0)
             assert not any(f.done() for f in futs), "a request finished with no node"
+            # ready with an empty pool: a load balancer keeps sending it requests to hold
+            assert http_get(c.http_port, "/ready")[0] == 200
             m = c.metrics("router")
             assert m.get('tandem_router_pending_requests{pool="default"}') == 4, m
             c.add_node("decode")
