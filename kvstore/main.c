@@ -36,6 +36,7 @@ int main(int argc, char **argv)
         .max_clients = 1024,
     };
     const char *log_level = NULL;
+    int drain_timeout_s = 10;
     tdm_flag_t flags[] = {
         {"listen", 'l', TDM_FLAG_TYPE_STR, &cfg.listen, "HOST:PORT of the UCX listener", NULL},
         {"cluster-token", 0, TDM_FLAG_TYPE_STR, &cfg.token,
@@ -49,8 +50,8 @@ int main(int argc, char **argv)
         {"metrics-host", 0, TDM_FLAG_TYPE_STR, &cfg.metrics_host,
          "address of the HTTP /metrics and /health server", NULL},
         {"metrics-port", 0, TDM_FLAG_TYPE_INT, &cfg.metrics_port, "its port (0: none)", NULL},
-        {"drain-timeout", 0, TDM_FLAG_TYPE_INT, &cfg.drain_timeout_ms,
-         "ms to finish in-flight operations after SIGTERM", NULL},
+        {"drain-timeout", 0, TDM_FLAG_TYPE_INT, &drain_timeout_s,
+         "seconds to finish in-flight operations after SIGTERM", NULL},
         {"client-timeout", 0, TDM_FLAG_TYPE_INT, &cfg.client_timeout_ms,
          "ms a client may leave a transfer stalled before it is closed", NULL},
         {"max-inflight", 0, TDM_FLAG_TYPE_INT, &cfg.max_inflight, "requests in flight per client",
@@ -85,11 +86,13 @@ int main(int argc, char **argv)
                         "--max-block-bytes (1 B .. 4 GiB)\n");
         return 2;
     }
-    if (cfg.max_inflight < 1 || cfg.max_clients < 1 || cfg.drain_timeout_ms < 0 ||
-        cfg.client_timeout_ms < 100 || cfg.metrics_port < 0 || cfg.metrics_port > 65535) {
+    if (cfg.max_inflight < 1 || cfg.max_clients < 1 || drain_timeout_s < 0 ||
+        drain_timeout_s > 86400 || cfg.client_timeout_ms < 100 || cfg.metrics_port < 0 ||
+        cfg.metrics_port > 65535) {
         fprintf(stderr, "tandem-kvstore: a limit is out of range (see --help)\n");
         return 2;
     }
+    cfg.drain_timeout_ms = drain_timeout_s * 1000;
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;
