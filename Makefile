@@ -32,11 +32,11 @@ demo: deps model build
 
 $(ASAN_BUILD)/CMakeCache.txt:
 	CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON
+	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON -DTANDEM_CUDA=OFF
 
 test: deps model build
 	CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON
+	  -DTANDEM_SANITIZE=ON -DTANDEM_FUZZ=ON -DTANDEM_CUDA=OFF
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	scripts/run-tests.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_SECONDS)
 

@@ -40,6 +40,8 @@ void tdm_engine_config_default(tdm_engine_config_t *c)
     c->num_blocks = 0;
     c->enable_prefix_caching = false;
     c->isa = TDM_CPU_ISA_AUTO;
+    c->device = "cpu";
+    c->gpu_memory_utilization = 0.9f;
 }
 
 const char *tdm_finish_reason_str(tdm_finish_reason_t r)
@@ -163,9 +165,29 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
         st = TDM_ERR_INVALID;
         goto err_free;
     }
-    st = tdm_backend_cpu_create(cfg->threads, cfg->isa, &e->be);
+    int gpu = -1;
+    if (cfg->device != NULL && strcmp(cfg->device, "cpu") != 0) {
+        char *end = NULL;
+        if (strcmp(cfg->device, "cuda") == 0)
+            gpu = 0;
+        else if (strncmp(cfg->device, "cuda:", 5) == 0)
+            gpu = (int)strtol(cfg->device + 5, &end, 10);
+        if (gpu < 0 || (end != NULL && (*end != '\0' || end == cfg->device + 5))) {
+            snprintf(err, err_len, "unknown device '%s' (cpu, cuda or cuda:N)", cfg->device);
+            st = TDM_ERR_INVALID;
+            goto err_free;
+        }
+        if (!(cfg->gpu_memory_utilization > 0.0f && cfg->gpu_memory_utilization <= 1.0f)) {
+            snprintf(err, err_len, "gpu_memory_utilization must be in (0, 1]");
+            st = TDM_ERR_INVALID;
+            goto err_free;
+        }
+    }
+    st = gpu >= 0 ? tdm_backend_cuda_create(gpu, &e->be)
+                  : tdm_backend_cpu_create(cfg->threads, cfg->isa, &e->be);
     if (st != TDM_OK) {
-        snprintf(err, err_len, "could not create the CPU backend: %s", tdm_status_str(st));
+        snprintf(err, err_len, "could not create the %s backend: %s", gpu >= 0 ? "CUDA" : "CPU",
+                 tdm_status_str(st));
         goto err_free;
     }
     st = tdm_model_load(cfg->model_path, e->be, err, err_len, &e->model);
@@ -178,27 +200,57 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     e->max_blocks = (e->cfg.max_model_len + e->cfg.block_size - 1) / e->cfg.block_size;
     size_t block_bytes =
         (size_t)e->cfg.block_size * (size_t)e->kv_dim * 2 * 2 * (size_t)hp->n_layer;
+    /* Step buffers first: on a GPU the KV cache takes what is left. */
+    e->max_rows = e->cfg.max_num_batched_tokens;
+    e->max_logits = e->cfg.max_num_seqs > 256 ? e->cfg.max_num_seqs : 256;
+    st = alloc_buffers(e);
+    if (st != TDM_OK) {
+        snprintf(err, err_len, "could not allocate step buffers for %d tokens",
+                 e->cfg.max_num_batched_tokens);
+        goto err_buffers;
+    }
     int64_t nb = e->cfg.num_blocks;
-    if (nb <= 0) {
+    if (nb <= 0 && e->cfg.kv_cache_bytes == 0 && gpu >= 0) {
+        size_t free_b = 0, total_b = 0;
+        st = tdm_backend_cuda_mem_info(e->be, &free_b, &total_b);
+        if (st != TDM_OK) {
+            snprintf(err, err_len, "cannot read the GPU's free memory");
+            goto err_buffers;
+        }
+        /* what the others hold, ours so far, and headroom for the backend's
+         * scratch and graphs: the rest of the budget is KV */
+        double budget = (double)cfg->gpu_memory_utilization * (double)total_b -
+                        (double)(total_b - free_b) - (double)(256u << 20);
+        nb = budget > 0 ? (int64_t)(budget / (double)block_bytes) : 0;
+        tdm_log_info(MOD,
+                     "KV cache from --gpu-memory-utilization %.2f: %.1f of %.1f GiB free, "
+                     "%lld blocks",
+                     (double)cfg->gpu_memory_utilization, (double)free_b / (1ull << 30),
+                     (double)total_b / (1ull << 30), (long long)nb);
+    } else if (nb <= 0) {
         uint64_t bytes = e->cfg.kv_cache_bytes ? e->cfg.kv_cache_bytes : (1ull << 30);
         nb = (int64_t)(bytes / block_bytes);
     }
     if (nb < 2 || nb > INT32_MAX / 2) {
         snprintf(err, err_len,
                  "the KV cache would have %lld blocks of %zu bytes; give it room for "
-                 "at least 2 (--kv-cache-memory)",
+                 "at least 2 (--kv-cache-memory, --gpu-memory-utilization)",
                  (long long)nb, block_bytes);
         st = TDM_ERR_INVALID;
-        goto err_model;
+        goto err_buffers;
     }
     e->cfg.num_blocks = (int32_t)nb;
     st = tdm_kv_pool_init(&e->pool, (int32_t)nb);
     if (st != TDM_OK)
-        goto err_model;
+        goto err_buffers;
     e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
     e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
     e->kv_rows = calloc(2 * (size_t)hp->n_layer, sizeof(*e->kv_rows));
-    if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL) {
+    if (e->be->ops->device_memory)
+        e->kv_stage = malloc(2 * (size_t)hp->n_layer * (size_t)e->cfg.block_size *
+                             (size_t)e->kv_dim * sizeof(uint16_t));
+    if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL ||
+        (e->be->ops->device_memory && e->kv_stage == NULL)) {
         st = TDM_ERR_NOMEM;
         goto err_cache;
     }
@@ -212,17 +264,9 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
                  (double)layer_bytes * 2 * hp->n_layer / 1e6);
         goto err_cache;
     }
-    e->max_rows = e->cfg.max_num_batched_tokens;
-    e->max_logits = e->cfg.max_num_seqs > 256 ? e->cfg.max_num_seqs : 256;
-    st = alloc_buffers(e);
-    if (st != TDM_OK) {
-        snprintf(err, err_len, "could not allocate step buffers for %d tokens",
-                 e->cfg.max_num_batched_tokens);
-        goto err_buffers;
-    }
     st = tdm_sampler_create(hp->n_vocab, &e->sampler);
     if (st != TDM_OK)
-        goto err_buffers;
+        goto err_cache;
     /* Block keys are seeded with the model fingerprint and the KV layout. */
     struct {
         tdm_hash128_t fp;
@@ -248,8 +292,6 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     *out = e;
     return TDM_OK;
 
-err_buffers:
-    free_buffers(e);
 err_cache:
     for (int32_t il = 0; e->cache_k != NULL && il < hp->n_layer; il++) {
         if (e->cache_k[il] != NULL)
@@ -260,8 +302,10 @@ err_cache:
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
+    free(e->kv_stage);
     tdm_kv_pool_fini(&e->pool);
-err_model:
+err_buffers:
+    free_buffers(e);
     tdm_model_destroy(e->model);
 err_backend:
     tdm_backend_destroy(e->be);
@@ -317,6 +361,7 @@ void tdm_engine_destroy(tdm_engine_t *e)
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
+    free(e->kv_stage);
     free_buffers(e);
     tdm_sampler_destroy(e->sampler);
     tdm_kv_pool_fini(&e->pool);
@@ -639,28 +684,48 @@ static bool ensure_blocks(tdm_engine_t *e, tdm_seq_t *s, int32_t upto)
 }
 
 /* Hands fn the K and V rows of blocks[first ..] holding positions
- * [first * block_size, n_pos), in order, until fn fails. The number of
+ * [first * block_size, n_pos), in order, until fn fails. fn reads them
+ * (KV_READ: export), fills them (KV_WRITE: import) or both. The number of
  * blocks fn accepted goes into *n_done. */
+enum { KV_READ = 1, KV_WRITE = 2 };
 static tdm_status_t visit_blocks(tdm_engine_t *e, const int32_t *blocks, int32_t first,
-                                 int32_t n_pos, tdm_engine_kv_fn_t fn, void *user, int32_t *n_done)
+                                 int32_t n_pos, unsigned how, tdm_engine_kv_fn_t fn, void *user,
+                                 int32_t *n_done)
 {
     int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer;
     uint16_t **rows = e->kv_rows; /* K rows, then V rows */
-    /* The CPU backend's cache is host memory; a device backend would stage
-     * each block through copy_from / copy_to around fn. */
-    e->be->ops->sync(e->be);
+    tdm_backend_t *be = e->be;
+    /* The CPU backend's cache is host memory and fn works on it in place; a
+     * device backend's block is staged through host memory around fn. */
+    bool staged = be->ops->device_memory != 0;
+    size_t block_elems = (size_t)bs * (size_t)e->kv_dim;
+    be->ops->sync(be);
     tdm_status_t st = TDM_OK;
     int32_t nb = (n_pos + bs - 1) / bs, i;
     for (i = first; i < nb; i++) {
-        size_t off = (size_t)blocks[i] * (size_t)bs * (size_t)e->kv_dim;
+        size_t off = (size_t)blocks[i] * block_elems;
         for (int32_t il = 0; il < nl; il++) {
-            rows[il] = e->cache_k[il] + off;
-            rows[nl + il] = e->cache_v[il] + off;
+            rows[il] = staged ? e->kv_stage + (size_t)il * block_elems : e->cache_k[il] + off;
+            rows[nl + il] =
+                staged ? e->kv_stage + (size_t)(nl + il) * block_elems : e->cache_v[il] + off;
         }
-        int32_t left = n_pos - i * bs;
-        st = fn(user, i, left < bs ? left : bs, rows, rows + nl);
+        int32_t left = n_pos - i * bs, n_tok = left < bs ? left : bs;
+        size_t bytes = (size_t)n_tok * (size_t)e->kv_dim * sizeof(uint16_t);
+        if (staged && (how & KV_READ))
+            for (int32_t il = 0; il < nl; il++) {
+                be->ops->copy_from(be, rows[il], e->cache_k[il] + off, bytes);
+                be->ops->copy_from(be, rows[nl + il], e->cache_v[il] + off, bytes);
+            }
+        st = fn(user, i, n_tok, rows, rows + nl);
         if (st != TDM_OK)
             break;
+        if (staged && (how & KV_WRITE)) {
+            for (int32_t il = 0; il < nl; il++) {
+                be->ops->copy_to(be, e->cache_k[il] + off, rows[il], bytes);
+                be->ops->copy_to(be, e->cache_v[il] + off, rows[nl + il], bytes);
+            }
+            be->ops->sync(be); /* the stage is reused for the next block */
+        }
     }
     *n_done = i - first;
     return st;
@@ -670,8 +735,8 @@ static tdm_status_t visit_blocks(tdm_engine_t *e, const int32_t *blocks, int32_t
 static void export_prompt(tdm_engine_t *e, tdm_seq_t *s)
 {
     int32_t n_done;
-    tdm_status_t st =
-        visit_blocks(e, s->blocks, 0, s->n_prompt, s->kv_export, s->kv_export_user, &n_done);
+    tdm_status_t st = visit_blocks(e, s->blocks, 0, s->n_prompt, KV_READ, s->kv_export,
+                                   s->kv_export_user, &n_done);
     if (st != TDM_OK)
         tdm_log_debug(MOD, "request %llu: KV export stopped at block %d: %s",
                       (unsigned long long)s->id, n_done, tdm_status_str(st));
@@ -688,8 +753,8 @@ static void import_prompt(tdm_engine_t *e, tdm_seq_t *s)
     int32_t first = s->n_computed / bs, n_done = 0;
     tdm_status_t st = TDM_OK;
     if (s->n_kv_tokens > s->n_computed)
-        st = visit_blocks(e, s->blocks, first, s->n_kv_tokens, s->kv_import, s->kv_import_user,
-                          &n_done);
+        st = visit_blocks(e, s->blocks, first, s->n_kv_tokens, KV_WRITE, s->kv_import,
+                          s->kv_import_user, &n_done);
     if (n_done > 0) {
         int32_t upto = (first + n_done) * bs;
         upto = upto < s->n_kv_tokens ? upto : s->n_kv_tokens;
@@ -1132,7 +1197,7 @@ tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_
     } else {
         st = eval_range(e, tokens, 0, n_ctx, blocks, logits);
         if (st == TDM_OK)
-            st = visit_blocks(e, blocks, 0, (int32_t)n_ctx, fn, user, &n_done);
+            st = visit_blocks(e, blocks, 0, (int32_t)n_ctx, KV_READ | KV_WRITE, fn, user, &n_done);
         if (st == TDM_OK)
             st = eval_range(e, tokens, n_ctx, n, blocks, logits);
     }

@@ -78,6 +78,7 @@ struct tdm_engine {
     tdm_kv_pool_t pool;
     uint16_t **cache_k, **cache_v;
     uint16_t **kv_rows; /* (2 * n_layer) K then V row pointers handed to a kv fn */
+    uint16_t *kv_stage; /* device backends: one block of every layer in host memory */
 
     /* scheduler (stepping thread only) */
     tdm_seq_t *waiting, *running; /* singly linked, arrival order */

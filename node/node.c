@@ -1028,7 +1028,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
     const char *model = NULL, *log_level = NULL, *metrics_host = "0.0.0.0";
     int metrics_port = role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL ? 7600 : 7700;
     int kv_replicas = 1, drain_timeout = 90;
-    uint64_t kv_cache_memory = 1ull << 30;
+    uint64_t kv_cache_memory = 0;
     bool no_prefix_caching = false;
     tdm_flag_list_t routers = {0}, stores = {0};
     char hostname[64] = "node";
@@ -1069,7 +1069,13 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
          "tokens per step (chunked prefill)", NULL},
         {"max-model-len", 0, TDM_FLAG_TYPE_INT, &ec.max_model_len,
          "prompt + output tokens (0: the model's, at most 8192)", NULL},
-        {"kv-cache-memory", 0, TDM_FLAG_TYPE_SIZE, &kv_cache_memory, "bytes of the KV cache", NULL},
+        {"kv-cache-memory", 0, TDM_FLAG_TYPE_SIZE, &kv_cache_memory,
+         "bytes of the KV cache (0: 1 GiB on the CPU, what --gpu-memory-utilization leaves on "
+         "a GPU)",
+         NULL},
+        {"device", 0, TDM_FLAG_TYPE_STR, &ec.device, "cpu, cuda or cuda:N", NULL},
+        {"gpu-memory-utilization", 0, TDM_FLAG_TYPE_FLOAT, &ec.gpu_memory_utilization,
+         "fraction of the GPU's memory for weights, buffers and KV cache", NULL},
         {"no-enable-prefix-caching", 0, TDM_FLAG_TYPE_BOOL, &no_prefix_caching,
          "turn the local prefix cache off", NULL},
         {"drain-timeout", 0, TDM_FLAG_TYPE_INT, &drain_timeout,
@@ -1202,8 +1208,9 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
                  "%s %s ready to register: model '%s' (%d layers), %d KV blocks of %d tokens "
                  "(%.0f MiB), max model len %d, block payload <= %zu bytes",
                  n->role_name, n->name, n->served_name, hp->n_layer, st0.num_blocks, n->bs,
-                 (double)kv_cache_memory / (1 << 20), tdm_engine_max_model_len(n->eng),
-                 n->block_cap);
+                 (double)st0.num_blocks * n->bs * hp->n_head_kv * hp->head_dim * 4.0 * hp->n_layer /
+                     (1 << 20),
+                 tdm_engine_max_model_len(n->eng), n->block_cap);
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;

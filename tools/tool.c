@@ -19,9 +19,11 @@ void tool_engine_opts_default(tool_engine_opts_t *o)
     o->max_num_batched_tokens = c.max_num_batched_tokens;
     o->max_model_len = c.max_model_len;
     o->block_size = c.block_size;
-    o->kv_cache_memory = 1ull << 30;
+    o->kv_cache_memory = 0;
     o->enable_prefix_caching = c.enable_prefix_caching;
     o->cpu_isa = "auto";
+    o->device = c.device;
+    o->gpu_memory_utilization = c.gpu_memory_utilization;
 }
 
 size_t tool_engine_flags(tool_engine_opts_t *o, tdm_flag_t *out)
@@ -37,10 +39,15 @@ size_t tool_engine_flags(tool_engine_opts_t *o, tdm_flag_t *out)
          "prompt + output tokens (0: min(trained, 8192))", NULL},
         {"block-size", 0, TDM_FLAG_TYPE_INT, &o->block_size, "tokens per KV block", NULL},
         {"kv-cache-memory", 0, TDM_FLAG_TYPE_SIZE, &o->kv_cache_memory,
-         "bytes of KV cache (e.g. 2GiB)", NULL},
+         "bytes of KV cache, e.g. 2GiB (0: 1 GiB on the CPU, what --gpu-memory-utilization "
+         "leaves on a GPU)",
+         NULL},
         {"enable-prefix-caching", 0, TDM_FLAG_TYPE_BOOL, &o->enable_prefix_caching,
          "reuse KV blocks of identical prompt prefixes", NULL},
         {"cpu-isa", 0, TDM_FLAG_TYPE_STR, &o->cpu_isa, "auto, scalar, avx2 or avx512", NULL},
+        {"device", 0, TDM_FLAG_TYPE_STR, &o->device, "cpu, cuda or cuda:N", NULL},
+        {"gpu-memory-utilization", 0, TDM_FLAG_TYPE_FLOAT, &o->gpu_memory_utilization,
+         "fraction of the GPU's memory for weights, buffers and KV cache", NULL},
     };
     memcpy(out, f, sizeof(f));
     return sizeof(f) / sizeof(f[0]);
@@ -82,6 +89,8 @@ bool tool_engine_config(const tool_engine_opts_t *o, tdm_engine_config_t *cfg)
     cfg->block_size = o->block_size;
     cfg->kv_cache_bytes = o->kv_cache_memory;
     cfg->enable_prefix_caching = o->enable_prefix_caching;
+    cfg->device = o->device;
+    cfg->gpu_memory_utilization = o->gpu_memory_utilization;
     if (strcmp(o->cpu_isa, "scalar") == 0)
         cfg->isa = TDM_CPU_ISA_SCALAR;
     else if (strcmp(o->cpu_isa, "avx2") == 0)

@@ -28,6 +28,8 @@ typedef struct tool_engine_opts {
     uint64_t kv_cache_memory;
     bool enable_prefix_caching;
     const char *cpu_isa;
+    const char *device;
+    float gpu_memory_utilization;
 } tool_engine_opts_t;
 
 void tool_engine_opts_default(tool_engine_opts_t *o);

@@ -74,10 +74,13 @@ typedef struct tdm_engine_config {
     int32_t max_num_batched_tokens; /* tokens per step (2048) */
     int32_t max_model_len;          /* prompt + output (0: min(trained, 8192)) */
     int32_t block_size;             /* tokens per KV block (16) */
-    uint64_t kv_cache_bytes;        /* KV pool (0: 1 GiB) */
+    uint64_t kv_cache_bytes;        /* KV pool (0: 1 GiB on the CPU; on a GPU what
+                                       gpu_memory_utilization leaves) */
     int32_t num_blocks;             /* overrides kv_cache_bytes when > 0 */
     bool enable_prefix_caching;
     tdm_cpu_isa_t isa;
+    const char *device;           /* "cpu" (NULL too), "cuda" or "cuda:N" */
+    float gpu_memory_utilization; /* fraction of the GPU's memory tandem may hold (0.9) */
 } tdm_engine_config_t;
 
 void tdm_engine_config_default(tdm_engine_config_t *c);

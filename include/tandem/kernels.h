@@ -106,6 +106,10 @@ typedef struct tdm_backend_ops {
      * K and V from the cache (f16), positions in increasing order. */
     void (*attention)(tdm_backend_t *be, const tdm_attn_params_t *p, const float *q,
                       const uint16_t *cache_k, const uint16_t *cache_v, float *out);
+
+    /* Buffers live in device memory: the host reaches them only through
+     * copy_to / copy_from (the engine stages KV blocks it hands out). */
+    int device_memory;
 } tdm_backend_ops_t;
 
 /* What every backend object starts with. */
@@ -127,6 +131,16 @@ tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backen
 /* Best ISA of this CPU. */
 tdm_cpu_isa_t tdm_cpu_isa_detect(void);
 const char *tdm_cpu_isa_name(tdm_cpu_isa_t isa);
+/* The CUDA backend on GPU `device` (compute capability 8.0 or newer).
+ * TDM_ERR_UNSUPPORTED when tandem was built without CUDA (no nvcc) or the
+ * GPU is too old, TDM_ERR_NOT_FOUND when the machine has no usable GPU or
+ * driver, TDM_ERR_INVALID for a device number it lacks; each logged once
+ * with what to do. */
+tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out);
+/* True when this build has the CUDA backend (whether or not a GPU is here). */
+int tdm_backend_cuda_built(void);
+/* Free and total device memory of a CUDA backend's GPU. */
+tdm_status_t tdm_backend_cuda_mem_info(tdm_backend_t *be, size_t *free_bytes, size_t *total_bytes);
 /* Calls be->ops->destroy; accepts NULL. */
 void tdm_backend_destroy(tdm_backend_t *be);
 int tdm_backend_cpu_threads(const tdm_backend_t *be);
