@@ -4,9 +4,11 @@
  * frequent English letter pairs and of earlier merges, up to --n-vocab
  * (or the vocabulary of --vocab-from). */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tandem/dtype.h"
 #include "tandem/gguf.h"
@@ -57,14 +59,77 @@ static void byte_token(int b, char *out)
     }
 }
 
+/* Tensors of at least this many values (an 8B-shaped model's) are made
+ * on every CPU, with uniform values of the same mean and deviation: Box-
+ * Muller on one thread would take minutes there. */
+#define MK_BIG_TENSOR (1u << 22)
+
+typedef struct fill_task {
+    uint64_t seed, k, rows;
+    uint32_t type;
+    float std, mean;
+    size_t rb;
+    char *q;
+    int ith, nth;
+} fill_task_t;
+
+static void *fill_rows(void *arg)
+{
+    fill_task_t *t = arg;
+    uint64_t lo = t->rows * (uint64_t)t->ith / (uint64_t)t->nth;
+    uint64_t hi = t->rows * (uint64_t)(t->ith + 1) / (uint64_t)t->nth;
+    float *x = malloc((size_t)t->k * sizeof(float));
+    if (x == NULL)
+        return t;                     /* non-NULL: failed */
+    float half = t->std * 1.7320508f; /* uniform on [-a, a] has deviation a / sqrt(3) */
+    for (uint64_t row = lo; row < hi; row++) {
+        uint64_t r = t->seed ^ (row * 0x9e3779b97f4a7c15ull); /* per row: any thread count */
+        for (uint64_t j = 0; j < t->k; j++) {
+            double u = (double)(tool_rng_next(&r) >> 11) / 9007199254740992.0;
+            x[j] = t->mean + half * (float)(2.0 * u - 1.0);
+        }
+        tdm_dtype_from_f32(t->type, x, t->q + row * t->rb, (size_t)t->k);
+    }
+    free(x);
+    return NULL;
+}
+
 static tdm_status_t add_random(tdm_gguf_writer_t *w, uint64_t *r, const char *name, uint64_t k,
                                uint64_t rows, uint32_t type, float std, float mean)
 {
     size_t n = (size_t)(k * rows);
-    float *x = malloc(n * sizeof(float));
     size_t rb = tdm_dtype_row_bytes(type, k);
     void *q = malloc(rb * rows);
     tdm_status_t st = TDM_ERR_NOMEM;
+    if (n >= MK_BIG_TENSOR && q != NULL && rb > 0) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int nth = ncpu < 1 ? 1 : ncpu > 64 ? 64 : (int)ncpu;
+        pthread_t th[64];
+        fill_task_t tasks[64];
+        uint64_t seed = tool_rng_next(r);
+        int started = 0;
+        bool ok = true;
+        for (int i = 0; i < nth; i++) {
+            tasks[i] = (fill_task_t){seed, k, rows, type, std, mean, rb, q, i, nth};
+            if (pthread_create(&th[i], NULL, fill_rows, &tasks[i]) != 0) {
+                ok = false;
+                break;
+            }
+            started++;
+        }
+        for (int i = 0; i < started; i++) {
+            void *ret = NULL;
+            pthread_join(th[i], &ret);
+            ok = ok && ret == NULL;
+        }
+        if (ok) {
+            uint64_t ne[2] = {k, rows};
+            st = tdm_gguf_writer_add_tensor(w, name, rows == 1 ? 1 : 2, ne, type, q);
+        }
+        free(q);
+        return st;
+    }
+    float *x = malloc(n * sizeof(float));
     if (x != NULL && q != NULL && rb > 0) {
         for (size_t i = 0; i < n; i++)
             x[i] = mean + std * rng_normal(r);
@@ -210,6 +275,7 @@ static tdm_status_t copy_vocab(tdm_gguf_writer_t *w, const char *path, int *n_vo
 int cmd_mkmodel(int argc, char **argv)
 {
     const char *out = NULL, *type_s = "q4_1", *embd_type_s = "q8_0", *vocab_from = NULL;
+    const char *preset = NULL;
     int n_embd = 64, n_ff = 128, n_layer = 2, n_head = 4, n_head_kv = 2, n_vocab = 512;
     int ctx = 2048;
     uint64_t seed = 1;
@@ -229,12 +295,29 @@ int cmd_mkmodel(int argc, char **argv)
         {"vocab-from", 0, TDM_FLAG_TYPE_STR, &vocab_from,
          "copy the tokenizer (and vocabulary size) from this GGUF", NULL},
         {"seed", 's', TDM_FLAG_TYPE_U64, &seed, "random seed", NULL},
+        {"preset", 0, TDM_FLAG_TYPE_STR, &preset,
+         "a known shape: llama3-8b (32 layers, hidden 4096, ffn 14336, 32/8 heads, vocab 128256) "
+         "or smollm2-135m; flags given after it do not override it",
+         NULL},
     };
     int rc;
     if (!tool_parse("mkmodel -o OUT.gguf [flags]",
                     "Writes a Llama GGUF with random weights (deterministic for a seed).", flags,
                     sizeof(flags) / sizeof(flags[0]), argc, argv, NULL, 0, NULL, &rc))
         return rc;
+    if (preset != NULL) {
+        if (strcmp(preset, "llama3-8b") == 0) {
+            n_embd = 4096, n_ff = 14336, n_layer = 32, n_head = 32, n_head_kv = 8;
+            n_vocab = 128256, ctx = 8192, theta = 500000.0f;
+        } else if (strcmp(preset, "smollm2-135m") == 0) {
+            n_embd = 576, n_ff = 1536, n_layer = 30, n_head = 9, n_head_kv = 3;
+            n_vocab = 49152, ctx = 8192, theta = 100000.0f;
+        } else {
+            fprintf(stderr, "tandem mkmodel: unknown --preset %s (llama3-8b, smollm2-135m)\n",
+                    preset);
+            return TOOL_EXIT_USAGE;
+        }
+    }
     uint32_t type = parse_type(type_s), etype = parse_type(embd_type_s);
     if (out == NULL || type == UINT32_MAX || etype == UINT32_MAX || n_embd % 32 || n_ff % 32 ||
         n_embd <= 0 || n_ff <= 0 || n_layer <= 0 || n_head <= 0 || n_head_kv <= 0 ||
