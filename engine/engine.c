@@ -121,7 +121,8 @@ static tdm_status_t alloc_buffers(tdm_engine_t *e)
     size_t act = max_act_size(e, (int64_t)R);
     e->act = be_alloc(e, act, &st);
     e->h_logits = malloc(L * V * f);
-    if (e->h_logits == NULL)
+    e->h_argmax = malloc(L * sizeof(int32_t));
+    if (e->h_logits == NULL || e->h_argmax == NULL)
         st = TDM_ERR_NOMEM;
     return st;
 }
@@ -146,6 +147,7 @@ static void free_buffers(tdm_engine_t *e)
     free(e->h_logit_idx);
     free(e->h_tables);
     free(e->h_logits);
+    free(e->h_argmax);
 }
 
 tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,
@@ -866,20 +868,35 @@ static int32_t top_logprobs(const float *logits, int32_t n_vocab, int32_t k,
     return n;
 }
 
-/* Samples the next token of s from its logits row and delivers it. Returns
- * true when the request is finished. */
-static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s)
+/* True when s's next token is the plain argmax of its logits: greedy, no
+ * penalties, no log-probabilities asked. The backend may then choose it
+ * where the logits are (ops->argmax) and the logits need not move. */
+static bool plain_greedy(const tdm_seq_t *s)
+{
+    const tdm_sampling_params_t *p = &s->sampling;
+    return !(p->temperature > 0.0f) && p->repetition_penalty == 1.0f &&
+           p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f && !s->logprobs &&
+           s->top_logprobs == 0;
+}
+
+/* Samples the next token of s from its logits row (or takes the backend's
+ * greedy choice when chosen >= 0) and delivers it. Returns true when the
+ * request is finished. */
+static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s, int32_t chosen)
 {
     const tdm_model_hparams_t *hp = &e->model->hp;
-    float *logits = e->h_logits + (size_t)s->logit_row * (size_t)hp->n_vocab;
     float lp = 0.0f;
+    int32_t tok = chosen;
     s->n_top = 0;
-    if (s->top_logprobs > 0)
-        s->n_top = top_logprobs(logits, hp->n_vocab, s->top_logprobs, s->top);
-    int32_t n_in = s->n_prompt - s->n_prior; /* prior output counts as output */
-    int32_t tok = tdm_sampler_sample(e->sampler, &s->sampling, &s->rng, logits, s->tokens,
-                                     (size_t)n_in, s->tokens + n_in, (size_t)(s->n_tokens - n_in),
-                                     s->logprobs ? &lp : NULL);
+    if (tok < 0) {
+        float *logits = e->h_logits + (size_t)s->logit_row * (size_t)hp->n_vocab;
+        if (s->top_logprobs > 0)
+            s->n_top = top_logprobs(logits, hp->n_vocab, s->top_logprobs, s->top);
+        int32_t n_in = s->n_prompt - s->n_prior; /* prior output counts as output */
+        tok = tdm_sampler_sample(e->sampler, &s->sampling, &s->rng, logits, s->tokens, (size_t)n_in,
+                                 s->tokens + n_in, (size_t)(s->n_tokens - n_in),
+                                 s->logprobs ? &lp : NULL);
+    }
     s->tokens[s->n_tokens++] = tok;
     e->stats.generation_tokens++;
     int32_t n_out = s->n_tokens - s->n_prompt;
@@ -1029,7 +1046,14 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
 
     tdm_status_t st = TDM_OK;
     if (n_rows > 0) {
-        st = tdm_engine_forward(e, n_rows, n_tables, n_logits);
+        /* A device backend picks greedy tokens where the logits are, when no
+         * request of the step needs them on the host. */
+        bool on_device = e->be->ops->argmax != NULL && n_logits > 0;
+        for (int32_t i = 0; i < n_batch && on_device; i++)
+            on_device = batch[i]->logit_row < 0 || plain_greedy(batch[i]);
+        st = tdm_engine_forward(e, n_rows, n_tables, n_logits, !on_device);
+        if (st == TDM_OK && on_device)
+            e->be->ops->argmax(e->be, e->logits, n_logits, e->model->hp.n_vocab, e->h_argmax);
         if (st == TDM_OK) {
             e->stats.steps++;
             for (int32_t i = 0; i < n_batch; i++) {
@@ -1038,7 +1062,8 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
                 if (s->kv_export != NULL && s->n_computed >= s->n_prompt)
                     export_prompt(e, s);
                 register_blocks(e, s);
-                if (s->logit_row >= 0 && sample_and_deliver(e, s))
+                if (s->logit_row >= 0 &&
+                    sample_and_deliver(e, s, on_device ? e->h_argmax[s->logit_row] : -1))
                     retire(e, s, true);
             }
         }
@@ -1169,7 +1194,7 @@ static tdm_status_t eval_range(tdm_engine_t *e, const int32_t *tokens, size_t fr
             e->h_table[i] = 0;
             e->h_logit_idx[i] = i;
         }
-        st = tdm_engine_forward(e, chunk, 1, chunk);
+        st = tdm_engine_forward(e, chunk, 1, chunk, true);
         memcpy(logits + done * (size_t)V, e->h_logits, (size_t)chunk * (size_t)V * sizeof(float));
         done += (size_t)chunk;
     }

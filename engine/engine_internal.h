@@ -79,6 +79,7 @@ struct tdm_engine {
     uint16_t **cache_k, **cache_v;
     uint16_t **kv_rows; /* (2 * n_layer) K then V row pointers handed to a kv fn */
     uint16_t *kv_stage; /* device backends: one block of every layer in host memory */
+    int32_t *h_argmax;  /* (max_logits) greedy tokens chosen by the backend (ops->argmax) */
 
     /* scheduler (stepping thread only) */
     tdm_seq_t *waiting, *running; /* singly linked, arrival order */
@@ -107,8 +108,9 @@ struct tdm_engine {
 };
 
 /* engine/forward.c: one forward over the rows described by the h_ arrays.
- * Logits of the rows listed in h_logit_idx[0..n_logits) land in h_logits. */
-tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables,
-                                int32_t n_logits);
+ * Logits of the rows listed in h_logit_idx[0..n_logits) land in e->logits
+ * (backend buffer) and, with to_host, in h_logits. */
+tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits,
+                                bool to_host);
 
 #endif

@@ -25,7 +25,8 @@ static void prepare(tdm_engine_t *e, uint32_t wtype, const float *x, int64_t n, 
     *prepared = wtype;
 }
 
-tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits)
+tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits,
+                                bool to_host)
 {
     tdm_backend_t *be = e->be;
     const tdm_backend_ops_t *ops = be->ops;
@@ -95,8 +96,9 @@ tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_table
         ops->rmsnorm(be, e->hid, m->output_norm, n_logits, d, hp->norm_eps, e->hid);
         prepare(e, m->output_type, e->hid, n_logits, d, &prepared);
         ops->matmul(be, m->output, e->act, n_logits, e->logits, hp->n_vocab);
-        ops->copy_from(be, e->h_logits, e->logits,
-                       (size_t)n_logits * (size_t)hp->n_vocab * sizeof(float));
+        if (to_host)
+            ops->copy_from(be, e->h_logits, e->logits,
+                           (size_t)n_logits * (size_t)hp->n_vocab * sizeof(float));
     }
     ops->sync(be);
     return TDM_OK;

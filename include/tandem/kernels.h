@@ -107,6 +107,13 @@ typedef struct tdm_backend_ops {
     void (*attention)(tdm_backend_t *be, const tdm_attn_params_t *p, const float *q,
                       const uint16_t *cache_k, const uint16_t *cache_v, float *out);
 
+    /* Optional (NULL: the engine copies the logits to the host and samples
+     * there). out_host[t] = the first index of the largest of logits row t
+     * ([n][vocab]); NaN never wins; a row without a finite maximum gives 0.
+     * The greedy choice, without moving the logits. Waits for the result. */
+    void (*argmax)(tdm_backend_t *be, const float *logits, int64_t n, int64_t vocab,
+                   int32_t *out_host);
+
     /* Buffers live in device memory: the host reaches them only through
      * copy_to / copy_from (the engine stages KV blocks it hands out). */
     int device_memory;

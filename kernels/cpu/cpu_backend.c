@@ -536,6 +536,25 @@ static void cpu_gather_rows(tdm_backend_t *be, const float *src, const int32_t *
         memmove(dst + t * d, src + (int64_t)idx[t] * d, (size_t)d * sizeof(float));
 }
 
+/* The greedy choice of each row: the first maximum, as the sampler's. The
+ * CPU backend has it too so the engine's device-side greedy path is
+ * exercised (and held to the sampler's answer) on every machine. */
+static void cpu_argmax(tdm_backend_t *be, const float *logits, int64_t n, int64_t vocab,
+                       int32_t *out)
+{
+    for (int64_t t = 0; t < n; t++) {
+        const float *x = logits + t * vocab;
+        float best = -INFINITY;
+        int32_t at = 0;
+        for (int64_t j = 0; j < vocab; j++)
+            if (x[j] > best) { /* NaN never wins */
+                best = x[j];
+                at = (int32_t)j;
+            }
+        out[t] = at;
+    }
+}
+
 /* ---- KV cache ---- */
 
 typedef struct kvw_task {
@@ -771,6 +790,7 @@ tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backen
         .gather_rows = cpu_gather_rows,
         .kv_write = cpu_kv_write,
         .attention = cpu_attention,
+        .argmax = cpu_argmax,
     };
     cb->base.ops = &cb->ops;
     tdm_log_info("kernels", "cpu backend: %s kernels%s, %d threads", tdm_cpu_isa_name(isa),
