@@ -148,6 +148,9 @@ static void free_buffers(tdm_engine_t *e)
     free(e->h_tables);
     free(e->h_logits);
     free(e->h_argmax);
+    for (int i = 0; i < TDM_ENGINE_GRAPH_BUCKETS; i++)
+        if (e->graphs[i] != NULL)
+            be->ops->graph_free(be, e->graphs[i]);
 }
 
 tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,
@@ -245,6 +248,15 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     st = tdm_kv_pool_init(&e->pool, (int32_t)nb);
     if (st != TDM_OK)
         goto err_buffers;
+    {
+        const char *pad = getenv("TANDEM_ENGINE_PAD"), *graphs = getenv("TANDEM_GRAPHS");
+        e->use_graphs =
+            e->be->ops->graph_capture != NULL && !(graphs != NULL && strcmp(graphs, "0") == 0);
+        e->pad_decode = e->use_graphs || (pad != NULL && strcmp(pad, "1") == 0);
+        /* padding rows of decode buckets write into one block past the
+         * pool's: the cache has it, the pool never hands it out */
+        e->pad_block = (int32_t)nb;
+    }
     e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
     e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
     e->kv_rows = calloc(2 * (size_t)hp->n_layer, sizeof(*e->kv_rows));
@@ -256,7 +268,8 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
         st = TDM_ERR_NOMEM;
         goto err_cache;
     }
-    size_t layer_bytes = (size_t)nb * (size_t)e->cfg.block_size * (size_t)e->kv_dim * 2;
+    size_t layer_bytes =
+        (size_t)(nb + (e->pad_decode ? 1 : 0)) * (size_t)e->cfg.block_size * (size_t)e->kv_dim * 2;
     for (int32_t il = 0; il < hp->n_layer; il++) {
         e->cache_k[il] = be_alloc(e, layer_bytes, &st);
         e->cache_v[il] = be_alloc(e, layer_bytes, &st);
@@ -284,7 +297,7 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     pthread_cond_init(&e->wake, NULL);
     e->next_id = 1;
     e->stats.num_blocks = (int32_t)nb;
-    e->stats.num_free_blocks = (int32_t)nb;
+    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
     tdm_log_info(MOD,
                  "engine ready: %s on %s, KV cache %d blocks x %d tokens (%.1f MB, f16), "
                  "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",

@@ -59,6 +59,8 @@ typedef struct tdm_seq {
     int32_t logit_row;
 } tdm_seq_t;
 
+#define TDM_ENGINE_GRAPH_BUCKETS 9 /* decode buckets of 1, 2, 4, ..., 256 rows */
+
 typedef struct tdm_op {
     struct tdm_op *next;
     tdm_seq_t *seq; /* add */
@@ -80,6 +82,12 @@ struct tdm_engine {
     uint16_t **kv_rows; /* (2 * n_layer) K then V row pointers handed to a kv fn */
     uint16_t *kv_stage; /* device backends: one block of every layer in host memory */
     int32_t *h_argmax;  /* (max_logits) greedy tokens chosen by the backend (ops->argmax) */
+    /* decode steps padded to power-of-two buckets, replayed as graphs
+     * (forward.c) */
+    bool pad_decode, use_graphs;
+    int32_t pad_block; /* the KV block padding rows write into */
+    void *graphs[TDM_ENGINE_GRAPH_BUCKETS];
+    uint8_t graph_state[TDM_ENGINE_GRAPH_BUCKETS]; /* 0 new, 1 warmed, 2 captured, 3 failed */
 
     /* scheduler (stepping thread only) */
     tdm_seq_t *waiting, *running; /* singly linked, arrival order */

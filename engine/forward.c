@@ -9,7 +9,17 @@
  *   xn = rmsnorm(x) * ffn_norm
  *   x += (silu(xn Wgate^T) * (xn Wup^T)) Wdown^T
  * then the rows that need logits are gathered, normed, and multiplied by the
- * output matrix. Nothing is allocated here. */
+ * output matrix. Nothing is allocated here.
+ *
+ * Decode steps (one row per sequence, every row wants logits) are padded to
+ * a power-of-two bucket of rows when the backend can replay graphs: the
+ * padding rows read and write a KV block reserved for them, and since every
+ * op is batch invariant they change no real row's result. The first step of
+ * a bucket runs as usual (scratch buffers reach their size), the second is
+ * captured into a graph (ops->graph_capture), later ones replay it: one
+ * launch per step instead of hundreds. TANDEM_ENGINE_PAD=1 pads without
+ * graphs (tests hold the padding to the same answers on the CPU);
+ * TANDEM_GRAPHS=0 turns graphs off. */
 #include <math.h>
 
 #include "engine_internal.h"
@@ -25,38 +35,27 @@ static void prepare(tdm_engine_t *e, uint32_t wtype, const float *x, int64_t n, 
     *prepared = wtype;
 }
 
-tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits,
-                                bool to_host)
+/* What one forward computes, from the inputs already uploaded: the part a
+ * graph captures. */
+typedef struct fwd_args {
+    tdm_engine_t *e;
+    int64_t n;
+    int32_t n_logits;
+    tdm_attn_params_t ap;
+} fwd_args_t;
+
+static void forward_compute(void *arg)
 {
+    const fwd_args_t *a = arg;
+    tdm_engine_t *e = a->e;
     tdm_backend_t *be = e->be;
     const tdm_backend_ops_t *ops = be->ops;
     const tdm_model_t *m = e->model;
     const tdm_model_hparams_t *hp = &m->hp;
-    const int64_t n = n_rows, d = hp->n_embd, qd = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t n = a->n, d = hp->n_embd, qd = (int64_t)hp->n_head * hp->head_dim;
     const int64_t kvd = e->kv_dim, ff = hp->n_ff;
     const uint32_t none = 0xffffffffu;
-
-    ops->copy_to(be, e->d_tokens, e->h_tokens, (size_t)n * sizeof(int32_t));
-    ops->copy_to(be, e->d_pos, e->h_pos, (size_t)n * sizeof(int32_t));
-    ops->copy_to(be, e->d_slot, e->h_slot, (size_t)n * sizeof(int32_t));
-    ops->copy_to(be, e->d_ctx, e->h_ctx, (size_t)n * sizeof(int32_t));
-    ops->copy_to(be, e->d_table, e->h_table, (size_t)n * sizeof(int32_t));
-    ops->copy_to(be, e->d_tables, e->h_tables,
-                 (size_t)n_tables * (size_t)e->max_blocks * sizeof(int32_t));
-    ops->copy_to(be, e->d_logit_idx, e->h_logit_idx, (size_t)n_logits * sizeof(int32_t));
-
-    tdm_attn_params_t ap = {
-        .n = n,
-        .n_heads = hp->n_head,
-        .n_kv_heads = hp->n_head_kv,
-        .head_dim = hp->head_dim,
-        .block_size = e->cfg.block_size,
-        .scale = 1.0f / sqrtf((float)hp->head_dim),
-        .ctx_len = e->d_ctx,
-        .block_tables = e->d_tables,
-        .table_of_row = e->d_table,
-        .bt_stride = e->max_blocks,
-    };
+    const tdm_attn_params_t *ap = &a->ap;
 
     ops->embed(be, m->tok_embd, e->d_tokens, n, e->x);
     for (int32_t il = 0; il < hp->n_layer; il++) {
@@ -72,7 +71,7 @@ tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_table
         ops->rope(be, e->q, e->d_pos, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_theta);
         ops->rope(be, e->k, e->d_pos, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_theta);
         ops->kv_write(be, e->k, e->v, e->d_slot, n, kvd, e->cache_k[il], e->cache_v[il]);
-        ops->attention(be, &ap, e->q, e->cache_k[il], e->cache_v[il], e->att);
+        ops->attention(be, ap, e->q, e->cache_k[il], e->cache_v[il], e->att);
         prepared = none;
         prepare(e, L->o_type, e->att, n, qd, &prepared);
         ops->matmul(be, L->wo, e->act, n, e->tmp, d);
@@ -90,16 +89,103 @@ tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_table
         ops->matmul(be, L->w_down, e->act, n, e->tmp, d);
         ops->add(be, e->x, e->tmp, n * d);
     }
-    if (n_logits > 0) {
+    if (a->n_logits > 0) {
         uint32_t prepared = none;
-        ops->gather_rows(be, e->x, e->d_logit_idx, n_logits, d, e->hid);
-        ops->rmsnorm(be, e->hid, m->output_norm, n_logits, d, hp->norm_eps, e->hid);
-        prepare(e, m->output_type, e->hid, n_logits, d, &prepared);
-        ops->matmul(be, m->output, e->act, n_logits, e->logits, hp->n_vocab);
-        if (to_host)
-            ops->copy_from(be, e->h_logits, e->logits,
-                           (size_t)n_logits * (size_t)hp->n_vocab * sizeof(float));
+        ops->gather_rows(be, e->x, e->d_logit_idx, a->n_logits, d, e->hid);
+        ops->rmsnorm(be, e->hid, m->output_norm, a->n_logits, d, hp->norm_eps, e->hid);
+        prepare(e, m->output_type, e->hid, a->n_logits, d, &prepared);
+        ops->matmul(be, m->output, e->act, a->n_logits, e->logits, hp->n_vocab);
     }
+}
+
+/* The bucket a decode step of n rows is padded to (0: not a decode step,
+ * or no room for the bucket): one table and one logits row per row. */
+static int32_t decode_bucket(const tdm_engine_t *e, int32_t n_rows, int32_t n_tables,
+                             int32_t n_logits)
+{
+    if (!e->pad_decode || n_rows != n_tables || n_rows != n_logits || n_rows <= 0)
+        return 0;
+    for (int32_t i = 0; i < n_rows; i++)
+        if (e->h_table[i] != i || e->h_logit_idx[i] != i)
+            return 0;
+    int32_t b = 1, slot = 0;
+    while (b < n_rows) {
+        b <<= 1;
+        slot++;
+    }
+    if (b > e->cfg.max_num_seqs || b > e->max_rows || b > e->max_logits ||
+        slot >= TDM_ENGINE_GRAPH_BUCKETS)
+        return 0;
+    return b;
+}
+
+tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits,
+                                bool to_host)
+{
+    tdm_backend_t *be = e->be;
+    const tdm_backend_ops_t *ops = be->ops;
+    const tdm_model_hparams_t *hp = &e->model->hp;
+
+    int32_t bucket = decode_bucket(e, n_rows, n_tables, n_logits);
+    if (bucket > n_rows) {
+        int32_t bs = e->cfg.block_size;
+        for (int32_t r = n_rows; r < bucket; r++) {
+            e->h_tokens[r] = 0;
+            e->h_pos[r] = 0;
+            e->h_slot[r] = e->pad_block * bs;
+            e->h_ctx[r] = 1;
+            e->h_table[r] = r;
+            e->h_logit_idx[r] = r;
+            e->h_tables[(size_t)r * (size_t)e->max_blocks] = e->pad_block;
+        }
+        n_rows = n_tables = n_logits = bucket;
+    }
+    const int64_t n = n_rows;
+    ops->copy_to(be, e->d_tokens, e->h_tokens, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_pos, e->h_pos, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_slot, e->h_slot, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_ctx, e->h_ctx, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_table, e->h_table, (size_t)n * sizeof(int32_t));
+    ops->copy_to(be, e->d_tables, e->h_tables,
+                 (size_t)n_tables * (size_t)e->max_blocks * sizeof(int32_t));
+    ops->copy_to(be, e->d_logit_idx, e->h_logit_idx, (size_t)n_logits * sizeof(int32_t));
+
+    fwd_args_t args = {
+        .e = e,
+        .n = n,
+        .n_logits = n_logits,
+        .ap =
+            {
+                .n = n,
+                .n_heads = hp->n_head,
+                .n_kv_heads = hp->n_head_kv,
+                .head_dim = hp->head_dim,
+                .block_size = e->cfg.block_size,
+                .scale = 1.0f / sqrtf((float)hp->head_dim),
+                .ctx_len = e->d_ctx,
+                .block_tables = e->d_tables,
+                .table_of_row = e->d_table,
+                .bt_stride = e->max_blocks,
+            },
+    };
+    int slot = -1;
+    if (bucket > 0 && e->use_graphs)
+        for (slot = 0; (1 << slot) < bucket; slot++) {
+        }
+    if (slot >= 0 && e->graphs[slot] == NULL && e->graph_state[slot] == 1) {
+        e->graphs[slot] = ops->graph_capture(be, forward_compute, &args);
+        e->graph_state[slot] = e->graphs[slot] != NULL ? 2 : 3; /* 3: capture failed, never again */
+    }
+    if (slot >= 0 && e->graphs[slot] != NULL) {
+        ops->graph_launch(be, e->graphs[slot]);
+    } else {
+        forward_compute(&args);
+        if (slot >= 0 && e->graph_state[slot] == 0)
+            e->graph_state[slot] = 1; /* warmed up: capture next time */
+    }
+    if (n_logits > 0 && to_host)
+        ops->copy_from(be, e->h_logits, e->logits,
+                       (size_t)n_logits * (size_t)hp->n_vocab * sizeof(float));
     ops->sync(be);
     return TDM_OK;
 }

@@ -114,6 +114,14 @@ typedef struct tdm_backend_ops {
     void (*argmax)(tdm_backend_t *be, const float *logits, int64_t n, int64_t vocab,
                    int32_t *out_host);
 
+    /* Optional (NULL: no graphs). graph_capture runs fn(arg), which queues
+     * ops, and records them into a graph instead of running them; NULL when
+     * that failed (logged once). graph_launch replays a graph with the
+     * buffers' current contents; graph_free frees it. */
+    void *(*graph_capture)(tdm_backend_t *be, void (*fn)(void *arg), void *arg);
+    void (*graph_launch)(tdm_backend_t *be, void *graph);
+    void (*graph_free)(tdm_backend_t *be, void *graph);
+
     /* Buffers live in device memory: the host reaches them only through
      * copy_to / copy_from (the engine stages KV blocks it hands out). */
     int device_memory;
