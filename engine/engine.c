@@ -260,9 +260,11 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
     e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
     e->kv_rows = calloc(2 * (size_t)hp->n_layer, sizeof(*e->kv_rows));
-    if (e->be->ops->device_memory)
-        e->kv_stage = malloc(2 * (size_t)hp->n_layer * (size_t)e->cfg.block_size *
-                             (size_t)e->kv_dim * sizeof(uint16_t));
+    if (e->be->ops->device_memory) {
+        size_t stage = 2 * (size_t)hp->n_layer * (size_t)e->cfg.block_size * (size_t)e->kv_dim *
+                       sizeof(uint16_t);
+        e->kv_stage = e->be->ops->host_alloc ? e->be->ops->host_alloc(e->be, stage) : malloc(stage);
+    }
     if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL ||
         (e->be->ops->device_memory && e->kv_stage == NULL)) {
         st = TDM_ERR_NOMEM;
@@ -317,7 +319,10 @@ err_cache:
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
-    free(e->kv_stage);
+    if (e->kv_stage != NULL && e->be->ops->host_free != NULL)
+        e->be->ops->host_free(e->be, e->kv_stage);
+    else
+        free(e->kv_stage);
     tdm_kv_pool_fini(&e->pool);
 err_buffers:
     free_buffers(e);
@@ -376,7 +381,10 @@ void tdm_engine_destroy(tdm_engine_t *e)
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
-    free(e->kv_stage);
+    if (e->kv_stage != NULL && e->be->ops->host_free != NULL)
+        e->be->ops->host_free(e->be, e->kv_stage);
+    else
+        free(e->kv_stage);
     free_buffers(e);
     tdm_sampler_destroy(e->sampler);
     tdm_kv_pool_fini(&e->pool);

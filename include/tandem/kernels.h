@@ -122,6 +122,11 @@ typedef struct tdm_backend_ops {
     void (*graph_launch)(tdm_backend_t *be, void *graph);
     void (*graph_free)(tdm_backend_t *be, void *graph);
 
+    /* Optional (NULL: malloc/free): host memory the backend copies to and
+     * from fastest (pinned), for staging KV blocks. */
+    void *(*host_alloc)(tdm_backend_t *be, size_t bytes);
+    void (*host_free)(tdm_backend_t *be, void *p);
+
     /* Buffers live in device memory: the host reaches them only through
      * copy_to / copy_from (the engine stages KV blocks it hands out). */
     int device_memory;
