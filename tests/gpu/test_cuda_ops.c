@@ -1,0 +1,467 @@
+/* CUDA backend against the CPU backend, op by op (tests/gpu/run.sh runs it
+ * on a GPU machine; elsewhere it skips with 77).
+ *
+ * Every op of the table runs on both backends on fresh random inputs (the
+ * seed is printed; TANDEM_TEST_SEED repeats a run). Device outputs are
+ * poisoned (all bytes 0xff: NaN) before each run, so an element the kernel
+ * did not write fails the finiteness check. Results are compared by the
+ * normalized error ||cuda - cpu|| / ||cpu|| in double, against a threshold
+ * per op and weight type: f16 activations and tensor cores on the GPU
+ * against int16 activations and f32 FMA on the CPU differ by rounding,
+ * never by more. Batch invariance within CUDA: a row's result computed
+ * alone equals, bit for bit, the same row inside a batch (matmul,
+ * attention). */
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../unit/test_util.h"
+#include "tandem/dtype.h"
+#include "tandem/kernels.h"
+
+static tdm_backend_t *cpu, *gpu;
+static uint64_t rng;
+
+static uint64_t next_u64(void)
+{
+    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float uniform(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)((double)(next_u64() >> 11) / 9007199254740992.0);
+}
+
+static float *rand_f32(size_t n, float lo, float hi)
+{
+    float *x = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        x[i] = uniform(lo, hi);
+    return x;
+}
+
+/* ---- device helpers: the same calls work on both backends ---- */
+
+static void *put(tdm_backend_t *be, const void *host, size_t bytes)
+{
+    void *p = be->ops->buf_alloc(be, bytes);
+    if (p == NULL) {
+        fprintf(stderr, "FATAL: %s cannot allocate %zu bytes\n", be->ops->name, bytes);
+        exit(1);
+    }
+    be->ops->copy_to(be, p, host, bytes);
+    return p;
+}
+
+static void *poisoned(tdm_backend_t *be, size_t bytes)
+{
+    void *h = malloc(bytes);
+    memset(h, 0xff, bytes);
+    void *p = put(be, h, bytes);
+    free(h);
+    return p;
+}
+
+static void *get(tdm_backend_t *be, const void *dev, size_t bytes)
+{
+    void *h = malloc(bytes);
+    be->ops->copy_from(be, h, dev, bytes);
+    return h;
+}
+
+/* ||a - b|| / ||b|| over n floats; -1 when a has a non-finite value. */
+static double rel_err(const float *a, const float *b, size_t n, size_t *bad)
+{
+    double num = 0, den = 0;
+    *bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(a[i])) {
+            (*bad)++;
+            continue;
+        }
+        double d = (double)a[i] - (double)b[i];
+        num += d * d;
+        den += (double)b[i] * (double)b[i];
+    }
+    if (*bad)
+        return -1;
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int n_ops;
+static char table[256][160];
+
+static void report(const char *what, double err, double limit, size_t bad)
+{
+    CHECK(bad == 0 && err <= limit, "%s: rel err %.3g (limit %.1g), %zu unwritten/non-finite", what,
+          err, limit, bad);
+    if (n_ops < 256)
+        snprintf(table[n_ops++], sizeof(table[0]), "%-58s %10.3g %8.1g %s", what, err, limit,
+                 bad == 0 && err <= limit ? "ok" : "FAIL");
+}
+
+/* ---- matmul and embedding ---- */
+
+static void test_matmul(uint32_t wtype, int64_t rows, int64_t k, int64_t n, double limit)
+{
+    float *wf = rand_f32((size_t)rows * (size_t)k, -1.0f, 1.0f);
+    size_t rb = tdm_dtype_row_bytes(wtype, (uint64_t)k);
+    void *wq = malloc(rb * (size_t)rows);
+    for (int64_t r = 0; r < rows; r++)
+        tdm_dtype_from_f32(wtype, wf + r * k, (char *)wq + (size_t)r * rb, (uint64_t)k);
+    float *x = rand_f32((size_t)n * (size_t)k, -2.0f, 2.0f);
+    for (int64_t i = 0; i < n * k; i += 97)
+        x[i] *= 20.0f; /* a few outliers, as real activations have */
+    tdm_backend_t *bes[2] = {cpu, gpu};
+    float *y[2];
+    tdm_bweight_t *w[2];
+    for (int b = 0; b < 2; b++) {
+        tdm_backend_t *be = bes[b];
+        CHECK(be->ops->weight_load(be, wq, wtype, rows, k, &w[b]) == TDM_OK, "weight_load %s",
+              be->ops->name);
+        float *dx = put(be, x, (size_t)n * (size_t)k * sizeof(float));
+        void *act = be->ops->buf_alloc(be, be->ops->act_size(wtype, n, k));
+        float *dy = poisoned(be, (size_t)n * (size_t)rows * sizeof(float));
+        be->ops->act_prepare(be, wtype, dx, n, k, act);
+        be->ops->matmul(be, w[b], act, n, dy, rows);
+        be->ops->sync(be);
+        y[b] = get(be, dy, (size_t)n * (size_t)rows * sizeof(float));
+        if (b == 1 && n > 1) {
+            /* batch invariance: row n-1 alone gives the same bits */
+            float *dx1 = put(be, x + (n - 1) * k, (size_t)k * sizeof(float));
+            void *act1 = be->ops->buf_alloc(be, be->ops->act_size(wtype, 1, k));
+            float *dy1 = poisoned(be, (size_t)rows * sizeof(float));
+            be->ops->act_prepare(be, wtype, dx1, 1, k, act1);
+            be->ops->matmul(be, w[b], act1, 1, dy1, rows);
+            float *y1 = get(be, dy1, (size_t)rows * sizeof(float));
+            CHECK(memcmp(y1, y[1] + (n - 1) * rows, (size_t)rows * sizeof(float)) == 0,
+                  "matmul %s %lldx%lld: row %lld alone differs from the same row in a batch of "
+                  "%lld (batch invariance)",
+                  tdm_dtype_name(wtype), (long long)rows, (long long)k, (long long)(n - 1),
+                  (long long)n);
+            free(y1);
+            be->ops->buf_free(be, dx1);
+            be->ops->buf_free(be, act1);
+            be->ops->buf_free(be, dy1);
+        }
+        be->ops->buf_free(be, dx);
+        be->ops->buf_free(be, act);
+        be->ops->buf_free(be, dy);
+    }
+    size_t bad;
+    double err = rel_err(y[1], y[0], (size_t)n * (size_t)rows, &bad);
+    char what[96];
+    snprintf(what, sizeof(what), "matmul %s %lldx%lld n=%lld", tdm_dtype_name(wtype),
+             (long long)rows, (long long)k, (long long)n);
+    report(what, err, limit, bad);
+    /* embedding: rows of the same weight */
+    if (n <= 64) {
+        int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+        for (int64_t t = 0; t < n; t++)
+            ids[t] = (int32_t)(next_u64() % (uint64_t)rows);
+        float *e[2];
+        for (int b = 0; b < 2; b++) {
+            tdm_backend_t *be = bes[b];
+            int32_t *dids = put(be, ids, (size_t)n * sizeof(int32_t));
+            float *de = poisoned(be, (size_t)n * (size_t)k * sizeof(float));
+            be->ops->embed(be, w[b], dids, n, de);
+            e[b] = get(be, de, (size_t)n * (size_t)k * sizeof(float));
+            be->ops->buf_free(be, dids);
+            be->ops->buf_free(be, de);
+        }
+        err = rel_err(e[1], e[0], (size_t)n * (size_t)k, &bad);
+        snprintf(what, sizeof(what), "embed %s k=%lld n=%lld", tdm_dtype_name(wtype), (long long)k,
+                 (long long)n);
+        report(what, err, 1e-6, bad);
+        free(e[0]);
+        free(e[1]);
+        free(ids);
+    }
+    for (int b = 0; b < 2; b++) {
+        bes[b]->ops->weight_free(bes[b], w[b]);
+        free(y[b]);
+    }
+    free(wf);
+    free(wq);
+    free(x);
+}
+
+/* ---- row ops ---- */
+
+typedef enum { ROW_RMSNORM, ROW_ROPE, ROW_SWIGLU, ROW_ADD, ROW_GATHER } row_op_t;
+
+static void test_row_op(row_op_t op, int64_t n, int64_t d, double limit)
+{
+    static const char *const names[] = {"rmsnorm", "rope", "swiglu", "add", "gather_rows"};
+    float *x = rand_f32((size_t)n * (size_t)d, -3.0f, 3.0f);
+    float *y = rand_f32((size_t)n * (size_t)d, -3.0f, 3.0f);
+    float *wn = rand_f32((size_t)d, 0.5f, 1.5f);
+    int32_t *pos = malloc((size_t)n * sizeof(int32_t));
+    for (int64_t t = 0; t < n; t++)
+        pos[t] = (int32_t)(next_u64() % 8192);
+    int32_t head_dim = 64, n_heads = (int32_t)(d / head_dim);
+    tdm_backend_t *bes[2] = {cpu, gpu};
+    float *out[2];
+    size_t bytes = (size_t)n * (size_t)d * sizeof(float);
+    for (int b = 0; b < 2; b++) {
+        tdm_backend_t *be = bes[b];
+        float *dx = put(be, x, bytes), *dy = put(be, y, bytes), *dw = put(be, wn, (size_t)d * 4);
+        int32_t *dp = put(be, pos, (size_t)n * sizeof(int32_t));
+        float *dout = poisoned(be, bytes);
+        switch (op) {
+        case ROW_RMSNORM: be->ops->rmsnorm(be, dx, dw, n, d, 1e-5f, dout); break;
+        case ROW_ROPE:
+            be->ops->rope(be, dx, dp, n, n_heads, head_dim, head_dim, 500000.0f);
+            be->ops->buf_free(be, dout);
+            dout = dx;
+            dx = NULL;
+            break;
+        case ROW_SWIGLU: be->ops->swiglu(be, dx, dy, n, d, dout); break;
+        case ROW_ADD:
+            be->ops->add(be, dx, dy, n * d);
+            be->ops->buf_free(be, dout);
+            dout = dx;
+            dx = NULL;
+            break;
+        case ROW_GATHER: {
+            int32_t *idx = malloc((size_t)n * sizeof(int32_t));
+            for (int64_t t = 0; t < n; t++)
+                idx[t] = (int32_t)((t * 7 + 3) % n);
+            int32_t *di = put(be, idx, (size_t)n * sizeof(int32_t));
+            be->ops->gather_rows(be, dx, di, n, d, dout);
+            be->ops->sync(be);
+            be->ops->buf_free(be, di);
+            free(idx);
+            break;
+        }
+        }
+        be->ops->sync(be);
+        out[b] = get(be, dout, bytes);
+        if (dx != NULL)
+            be->ops->buf_free(be, dx);
+        be->ops->buf_free(be, dy);
+        be->ops->buf_free(be, dw);
+        be->ops->buf_free(be, dp);
+        be->ops->buf_free(be, dout);
+    }
+    size_t bad;
+    double err = rel_err(out[1], out[0], (size_t)n * (size_t)d, &bad);
+    char what[96];
+    snprintf(what, sizeof(what), "%s n=%lld d=%lld", names[op], (long long)n, (long long)d);
+    report(what, err, limit, bad);
+    free(out[0]);
+    free(out[1]);
+    free(x);
+    free(y);
+    free(wn);
+    free(pos);
+}
+
+/* ---- paged KV: kv_write and attention ---- */
+
+typedef struct attn_case {
+    const char *name;
+    int32_t n_heads, n_kv_heads, head_dim;
+    int32_t n_seqs;  /* decode: one row per sequence */
+    int32_t prefill; /* > 0: one sequence of this many rows after ... */
+    int32_t past;    /* ... this many positions already in the cache */
+    int32_t max_ctx; /* decode contexts are random in [1, max_ctx] */
+} attn_case_t;
+
+static void test_attention(const attn_case_t *c)
+{
+    const int32_t bs = 16;
+    int32_t n_rows = c->prefill > 0 ? c->prefill : c->n_seqs;
+    int32_t n_tables = c->prefill > 0 ? 1 : c->n_seqs;
+    int32_t *ctx = malloc((size_t)n_rows * sizeof(int32_t));
+    int32_t *tor = malloc((size_t)n_rows * sizeof(int32_t));
+    int32_t longest = 0;
+    for (int32_t t = 0; t < n_rows; t++) {
+        if (c->prefill > 0) {
+            ctx[t] = c->past + t + 1;
+            tor[t] = 0;
+        } else {
+            ctx[t] = 1 + (int32_t)(next_u64() % (uint64_t)c->max_ctx);
+            tor[t] = t;
+        }
+        longest = ctx[t] > longest ? ctx[t] : longest;
+    }
+    int32_t stride = (longest + bs - 1) / bs;
+    int32_t n_blocks = stride * n_tables + 3;
+    /* every table gets distinct blocks in shuffled order */
+    int32_t *perm = malloc((size_t)n_blocks * sizeof(int32_t));
+    for (int32_t i = 0; i < n_blocks; i++)
+        perm[i] = i;
+    for (int32_t i = n_blocks - 1; i > 0; i--) {
+        int32_t j = (int32_t)(next_u64() % (uint64_t)(i + 1)), tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    int32_t *tables = malloc((size_t)n_tables * (size_t)stride * sizeof(int32_t));
+    for (int32_t i = 0; i < n_tables * stride; i++)
+        tables[i] = perm[i];
+    int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim, qd = (int64_t)c->n_heads * c->head_dim;
+    size_t cache_elems = (size_t)n_blocks * bs * (size_t)kvd;
+    uint16_t *ck = malloc(cache_elems * 2), *cv = malloc(cache_elems * 2);
+    for (size_t i = 0; i < cache_elems; i++) {
+        ck[i] = tdm_f32_to_f16(uniform(-2, 2));
+        cv[i] = tdm_f32_to_f16(uniform(-2, 2));
+    }
+    float *q = rand_f32((size_t)n_rows * (size_t)qd, -1.5f, 1.5f);
+    /* kv_write of the rows' own K/V (prefill: their slots; decode: the last position) */
+    float *kn = rand_f32((size_t)n_rows * (size_t)kvd, -2, 2);
+    float *vn = rand_f32((size_t)n_rows * (size_t)kvd, -2, 2);
+    int32_t *slot = malloc((size_t)n_rows * sizeof(int32_t));
+    for (int32_t t = 0; t < n_rows; t++) {
+        int32_t p = ctx[t] - 1;
+        slot[t] = tables[tor[t] * stride + p / bs] * bs + p % bs;
+    }
+    tdm_backend_t *bes[2] = {cpu, gpu};
+    float *out[2];
+    uint16_t *kout[2];
+    size_t obytes = (size_t)n_rows * (size_t)qd * sizeof(float);
+    for (int b = 0; b < 2; b++) {
+        tdm_backend_t *be = bes[b];
+        uint16_t *dk = put(be, ck, cache_elems * 2), *dv = put(be, cv, cache_elems * 2);
+        float *dkn = put(be, kn, (size_t)n_rows * (size_t)kvd * 4);
+        float *dvn = put(be, vn, (size_t)n_rows * (size_t)kvd * 4);
+        int32_t *ds = put(be, slot, (size_t)n_rows * 4);
+        int32_t *dctx = put(be, ctx, (size_t)n_rows * 4), *dtor = put(be, tor, (size_t)n_rows * 4);
+        int32_t *dtab = put(be, tables, (size_t)n_tables * (size_t)stride * 4);
+        float *dq = put(be, q, obytes);
+        float *dout = poisoned(be, obytes);
+        be->ops->kv_write(be, dkn, dvn, ds, n_rows, kvd, dk, dv);
+        tdm_attn_params_t p = {.n = n_rows,
+                               .n_heads = c->n_heads,
+                               .n_kv_heads = c->n_kv_heads,
+                               .head_dim = c->head_dim,
+                               .block_size = bs,
+                               .scale = 1.0f / sqrtf((float)c->head_dim),
+                               .ctx_len = dctx,
+                               .block_tables = dtab,
+                               .table_of_row = dtor,
+                               .bt_stride = stride};
+        be->ops->attention(be, &p, dq, dk, dv, dout);
+        be->ops->sync(be);
+        out[b] = get(be, dout, obytes);
+        kout[b] = get(be, dk, cache_elems * 2);
+        if (b == 1) {
+            /* batch invariance: the last row alone */
+            int32_t last = n_rows - 1;
+            float *dq1 = put(be, q + (size_t)last * (size_t)qd, (size_t)qd * 4);
+            int32_t *dctx1 = put(be, ctx + last, 4), *dtor1 = put(be, tor + last, 4);
+            float *dout1 = poisoned(be, (size_t)qd * 4);
+            tdm_attn_params_t p1 = p;
+            p1.n = 1;
+            p1.ctx_len = dctx1;
+            p1.table_of_row = dtor1;
+            be->ops->attention(be, &p1, dq1, dk, dv, dout1);
+            float *o1 = get(be, dout1, (size_t)qd * 4);
+            CHECK(memcmp(o1, out[1] + (size_t)last * (size_t)qd, (size_t)qd * 4) == 0,
+                  "attention %s: the last row alone differs from the same row among %d "
+                  "(batch invariance)",
+                  c->name, n_rows);
+            free(o1);
+            be->ops->buf_free(be, dq1);
+            be->ops->buf_free(be, dctx1);
+            be->ops->buf_free(be, dtor1);
+            be->ops->buf_free(be, dout1);
+        }
+        void *bufs[] = {dk, dv, dkn, dvn, ds, dctx, dtor, dtab, dq, dout};
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+            be->ops->buf_free(be, bufs[i]);
+    }
+    size_t bad;
+    double err = rel_err(out[1], out[0], (size_t)n_rows * (size_t)qd, &bad);
+    char what[96];
+    snprintf(what, sizeof(what), "attention %s", c->name);
+    report(what, err, 2e-3, bad);
+    CHECK(memcmp(kout[0], kout[1], cache_elems * 2) == 0, "kv_write %s: caches differ", c->name);
+    snprintf(what, sizeof(what), "kv_write %s (bits equal)", c->name);
+    report(what, memcmp(kout[0], kout[1], cache_elems * 2) == 0 ? 0 : 1, 0, 0);
+    free(out[0]);
+    free(out[1]);
+    free(kout[0]);
+    free(kout[1]);
+    free(ctx);
+    free(tor);
+    free(perm);
+    free(tables);
+    free(ck);
+    free(cv);
+    free(q);
+    free(kn);
+    free(vn);
+    free(slot);
+}
+
+int main(void)
+{
+    /* TANDEM_TEST_SCALAR_AS_GPU=1: the scalar CPU backend stands in for the
+     * GPU, to check this harness itself on a machine without one */
+    bool stand_in = getenv("TANDEM_TEST_SCALAR_AS_GPU") != NULL;
+    tdm_status_t st = stand_in ? tdm_backend_cpu_create(1, TDM_CPU_ISA_SCALAR, &gpu)
+                               : tdm_backend_cuda_create(0, &gpu);
+    if (st != TDM_OK) {
+        printf("SKIP: no CUDA backend here (%s)\n", tdm_status_str(st));
+        return 77;
+    }
+    if (tdm_backend_cpu_create(0, TDM_CPU_ISA_AUTO, &cpu) != TDM_OK) {
+        fprintf(stderr, "FATAL: no CPU backend\n");
+        return 1;
+    }
+    const char *env = getenv("TANDEM_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+    rng = seed;
+    printf("test_cuda_ops: seed %llu (TANDEM_TEST_SEED=%llu repeats this run)\n",
+           (unsigned long long)seed, (unsigned long long)seed);
+
+    static const uint32_t types[] = {TDM_DTYPE_F16, TDM_DTYPE_Q8_0, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,
+                                     TDM_DTYPE_F32};
+    static const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {4096, 4096}};
+    static const int64_t ns[] = {1, 3, 8, 17, 64, 300};
+    /* TANDEM_TEST_QUICK: the small shapes only (for compute-sanitizer, which
+     * runs kernels tens of times slower) */
+    bool quick = getenv("TANDEM_TEST_QUICK") != NULL;
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++)
+        for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+            for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
+                if (shapes[s][0] == 4096 && (ns[i] > 64 || quick))
+                    continue; /* the CPU reference would take long */
+                if (quick && ns[i] > 17)
+                    continue;
+                test_matmul(types[t], shapes[s][0], shapes[s][1], ns[i], 3e-3);
+            }
+    test_row_op(ROW_RMSNORM, 37, 4096, 1e-5);
+    test_row_op(ROW_RMSNORM, 5, 576, 1e-5);
+    test_row_op(ROW_ROPE, 37, 4096, 1e-4);
+    test_row_op(ROW_ROPE, 300, 576, 1e-4);
+    test_row_op(ROW_SWIGLU, 37, 14336, 1e-5);
+    test_row_op(ROW_ADD, 37, 4096, 1e-7);
+    test_row_op(ROW_GATHER, 37, 4096, 0);
+
+    static const attn_case_t cases[] = {
+        {"decode 9/3x64, 8 seqs up to 700", 9, 3, 64, 8, 0, 0, 700},
+        {"decode 32/8x128, 16 seqs up to 5000", 32, 8, 128, 16, 0, 0, 5000},
+        {"decode 32/8x128, 1 seq", 32, 8, 128, 1, 0, 0, 3000},
+        {"prefill 9/3x64, 300 rows after 37", 9, 3, 64, 0, 300, 37, 0},
+        {"prefill 32/8x128, 512 rows after 1500", 32, 8, 128, 0, 512, 1500, 0},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        if (!quick || i % 2 == 0)
+            test_attention(&cases[i]);
+
+    printf("\n%-58s %10s %8s\n", "op", "rel err", "limit");
+    for (int i = 0; i < n_ops; i++)
+        printf("%s\n", table[i]);
+    tdm_backend_destroy(cpu);
+    tdm_backend_destroy(gpu);
+    return t_finish();
+}
