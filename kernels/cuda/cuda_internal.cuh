@@ -1,0 +1,91 @@
+/* tandem CUDA backend: what the op files share (internal to kernels/cuda).
+ *
+ * The backend fills the same tdm_backend_ops_t table as the CPU backend
+ * (include/tandem/kernels.h). Every op is a host function with the table's
+ * exact signature, named cuda_<op>, declared in the op's own .cuh and
+ * defined in its .cu; cuda_backend.cu puts them in the table. An op only
+ * enqueues work on the backend's compute stream (cb->stream): no host
+ * synchronization, no allocation (use the scratch buffer), so a decode step
+ * can be captured into a CUDA graph. Pointers an op receives are device
+ * pointers from buf_alloc (or inside one), including the int32 index
+ * arrays of tdm_attn_params_t.
+ *
+ * Batch invariance (DESIGN.md; include/tandem/kernels.h): every output
+ * element is computed in an order that depends only on the op's per-row
+ * shapes (k, head_dim, the context length), never on n, on the other rows
+ * of the batch, on the grid size or on the device's SM count. A kernel may
+ * split a reduction (split-K, split over the KV length) only by a rule that
+ * reads those per-row shapes, and combines the parts in a fixed order.
+ * Tensor-core tiles are fine: an mma's result for one output depends only
+ * on its own row and column.
+ *
+ * Numerics: activations enter quantized matmuls as f16 (act_prepare), the
+ * weights are dequantized in registers, products accumulate in f32. KV
+ * cache is f16 like the CPU backend's.
+ *
+ * Errors: a failed launch or CUDA call is a dead context; tdm_cuda_check
+ * logs it once with file and line and aborts (the node's supervisor
+ * restarts it; requests fail over). */
+#ifndef TANDEM_CUDA_INTERNAL_CUH
+#define TANDEM_CUDA_INTERNAL_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tandem/dtype.h"
+#include "tandem/kernels.h"
+
+typedef struct tdm_cuda_backend {
+    tdm_backend_t base;
+    tdm_backend_ops_t ops;
+    int device;
+    int n_sm; /* multiprocessors */
+    int cc_major, cc_minor;
+    size_t smem_optin;   /* max dynamic shared memory per block (opt-in) */
+    cudaStream_t stream; /* every op runs here, in order */
+    cudaStream_t copy;   /* KV staging transfers (tdm_cuda_kv_* API) */
+    void *scratch;       /* device scratch for split partials (see tdm_cuda_scratch) */
+    size_t scratch_bytes;
+    bool capturing; /* a graph capture is open: scratch cannot grow */
+} tdm_cuda_backend_t;
+
+/* A weight on the device: the GGUF rows as they are ([rows][k] of wtype,
+ * blocks of 32 for quantized types), 256-byte aligned. */
+struct tdm_bweight {
+    uint32_t wtype;
+    int64_t rows, k;
+    size_t row_bytes;
+    void *data;
+};
+
+static inline tdm_cuda_backend_t *tdm_cuda_of(tdm_backend_t *be)
+{
+    return (tdm_cuda_backend_t *)be;
+}
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* Logs "CUDA error at FILE:LINE: what" and aborts when err != cudaSuccess. */
+void tdm_cuda_check_at(cudaError_t err, const char *what, const char *file, int line);
+/* Device scratch of at least bytes, valid until the next call on this
+ * backend (ops use it within one launch sequence). Grows outside a graph
+ * capture; during one a request larger than what exists aborts with a
+ * message (run one uncaptured step of the largest shape first). */
+void *tdm_cuda_scratch(tdm_cuda_backend_t *cb, size_t bytes);
+#ifdef __cplusplus
+}
+#endif
+
+#define TDM_CUDA_CHECK(call) tdm_cuda_check_at((call), #call, __FILE__, __LINE__)
+/* After a kernel launch: the launch's own error (bad configuration). */
+#define TDM_CUDA_LAUNCHED(name) tdm_cuda_check_at(cudaGetLastError(), name, __FILE__, __LINE__)
+
+static inline int64_t tdm_cuda_div_up(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+#endif
