@@ -153,6 +153,52 @@ static void free_buffers(tdm_engine_t *e)
             be->ops->graph_free(be, e->graphs[i]);
 }
 
+/* Bytes a staging half aims at: large transfers, each a few ms of PCIe. */
+#define KV_STAGE_HALF_BYTES ((size_t)8 << 20)
+
+/* The host side of KV block transfers, when the cache is not host memory
+ * (or TANDEM_ENGINE_STAGE=1 asks for the same path on the CPU). */
+static tdm_status_t alloc_kv_stage(tdm_engine_t *e, char *err, size_t err_len)
+{
+    const tdm_backend_ops_t *ops = e->be->ops;
+    const char *force = getenv("TANDEM_ENGINE_STAGE");
+    e->staged = ops->device_memory != 0 || (force != NULL && strcmp(force, "1") == 0);
+    if (!e->staged)
+        return TDM_OK;
+    if (ops->kv_out == NULL || ops->kv_in == NULL || ops->kv_wait == NULL) {
+        snprintf(err, err_len, "the %s backend cannot move KV blocks (no kv_out/kv_in)", ops->name);
+        return TDM_ERR_UNSUPPORTED;
+    }
+    size_t block = 2 * (size_t)e->model->hp.n_layer * (size_t)e->cfg.block_size *
+                   (size_t)e->kv_dim * sizeof(uint16_t);
+    /* On the CPU (tests only) the smallest chunks, so that every turn of
+     * the two-half walk runs. */
+    size_t n = ops->device_memory ? KV_STAGE_HALF_BYTES / block : 2;
+    e->stage_blocks = n < 1 ? 1 : n > 1024 ? 1024 : (int32_t)n;
+    size_t bytes = 2 * (size_t)e->stage_blocks * block;
+    e->kv_stage = ops->host_alloc ? ops->host_alloc(e->be, bytes) : malloc(bytes);
+    e->stage_ids = malloc(2 * (size_t)e->stage_blocks * sizeof(int32_t));
+    e->stage_ntok = malloc(2 * (size_t)e->stage_blocks * sizeof(int32_t));
+    if (e->kv_stage == NULL || e->stage_ids == NULL || e->stage_ntok == NULL) {
+        snprintf(err, err_len, "could not allocate %.1f MB of host memory for KV transfers",
+                 (double)bytes / 1e6);
+        return TDM_ERR_NOMEM;
+    }
+    return TDM_OK;
+}
+
+static void free_kv_stage(tdm_engine_t *e)
+{
+    if (e->kv_stage != NULL && e->be->ops->host_free != NULL)
+        e->be->ops->host_free(e->be, e->kv_stage);
+    else
+        free(e->kv_stage);
+    e->kv_stage = NULL;
+    free(e->stage_ids);
+    free(e->stage_ntok);
+    e->stage_ids = e->stage_ntok = NULL;
+}
+
 tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,
                                tdm_engine_t **out)
 {
@@ -260,13 +306,10 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     e->cache_k = calloc((size_t)hp->n_layer, sizeof(*e->cache_k));
     e->cache_v = calloc((size_t)hp->n_layer, sizeof(*e->cache_v));
     e->kv_rows = calloc(2 * (size_t)hp->n_layer, sizeof(*e->kv_rows));
-    if (e->be->ops->device_memory) {
-        size_t stage = 2 * (size_t)hp->n_layer * (size_t)e->cfg.block_size * (size_t)e->kv_dim *
-                       sizeof(uint16_t);
-        e->kv_stage = e->be->ops->host_alloc ? e->be->ops->host_alloc(e->be, stage) : malloc(stage);
-    }
-    if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL ||
-        (e->be->ops->device_memory && e->kv_stage == NULL)) {
+    st = alloc_kv_stage(e, err, err_len);
+    if (st != TDM_OK)
+        goto err_cache;
+    if (e->cache_k == NULL || e->cache_v == NULL || e->kv_rows == NULL) {
         st = TDM_ERR_NOMEM;
         goto err_cache;
     }
@@ -319,10 +362,7 @@ err_cache:
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
-    if (e->kv_stage != NULL && e->be->ops->host_free != NULL)
-        e->be->ops->host_free(e->be, e->kv_stage);
-    else
-        free(e->kv_stage);
+    free_kv_stage(e);
     tdm_kv_pool_fini(&e->pool);
 err_buffers:
     free_buffers(e);
@@ -381,10 +421,7 @@ void tdm_engine_destroy(tdm_engine_t *e)
     free(e->cache_k);
     free(e->cache_v);
     free(e->kv_rows);
-    if (e->kv_stage != NULL && e->be->ops->host_free != NULL)
-        e->be->ops->host_free(e->be, e->kv_stage);
-    else
-        free(e->kv_stage);
+    free_kv_stage(e);
     free_buffers(e);
     tdm_sampler_destroy(e->sampler);
     tdm_kv_pool_fini(&e->pool);
@@ -711,44 +748,122 @@ static bool ensure_blocks(tdm_engine_t *e, tdm_seq_t *s, int32_t upto)
  * (KV_READ: export), fills them (KV_WRITE: import) or both. The number of
  * blocks fn accepted goes into *n_done. */
 enum { KV_READ = 1, KV_WRITE = 2 };
+
+/* Points rows (K of every layer, then V) at block i of a staging half. */
+static void stage_rows(tdm_engine_t *e, int32_t half, int32_t i, uint16_t **rows)
+{
+    int32_t nl = e->model->hp.n_layer;
+    size_t block_elems = (size_t)e->cfg.block_size * (size_t)e->kv_dim;
+    uint16_t *b = e->kv_stage + ((size_t)half * (size_t)e->stage_blocks + (size_t)i) * 2 *
+                                    (size_t)nl * block_elems;
+    for (int32_t t = 0; t < 2 * nl; t++)
+        rows[t] = b + (size_t)t * block_elems;
+}
+
+/* Fills a staging half's block list with blocks [from, from + count) of
+ * a sequence of n_pos positions; returns count. */
+static int32_t stage_fill(tdm_engine_t *e, int32_t half, const int32_t *blocks, int32_t from,
+                          int32_t count, int32_t n_pos)
+{
+    int32_t bs = e->cfg.block_size;
+    for (int32_t i = 0; i < count; i++) {
+        int32_t left = n_pos - (from + i) * bs;
+        e->stage_ids[half * e->stage_blocks + i] = blocks[from + i];
+        e->stage_ntok[half * e->stage_blocks + i] = left < bs ? left : bs;
+    }
+    return count;
+}
+
+static uint64_t stage_move(tdm_engine_t *e, int32_t half, int32_t count, bool out)
+{
+    tdm_backend_t *be = e->be;
+    int32_t nl = e->model->hp.n_layer;
+    int64_t block_elems = (int64_t)e->cfg.block_size * e->kv_dim;
+    uint16_t *host =
+        e->kv_stage + (size_t)half * (size_t)e->stage_blocks * 2 * (size_t)nl * (size_t)block_elems;
+    const int32_t *ids = e->stage_ids + half * e->stage_blocks;
+    const int32_t *ntok = e->stage_ntok + half * e->stage_blocks;
+    return out ? be->ops->kv_out(be, e->cache_k, e->cache_v, nl, block_elems, ids, ntok, count,
+                                 e->kv_dim, host)
+               : be->ops->kv_in(be, e->cache_k, e->cache_v, nl, block_elems, ids, ntok, count,
+                                e->kv_dim, host);
+}
+
+/* The staged walk: blocks travel in chunks of stage_blocks through the two
+ * halves of the stage. Reading, the next chunk's transfer (on the
+ * backend's copy stream) runs while fn works on this one; writing, a
+ * chunk goes up while fn fills the other half. */
+static tdm_status_t visit_staged(tdm_engine_t *e, const int32_t *blocks, int32_t first,
+                                 int32_t n_pos, unsigned how, tdm_engine_kv_fn_t fn, void *user,
+                                 int32_t *n_done)
+{
+    tdm_backend_t *be = e->be;
+    int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer, S = e->stage_blocks;
+    int32_t nb = (n_pos + bs - 1) / bs;
+    uint16_t **rows = e->kv_rows;
+    uint64_t out_ticket[2] = {0, 0}, in_ticket[2] = {0, 0};
+    tdm_status_t st = TDM_OK;
+    int32_t done = 0;
+    if ((how & KV_READ) && first < nb) {
+        int32_t count = stage_fill(e, 0, blocks, first, nb - first < S ? nb - first : S, n_pos);
+        out_ticket[0] = stage_move(e, 0, count, true);
+    }
+    for (int32_t c = 0, from = first; from < nb && st == TDM_OK; c++, from += S) {
+        int32_t half = c & 1, count = nb - from < S ? nb - from : S;
+        int32_t next = from + S;
+        if ((how & KV_READ) && next < nb) {
+            /* the other half's upload (if any) is queued before this read */
+            int32_t n_next =
+                stage_fill(e, half ^ 1, blocks, next, nb - next < S ? nb - next : S, n_pos);
+            out_ticket[half ^ 1] = stage_move(e, half ^ 1, n_next, true);
+        }
+        if (how & KV_READ)
+            be->ops->kv_wait(be, out_ticket[half]);
+        else {
+            be->ops->kv_wait(be, in_ticket[half]); /* its last upload read this half */
+            stage_fill(e, half, blocks, from, count, n_pos);
+        }
+        int32_t accepted = 0;
+        for (; accepted < count; accepted++) {
+            stage_rows(e, half, accepted, rows);
+            st = fn(user, from + accepted, e->stage_ntok[half * S + accepted], rows, rows + nl);
+            if (st != TDM_OK)
+                break;
+        }
+        if ((how & KV_WRITE) && accepted > 0)
+            in_ticket[half] = stage_move(e, half, accepted, false);
+        done += accepted;
+    }
+    /* nothing may still read or fill the stage when it is next used */
+    be->ops->kv_wait(be, out_ticket[0] > out_ticket[1] ? out_ticket[0] : out_ticket[1]);
+    be->ops->kv_wait(be, in_ticket[0] > in_ticket[1] ? in_ticket[0] : in_ticket[1]);
+    *n_done = done;
+    return st;
+}
+
 static tdm_status_t visit_blocks(tdm_engine_t *e, const int32_t *blocks, int32_t first,
                                  int32_t n_pos, unsigned how, tdm_engine_kv_fn_t fn, void *user,
                                  int32_t *n_done)
 {
+    if (e->staged)
+        return visit_staged(e, blocks, first, n_pos, how, fn, user, n_done);
+    /* The CPU backend's cache is host memory: fn works on it in place. */
     int32_t bs = e->cfg.block_size, nl = e->model->hp.n_layer;
     uint16_t **rows = e->kv_rows; /* K rows, then V rows */
-    tdm_backend_t *be = e->be;
-    /* The CPU backend's cache is host memory and fn works on it in place; a
-     * device backend's block is staged through host memory around fn. */
-    bool staged = be->ops->device_memory != 0;
     size_t block_elems = (size_t)bs * (size_t)e->kv_dim;
-    be->ops->sync(be);
+    e->be->ops->sync(e->be);
     tdm_status_t st = TDM_OK;
     int32_t nb = (n_pos + bs - 1) / bs, i;
     for (i = first; i < nb; i++) {
         size_t off = (size_t)blocks[i] * block_elems;
         for (int32_t il = 0; il < nl; il++) {
-            rows[il] = staged ? e->kv_stage + (size_t)il * block_elems : e->cache_k[il] + off;
-            rows[nl + il] =
-                staged ? e->kv_stage + (size_t)(nl + il) * block_elems : e->cache_v[il] + off;
+            rows[il] = e->cache_k[il] + off;
+            rows[nl + il] = e->cache_v[il] + off;
         }
         int32_t left = n_pos - i * bs, n_tok = left < bs ? left : bs;
-        size_t bytes = (size_t)n_tok * (size_t)e->kv_dim * sizeof(uint16_t);
-        if (staged && (how & KV_READ))
-            for (int32_t il = 0; il < nl; il++) {
-                be->ops->copy_from(be, rows[il], e->cache_k[il] + off, bytes);
-                be->ops->copy_from(be, rows[nl + il], e->cache_v[il] + off, bytes);
-            }
         st = fn(user, i, n_tok, rows, rows + nl);
         if (st != TDM_OK)
             break;
-        if (staged && (how & KV_WRITE)) {
-            for (int32_t il = 0; il < nl; il++) {
-                be->ops->copy_to(be, e->cache_k[il] + off, rows[il], bytes);
-                be->ops->copy_to(be, e->cache_v[il] + off, rows[nl + il], bytes);
-            }
-            be->ops->sync(be); /* the stage is reused for the next block */
-        }
     }
     *n_done = i - first;
     return st;

@@ -80,8 +80,16 @@ struct tdm_engine {
     tdm_kv_pool_t pool;
     uint16_t **cache_k, **cache_v;
     uint16_t **kv_rows; /* (2 * n_layer) K then V row pointers handed to a kv fn */
-    uint16_t *kv_stage; /* device backends: one block of every layer in host memory */
-    int32_t *h_argmax;  /* (max_logits) greedy tokens chosen by the backend (ops->argmax) */
+    /* Staged KV blocks (device backends, or TANDEM_ENGINE_STAGE=1): two
+     * halves of stage_blocks blocks in host memory (pinned where the backend
+     * has it), each block [2 * n_layer][block_size * kv_dim] f16, moved by
+     * ops->kv_out / kv_in; stage_ids and stage_ntok (2 * stage_blocks) the
+     * blocks and row counts of each half's transfer. */
+    bool staged;
+    int32_t stage_blocks;
+    uint16_t *kv_stage;
+    int32_t *stage_ids, *stage_ntok;
+    int32_t *h_argmax; /* (max_logits) greedy tokens chosen by the backend (ops->argmax) */
     /* decode steps padded to power-of-two buckets, replayed as graphs
      * (forward.c) */
     bool pad_decode, use_graphs;

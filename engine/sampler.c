@@ -143,6 +143,11 @@ static double sample_state_uniform(tdm_sample_state_t *st)
     return (double)(xoshiro256ss_next(st->rng) >> 11) * 0x1.0p-53;
 }
 
+double tdm_sample_state_next(tdm_sample_state_t *st)
+{
+    return sample_state_uniform(st);
+}
+
 void tdm_sample_state_skip(tdm_sample_state_t *st, uint64_t n)
 {
     for (uint64_t i = 0; i < n; i++)
@@ -496,6 +501,46 @@ static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_
         s->stamp[t] = gen;
         logits[t] = penalize_repetition(logits[t], rep);
     }
+}
+
+size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
+                           size_t n_prompt, const int32_t *output, size_t n_output, int32_t *tokens,
+                           int32_t *counts)
+{
+    const bool has_rep = p->repetition_penalty != 1.0f;
+    const uint32_t n_vocab = (uint32_t)s->n_vocab;
+    if (!has_rep && p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f)
+        return 0;
+    if (++s->generation == 0) {
+        memset(s->stamp, 0, (size_t)n_vocab * sizeof(*s->stamp));
+        s->generation = 1;
+    }
+    const uint32_t gen = s->generation;
+    size_t n = 0;
+    /* The same walk as sampler_apply_penalties: output tokens first. */
+    for (size_t i = 0; i < n_output; i++)
+        if ((uint32_t)output[i] < n_vocab)
+            s->count[output[i]]++;
+    for (size_t i = 0; i < n_output; i++) {
+        uint32_t t = (uint32_t)output[i];
+        if (t >= n_vocab || s->count[t] == 0)
+            continue;
+        tokens[n] = (int32_t)t;
+        counts[n++] = (int32_t)s->count[t];
+        s->count[t] = 0;
+        s->stamp[t] = gen;
+    }
+    if (!has_rep)
+        return n;
+    for (size_t i = 0; i < n_prompt; i++) {
+        uint32_t t = (uint32_t)prompt[i];
+        if (t >= n_vocab || s->stamp[t] == gen)
+            continue;
+        s->stamp[t] = gen;
+        tokens[n] = (int32_t)t;
+        counts[n++] = 0;
+    }
+    return n;
 }
 
 static inline float sanitize(float x)

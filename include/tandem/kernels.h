@@ -53,6 +53,23 @@ typedef struct tdm_attn_params {
     int32_t bt_stride;
 } tdm_attn_params_t;
 
+/* One logits row's sampling for ops->sample: a request's parameters and
+ * the random number the engine drew for it from the request's generator.
+ * The semantics are the host sampler's (include/tandem/sampler.h) on the
+ * same logits and the same draw. */
+typedef struct tdm_sample_row {
+    float temperature; /* 0: greedy (after the penalties) */
+    int32_t top_k;     /* <= 0 or >= vocab: off */
+    float top_p;       /* >= 1: off */
+    float min_p;       /* <= 0: off */
+    float repetition_penalty, frequency_penalty, presence_penalty;
+    /* The row's distinct history tokens: hist_tokens[hist_off ..
+     * hist_off + n_hist), each with its count in the output (0: only in
+     * the prompt; only the repetition penalty touches those). */
+    int32_t hist_off, n_hist;
+    double u; /* the draw, uniform in [0, 1); unused when temperature is 0 */
+} tdm_sample_row_t;
+
 typedef struct tdm_backend_ops {
     const char *name; /* "cpu-avx512", "cpu-avx2", "cpu-scalar", "cuda" */
     void (*destroy)(tdm_backend_t *be);
@@ -113,6 +130,41 @@ typedef struct tdm_backend_ops {
      * The greedy choice, without moving the logits. Waits for the result. */
     void (*argmax)(tdm_backend_t *be, const float *logits, int64_t n, int64_t vocab,
                    int32_t *out_host);
+
+    /* Optional (NULL: the engine samples on the host). out_host[t] = the
+     * token tdm_sampler_sample() picks from logits row t ([n][vocab]) with
+     * rows[t]'s parameters and draw: penalties over the row's history,
+     * temperature, top-k, top-p, min-p, one draw walking the candidates by
+     * descending logit (lowest id on ties). logprob_host (or NULL) gets the
+     * chosen token's log-probability as the host sampler defines it. The
+     * logits rows are modified. rows, hist_tokens and hist_counts
+     * ([n_hist_total]) are host memory. Waits for the result. */
+    void (*sample)(tdm_backend_t *be, float *logits, int64_t n, int64_t vocab,
+                   const tdm_sample_row_t *rows, const int32_t *hist_tokens,
+                   const int32_t *hist_counts, int64_t n_hist_total, int32_t *out_host,
+                   float *logprob_host);
+
+    /* Optional (device backends; NULL: the engine copies row by row). Moves
+     * the first n_tok[i] rows of whole KV blocks between the cache and host
+     * memory on the backend's copy stream, so a transfer overlaps the ops
+     * queued after it. host holds the blocks one after another, each
+     * [2 * n_layer][block_size * kv_dim] f16: K of layers 0.., then V of
+     * layers 0.. (rows past n_tok[i] are not moved: after kv_out their host
+     * bytes mean nothing, after kv_in the cache's are unchanged). The CPU
+     * backend copies at once (for tests: its cache is host memory, which
+     * the engine reaches directly). cache_k/cache_v are
+     * host arrays of n_layer cache pointers; ids and n_tok host arrays of
+     * n_blocks. kv_out reads the cache as the ops queued before it left
+     * it; kv_in writes it before any op queued after it runs. Both return
+     * a ticket at once; kv_wait(ticket) waits until that transfer (and the
+     * ones before it) are done and host may be reused. */
+    uint64_t (*kv_out)(tdm_backend_t *be, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                       int32_t n_layer, int64_t block_elems, const int32_t *ids,
+                       const int32_t *n_tok, int32_t n_blocks, int64_t kv_dim, uint16_t *host);
+    uint64_t (*kv_in)(tdm_backend_t *be, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                      int32_t n_layer, int64_t block_elems, const int32_t *ids,
+                      const int32_t *n_tok, int32_t n_blocks, int64_t kv_dim, const uint16_t *host);
+    void (*kv_wait)(tdm_backend_t *be, uint64_t ticket);
 
     /* Optional (NULL: no graphs). graph_capture runs fn(arg), which queues
      * ops, and records them into a graph instead of running them; NULL when

@@ -62,6 +62,11 @@ void tdm_sample_state_init(tdm_sample_state_t *st, const tdm_sampling_params_t *
  * temperature above 0), as if n tokens had been sampled with it. */
 void tdm_sample_state_skip(tdm_sample_state_t *st, uint64_t n);
 
+/* The state's next draw, uniform in [0, 1): the one tdm_sampler_sample
+ * takes for a token sampled at a temperature above 0 (a device sampler
+ * gets it from here, so a seeded request draws the same numbers there). */
+double tdm_sample_state_next(tdm_sample_state_t *st);
+
 typedef struct tdm_sampler tdm_sampler_t;
 
 tdm_status_t tdm_sampler_create(int32_t n_vocab, tdm_sampler_t **out);
@@ -75,6 +80,16 @@ void tdm_sampler_destroy(tdm_sampler_t *s);
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
                            float *logits, const int32_t *prompt, size_t n_prompt,
                            const int32_t *output, size_t n_output, float *logprob);
+
+/* The history the penalties of p act on, for a device sampler
+ * (tdm_sample_row_t in include/tandem/kernels.h): each distinct token of
+ * output and (with a repetition penalty) of prompt once, with its count in
+ * the output (0: only in the prompt) into tokens[] and counts[], which hold
+ * n_prompt + n_output entries. Returns how many were written: 0 when p has
+ * no penalty. Ids outside the vocabulary are left out, as sample does. */
+size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
+                           size_t n_prompt, const int32_t *output, size_t n_output, int32_t *tokens,
+                           int32_t *counts);
 
 #ifdef __cplusplus
 }

@@ -555,6 +555,51 @@ static void cpu_argmax(tdm_backend_t *be, const float *logits, int64_t n, int64_
     }
 }
 
+/* ---- KV blocks to and from host memory (the table's kv_out / kv_in) ----
+ * The CPU's cache is host memory and the engine reads it in place; these
+ * copy at once so that the engine's staged path (what a GPU takes) runs
+ * and is tested on every machine (TANDEM_ENGINE_STAGE=1). */
+
+static void cpu_kv_move(uint16_t *const *cache_k, uint16_t *const *cache_v, int32_t n_layer,
+                        int64_t block_elems, const int32_t *ids, const int32_t *n_tok,
+                        int32_t n_blocks, int64_t kv_dim, uint16_t *host, bool out)
+{
+    for (int32_t b = 0; b < n_blocks; b++)
+        for (int32_t t = 0; t < 2 * n_layer; t++) {
+            uint16_t *cache =
+                (t < n_layer ? cache_k[t] : cache_v[t - n_layer]) + (int64_t)ids[b] * block_elems;
+            uint16_t *h = host + ((int64_t)b * 2 * n_layer + t) * block_elems;
+            size_t bytes = (size_t)n_tok[b] * (size_t)kv_dim * sizeof(uint16_t);
+            memcpy(out ? h : cache, out ? cache : h, bytes);
+        }
+}
+
+static uint64_t cpu_kv_out(tdm_backend_t *be, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                           int32_t n_layer, int64_t block_elems, const int32_t *ids,
+                           const int32_t *n_tok, int32_t n_blocks, int64_t kv_dim, uint16_t *host)
+{
+    (void)be;
+    cpu_kv_move(cache_k, cache_v, n_layer, block_elems, ids, n_tok, n_blocks, kv_dim, host, true);
+    return 1; /* done already */
+}
+
+static uint64_t cpu_kv_in(tdm_backend_t *be, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                          int32_t n_layer, int64_t block_elems, const int32_t *ids,
+                          const int32_t *n_tok, int32_t n_blocks, int64_t kv_dim,
+                          const uint16_t *host)
+{
+    (void)be;
+    cpu_kv_move(cache_k, cache_v, n_layer, block_elems, ids, n_tok, n_blocks, kv_dim,
+                (uint16_t *)host, false);
+    return 1;
+}
+
+static void cpu_kv_wait(tdm_backend_t *be, uint64_t ticket)
+{
+    (void)be;
+    (void)ticket;
+}
+
 /* ---- KV cache ---- */
 
 typedef struct kvw_task {
@@ -791,6 +836,9 @@ tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backen
         .kv_write = cpu_kv_write,
         .attention = cpu_attention,
         .argmax = cpu_argmax,
+        .kv_out = cpu_kv_out,
+        .kv_in = cpu_kv_in,
+        .kv_wait = cpu_kv_wait,
     };
     cb->base.ops = &cb->ops;
     tdm_log_info("kernels", "cpu backend: %s kernels%s, %d threads", tdm_cpu_isa_name(isa),

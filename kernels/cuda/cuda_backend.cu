@@ -1,6 +1,6 @@
 /* tandem CUDA backend: the ops table, device memory, weight upload and the
  * scratch buffer. The ops themselves live in one .cu per op family
- * (matmul, embed, norm, rope, elementwise, attention); see
+ * (matmul, embed, attention, row ops, argmax, KV transfers); see
  * cuda_internal.cuh for the rules they follow. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +10,7 @@
 #include "attention_basic.cuh"
 #include "cuda_internal.cuh"
 #include "embed.cuh"
+#include "kv_transfer.cuh"
 #include "matmul.cuh"
 #include "rowops.cuh"
 #include "tandem/log.h"
@@ -229,6 +230,7 @@ static void cuda_destroy(tdm_backend_t *be)
 {
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
     (void)cudaStreamSynchronize(cb->stream);
+    tdm_cuda_kv_transfer_fini(cb);
     if (cb->scratch != NULL)
         (void)cudaFree(cb->scratch);
     (void)cudaStreamDestroy(cb->copy);
@@ -268,6 +270,7 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
     cb->smem_optin = prop.sharedMemPerBlockOptin;
     TDM_CUDA_CHECK(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking));
     TDM_CUDA_CHECK(cudaStreamCreateWithFlags(&cb->copy, cudaStreamNonBlocking));
+    tdm_cuda_kv_transfer_init(cb);
     /* the table, field by field (no designated initializers in C++17) */
     cb->ops.name = "cuda";
     cb->ops.destroy = cuda_destroy;
@@ -290,6 +293,9 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
     cb->ops.kv_write = TDM_CUDA_KV_WRITE;
     cb->ops.attention = TDM_CUDA_ATTENTION;
     cb->ops.argmax = cuda_argmax;
+    cb->ops.kv_out = cuda_kv_out;
+    cb->ops.kv_in = cuda_kv_in;
+    cb->ops.kv_wait = cuda_kv_wait;
     cb->ops.graph_capture = cuda_graph_capture;
     cb->ops.graph_launch = cuda_graph_launch;
     cb->ops.graph_free = cuda_graph_free;

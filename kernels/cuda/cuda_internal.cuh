@@ -37,6 +37,8 @@
 #include "tandem/dtype.h"
 #include "tandem/kernels.h"
 
+#define TDM_CUDA_KV_TICKETS 16
+
 typedef struct tdm_cuda_backend {
     tdm_backend_t base;
     tdm_backend_ops_t ops;
@@ -45,10 +47,18 @@ typedef struct tdm_cuda_backend {
     int cc_major, cc_minor;
     size_t smem_optin;   /* max dynamic shared memory per block (opt-in) */
     cudaStream_t stream; /* every op runs here, in order */
-    cudaStream_t copy;   /* KV staging transfers (tdm_cuda_kv_* API) */
+    cudaStream_t copy;   /* KV block transfers (kv_out, kv_in: kv_transfer.cu) */
     void *scratch;       /* device scratch for split partials (see tdm_cuda_scratch) */
     size_t scratch_bytes;
     bool capturing; /* a graph capture is open: scratch cannot grow */
+    /* kv_transfer.cu: the copy stream's own device staging, the event that
+     * orders it after the compute stream, and one event per ticket (a ring:
+     * a slot reused by a later ticket is waited for as that one). */
+    void *kv_stage;
+    size_t kv_stage_bytes;
+    cudaEvent_t kv_after_compute;
+    cudaEvent_t kv_done[TDM_CUDA_KV_TICKETS];
+    uint64_t kv_ticket; /* the last ticket handed out; 0: none yet */
 } tdm_cuda_backend_t;
 
 /* A weight on the device: the GGUF rows as they are ([rows][k] of wtype,

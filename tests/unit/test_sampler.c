@@ -924,6 +924,63 @@ static void test_speed(void)
     tdm_sampler_destroy(s);
 }
 
+/* The history a device sampler gets (tdm_sampler_history), with the
+ * penalties applied from it the way ops->sample does, leaves the logits
+ * bit for bit as the sampler's own penalties; and tdm_sample_state_next is
+ * the draw a sampled token takes. */
+static void test_history(void)
+{
+    enum { N = 300, ROWS = 200, MAXH = 64 };
+    tdm_sampler_t *s = sampler_new(N);
+    int32_t prompt[MAXH], output[MAXH], tok[2 * MAXH], cnt[2 * MAXH];
+    float a[N], b[N];
+    int same = 0;
+    for (int r = 0; r < ROWS; r++) {
+        size_t np = test_next() % MAXH, no = test_next() % MAXH;
+        for (size_t i = 0; i < np; i++)
+            prompt[i] = (int32_t)(test_next() % (N + 10)) - 5; /* some out of range */
+        for (size_t i = 0; i < no; i++)
+            output[i] = (int32_t)(test_next() % 40); /* repeats */
+        tdm_sampling_params_t p = params_seeded(0.0f, (uint64_t)r);
+        int kind = r % 4;
+        p.repetition_penalty = kind == 1 ? 1.0f : 0.5f + (float)test_uniform() * 1.5f;
+        p.frequency_penalty = kind == 2 ? 0.0f : (float)test_uniform() * 2.0f - 1.0f;
+        p.presence_penalty = kind == 3 ? 0.0f : (float)test_uniform() * 2.0f - 1.0f;
+        if (r % 17 == 0)
+            p.repetition_penalty = 1.0f, p.frequency_penalty = 0.0f, p.presence_penalty = 0.0f;
+        for (int i = 0; i < N; i++)
+            a[i] = b[i] = test_gauss() * 3.0f;
+        tdm_sample_state_t st;
+        tdm_sample_state_init(&st, &p);
+        tdm_sampler_sample(s, &p, &st, a, prompt, np, output, no, NULL);
+        size_t nh = tdm_sampler_history(s, &p, prompt, np, output, no, tok, cnt);
+        for (size_t i = 0; i < nh; i++) {
+            float x = b[tok[i]];
+            if (p.repetition_penalty != 1.0f)
+                x = x > 0.0f ? x / p.repetition_penalty : x * p.repetition_penalty;
+            if (cnt[i] > 0) {
+                x -= (float)cnt[i] * p.frequency_penalty;
+                x -= p.presence_penalty;
+            }
+            b[tok[i]] = x;
+        }
+        same += logits_equal(a, b, N);
+    }
+    CHECK(same == ROWS);
+
+    /* A seeded token at temperature 1 takes exactly one draw. */
+    tdm_sampling_params_t p = params_seeded(1.0f, 42);
+    tdm_sample_state_t s1, s2;
+    tdm_sample_state_init(&s1, &p);
+    tdm_sample_state_init(&s2, &p);
+    for (int i = 0; i < N; i++)
+        a[i] = test_gauss();
+    tdm_sampler_sample(s, &p, &s1, a, NULL, 0, NULL, 0, NULL);
+    (void)tdm_sample_state_next(&s2);
+    CHECK(tdm_sample_state_next(&s1) == tdm_sample_state_next(&s2));
+    tdm_sampler_destroy(s);
+}
+
 int main(void)
 {
     test_params();
@@ -935,6 +992,7 @@ int main(void)
     test_top_p();
     test_min_p();
     test_penalties();
+    test_history();
     test_oracle();
     test_far_tail();
     test_speed();
