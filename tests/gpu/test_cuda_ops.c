@@ -402,6 +402,107 @@ static void test_attention(const attn_case_t *c)
     free(slot);
 }
 
+/* ---- KV block transfers (kv_out, kv_in) ----
+ * Byte for byte against the CPU backend's copies: blocks out to host (two
+ * transfers in flight, the second waited for only), then host rows in
+ * over other blocks; rows past n_tok must stay as they were. */
+static void test_kv_transfer(int32_t n_layer, int32_t bs, int64_t kv_dim, int32_t n_blocks)
+{
+    const int64_t be_elems = (int64_t)bs * kv_dim;
+    const size_t layer_bytes = (size_t)n_blocks * (size_t)be_elems * sizeof(uint16_t);
+    const int32_t n_move = n_blocks / 3, half = n_move / 2;
+    uint16_t **ck[2], **cv[2];
+    uint16_t *hcache = malloc(layer_bytes);
+    int32_t *ids = malloc((size_t)n_move * sizeof(int32_t));
+    int32_t *ntok = malloc((size_t)n_move * sizeof(int32_t));
+    for (int32_t i = 0; i < n_move; i++) {
+        ids[i] = (int32_t)(next_u64() % (uint64_t)n_blocks);
+        for (int32_t j = 0; j < i; j++)
+            if (ids[j] == ids[i]) { /* distinct blocks */
+                ids[i] = (ids[i] + 1) % n_blocks;
+                j = -1;
+            }
+        ntok[i] = i % 4 == 3 ? 1 + (int32_t)(next_u64() % (uint64_t)bs) : bs;
+    }
+    tdm_backend_t *bes[2] = {cpu, gpu};
+    uint64_t seed = next_u64();
+    for (int b = 0; b < 2; b++) {
+        ck[b] = malloc((size_t)n_layer * sizeof(*ck[b]));
+        cv[b] = malloc((size_t)n_layer * sizeof(*cv[b]));
+        uint64_t saved = rng;
+        rng = seed; /* the same cache on both */
+        for (int32_t l = 0; l < 2 * n_layer; l++) {
+            for (size_t i = 0; i < layer_bytes / 2; i++)
+                hcache[i] = (uint16_t)next_u64();
+            (l < n_layer ? ck[b] : cv[b])[l % n_layer] = put(bes[b], hcache, layer_bytes);
+        }
+        rng = saved;
+    }
+    const size_t host_elems = (size_t)n_move * 2 * (size_t)n_layer * (size_t)be_elems;
+    uint16_t *out[2], *in = malloc(host_elems * sizeof(uint16_t));
+    for (size_t i = 0; i < host_elems; i++)
+        in[i] = (uint16_t)next_u64();
+    for (int b = 0; b < 2; b++) {
+        tdm_backend_t *be = bes[b];
+        out[b] = malloc(host_elems * sizeof(uint16_t));
+        memset(out[b], 0xff, host_elems * sizeof(uint16_t));
+        size_t second = (size_t)half * 2 * (size_t)n_layer * (size_t)be_elems;
+        (void)be->ops->kv_out(be, ck[b], cv[b], n_layer, be_elems, ids, ntok, half, kv_dim, out[b]);
+        uint64_t t = be->ops->kv_out(be, ck[b], cv[b], n_layer, be_elems, ids + half, ntok + half,
+                                     n_move - half, kv_dim, out[b] + second);
+        be->ops->kv_wait(be, t);
+    }
+    size_t diff = 0;
+    for (int32_t i = 0; i < n_move; i++)
+        for (int32_t t = 0; t < 2 * n_layer; t++) {
+            size_t off = ((size_t)i * 2 * (size_t)n_layer + (size_t)t) * (size_t)be_elems;
+            diff += memcmp(out[0] + off, out[1] + off,
+                           (size_t)ntok[i] * (size_t)kv_dim * sizeof(uint16_t)) != 0;
+        }
+    char what[160];
+    snprintf(what, sizeof(what), "kv_out %d layers, %d x %lld, %d blocks", n_layer, bs,
+             (long long)kv_dim, n_move);
+    report(what, diff ? 1.0 : 0.0, 0, 0);
+
+    /* in: the same host rows into the blocks in reverse order */
+    for (int32_t i = 0; i < n_move / 2; i++) {
+        int32_t x = ids[i];
+        ids[i] = ids[n_move - 1 - i];
+        ids[n_move - 1 - i] = x;
+    }
+    diff = 0;
+    for (int b = 0; b < 2; b++) {
+        tdm_backend_t *be = bes[b];
+        uint64_t t =
+            be->ops->kv_in(be, ck[b], cv[b], n_layer, be_elems, ids, ntok, n_move, kv_dim, in);
+        be->ops->kv_wait(be, t);
+    }
+    for (int32_t l = 0; l < 2 * n_layer; l++) {
+        uint16_t *a = get(cpu, (l < n_layer ? ck[0] : cv[0])[l % n_layer], layer_bytes);
+        uint16_t *g = get(gpu, (l < n_layer ? ck[1] : cv[1])[l % n_layer], layer_bytes);
+        diff += memcmp(a, g, layer_bytes) != 0;
+        free(a);
+        free(g);
+    }
+    snprintf(what, sizeof(what), "kv_in %d layers, %d x %lld, %d blocks", n_layer, bs,
+             (long long)kv_dim, n_move);
+    report(what, diff ? 1.0 : 0.0, 0, 0);
+
+    for (int b = 0; b < 2; b++) {
+        for (int32_t l = 0; l < n_layer; l++) {
+            bes[b]->ops->buf_free(bes[b], ck[b][l]);
+            bes[b]->ops->buf_free(bes[b], cv[b][l]);
+        }
+        free(ck[b]);
+        free(cv[b]);
+        free(out[b]);
+    }
+    free(in);
+    free(hcache);
+    free(ids);
+    free(ntok);
+}
+
 int main(void)
 {
     /* TANDEM_TEST_SCALAR_AS_GPU=1: the scalar CPU backend stands in for the
@@ -457,6 +558,9 @@ int main(void)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         if (!quick || i % 2 == 0)
             test_attention(&cases[i]);
+
+    test_kv_transfer(32, 16, 1024, 64); /* 8B-shaped: 16-byte moves */
+    test_kv_transfer(3, 5, 20, 30);     /* odd rows: 2-byte moves */
 
     printf("\n%-58s %10s %8s\n", "op", "rel err", "limit");
     for (int i = 0; i < n_ops; i++)
