@@ -122,7 +122,9 @@ static tdm_status_t alloc_buffers(tdm_engine_t *e)
     e->act = be_alloc(e, act, &st);
     e->h_logits = malloc(L * V * f);
     e->h_argmax = malloc(L * sizeof(int32_t));
-    if (e->h_logits == NULL || e->h_argmax == NULL)
+    e->h_srows = malloc(L * sizeof(*e->h_srows));
+    e->h_slogprob = malloc(L * sizeof(float));
+    if (e->h_logits == NULL || e->h_argmax == NULL || e->h_srows == NULL || e->h_slogprob == NULL)
         st = TDM_ERR_NOMEM;
     return st;
 }
@@ -148,6 +150,10 @@ static void free_buffers(tdm_engine_t *e)
     free(e->h_tables);
     free(e->h_logits);
     free(e->h_argmax);
+    free(e->h_srows);
+    free(e->h_slogprob);
+    free(e->h_hist_tok);
+    free(e->h_hist_cnt);
     for (int i = 0; i < TDM_ENGINE_GRAPH_BUCKETS; i++)
         if (e->graphs[i] != NULL)
             be->ops->graph_free(be, e->graphs[i]);
@@ -296,6 +302,9 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
         goto err_buffers;
     {
         const char *pad = getenv("TANDEM_ENGINE_PAD"), *graphs = getenv("TANDEM_GRAPHS");
+        const char *dsample = getenv("TANDEM_ENGINE_DEVICE_SAMPLE");
+        e->device_sample =
+            e->be->ops->sample != NULL || (dsample != NULL && strcmp(dsample, "1") == 0);
         e->use_graphs =
             e->be->ops->graph_capture != NULL && !(graphs != NULL && strcmp(graphs, "0") == 0);
         e->pad_decode = e->use_graphs || (pad != NULL && strcmp(pad, "1") == 0);
@@ -1015,13 +1024,116 @@ static bool plain_greedy(const tdm_seq_t *s)
            s->top_logprobs == 0;
 }
 
+/* True when s's next token can be chosen where the logits are by
+ * ops->sample: anything but the top log-probabilities, which need the
+ * whole distribution on the host. */
+static bool device_sampleable(const tdm_seq_t *s)
+{
+    return s->top_logprobs == 0;
+}
+
+/* Room for used + n history entries. */
+static bool hist_reserve(tdm_engine_t *e, size_t used, size_t n)
+{
+    if (used + n <= e->hist_cap)
+        return true;
+    size_t cap = e->hist_cap ? e->hist_cap : 4096;
+    while (cap < used + n)
+        cap *= 2;
+    int32_t *t = realloc(e->h_hist_tok, cap * sizeof(int32_t));
+    if (t != NULL)
+        e->h_hist_tok = t;
+    int32_t *c = realloc(e->h_hist_cnt, cap * sizeof(int32_t));
+    if (c != NULL)
+        e->h_hist_cnt = c;
+    if (t == NULL || c == NULL)
+        return false;
+    e->hist_cap = cap;
+    return true;
+}
+
+/* ops->sample on the CPU (TANDEM_ENGINE_DEVICE_SAMPLE=1): the host sampler
+ * fed with exactly what a device sampler gets (the rows' parameters, draws
+ * and histories), so the engine's side of device sampling runs in every
+ * test. */
+static void host_sample_rows(tdm_engine_t *e, int32_t n, const tdm_sample_row_t *rows, int32_t *out,
+                             float *logprob)
+{
+    const size_t V = (size_t)e->model->hp.n_vocab;
+    e->be->ops->copy_from(e->be, e->h_logits, e->logits, (size_t)n * V * sizeof(float));
+    for (int32_t t = 0; t < n; t++) {
+        const tdm_sample_row_t *r = &rows[t];
+        tdm_sampling_params_t p;
+        tdm_sampling_params_default(&p);
+        p.temperature = r->temperature;
+        p.top_k = r->top_k;
+        p.top_p = r->top_p;
+        p.min_p = r->min_p;
+        p.repetition_penalty = r->repetition_penalty;
+        p.frequency_penalty = r->frequency_penalty;
+        p.presence_penalty = r->presence_penalty;
+        float *l = e->h_logits + (size_t)t * V;
+        tdm_sampler_penalize_history(&p, l, e->h_hist_tok + r->hist_off,
+                                     e->h_hist_cnt + r->hist_off, (size_t)r->n_hist);
+        out[t] = tdm_sampler_sample_draw(e->sampler, &p, r->u, l, logprob ? &logprob[t] : NULL);
+    }
+}
+
+/* Chooses the next token of every sequence of the batch with a logits
+ * row where the logits are: their parameters, draws (from each request's
+ * generator, as the host sampler would take them) and penalty histories go
+ * to ops->sample; the tokens and log-probabilities land in h_argmax and
+ * h_slogprob. False when the histories found no memory (then the host
+ * samples). */
+static bool sample_on_device(tdm_engine_t *e, tdm_seq_t *const *batch, int32_t n_batch,
+                             int32_t n_logits)
+{
+    size_t used = 0, most = 0;
+    bool want_lp = false;
+    for (int32_t i = 0; i < n_batch; i++)
+        most += batch[i]->logit_row >= 0 ? (size_t)batch[i]->n_tokens : 0;
+    if (!hist_reserve(e, 0, most))
+        return false; /* before any draw: the host sampler takes them */
+    for (int32_t i = 0; i < n_batch; i++) {
+        tdm_seq_t *s = batch[i];
+        if (s->logit_row < 0)
+            continue;
+        int32_t n_in = s->n_prompt - s->n_prior; /* prior output counts as output */
+        const tdm_sampling_params_t *p = &s->sampling;
+        size_t nh = tdm_sampler_history(e->sampler, p, s->tokens, (size_t)n_in, s->tokens + n_in,
+                                        (size_t)(s->n_tokens - n_in), e->h_hist_tok + used,
+                                        e->h_hist_cnt + used);
+        e->h_srows[s->logit_row] = (tdm_sample_row_t){
+            .temperature = p->temperature > 0.0f ? p->temperature : 0.0f,
+            .top_k = p->top_k,
+            .top_p = p->top_p,
+            .min_p = p->min_p,
+            .repetition_penalty = p->repetition_penalty,
+            .frequency_penalty = p->frequency_penalty,
+            .presence_penalty = p->presence_penalty,
+            .hist_off = (int32_t)used,
+            .n_hist = (int32_t)nh,
+            .u = p->temperature > 0.0f ? tdm_sample_state_next(&s->rng) : 0.0,
+        };
+        used += nh;
+        want_lp = want_lp || s->logprobs;
+    }
+    float *lp = want_lp ? e->h_slogprob : NULL;
+    if (e->be->ops->sample != NULL)
+        e->be->ops->sample(e->be, e->logits, n_logits, e->model->hp.n_vocab, e->h_srows,
+                           e->h_hist_tok, e->h_hist_cnt, (int64_t)used, e->h_argmax, lp);
+    else
+        host_sample_rows(e, n_logits, e->h_srows, e->h_argmax, lp);
+    return true;
+}
+
 /* Samples the next token of s from its logits row (or takes the backend's
- * greedy choice when chosen >= 0) and delivers it. Returns true when the
- * request is finished. */
-static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s, int32_t chosen)
+ * choice when chosen >= 0, with chosen_lp its log-probability) and
+ * delivers it. Returns true when the request is finished. */
+static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s, int32_t chosen, float chosen_lp)
 {
     const tdm_model_hparams_t *hp = &e->model->hp;
-    float lp = 0.0f;
+    float lp = chosen_lp;
     int32_t tok = chosen;
     s->n_top = 0;
     if (tok < 0) {
@@ -1182,14 +1294,28 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
 
     tdm_status_t st = TDM_OK;
     if (n_rows > 0) {
-        /* A device backend picks greedy tokens where the logits are, when no
-         * request of the step needs them on the host. */
-        bool on_device = e->be->ops->argmax != NULL && n_logits > 0;
-        for (int32_t i = 0; i < n_batch && on_device; i++)
-            on_device = batch[i]->logit_row < 0 || plain_greedy(batch[i]);
-        st = tdm_engine_forward(e, n_rows, n_tables, n_logits, !on_device);
-        if (st == TDM_OK && on_device)
+        /* The backend picks the tokens where the logits are when no request
+         * of the step needs them on the host: the argmax when all are plain
+         * greedy, its sampler otherwise. */
+        bool greedy = e->be->ops->argmax != NULL && n_logits > 0;
+        bool sampled = e->device_sample && n_logits > 0;
+        for (int32_t i = 0; i < n_batch; i++) {
+            if (batch[i]->logit_row < 0)
+                continue;
+            greedy = greedy && plain_greedy(batch[i]);
+            sampled = sampled && device_sampleable(batch[i]);
+        }
+        sampled = sampled && !greedy;
+        st = tdm_engine_forward(e, n_rows, n_tables, n_logits, !greedy && !sampled);
+        if (st == TDM_OK && greedy)
             e->be->ops->argmax(e->be, e->logits, n_logits, e->model->hp.n_vocab, e->h_argmax);
+        if (st == TDM_OK && sampled && !sample_on_device(e, batch, n_batch, n_logits)) {
+            tdm_log_warn(MOD, "no memory for the penalty histories; sampling on the host");
+            sampled = false;
+            e->be->ops->copy_from(e->be, e->h_logits, e->logits,
+                                  (size_t)n_logits * (size_t)e->model->hp.n_vocab * sizeof(float));
+        }
+        bool on_device = greedy || sampled;
         if (st == TDM_OK) {
             e->stats.steps++;
             for (int32_t i = 0; i < n_batch; i++) {
@@ -1199,7 +1325,8 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
                     export_prompt(e, s);
                 register_blocks(e, s);
                 if (s->logit_row >= 0 &&
-                    sample_and_deliver(e, s, on_device ? e->h_argmax[s->logit_row] : -1))
+                    sample_and_deliver(e, s, on_device ? e->h_argmax[s->logit_row] : -1,
+                                       sampled && s->logprobs ? e->h_slogprob[s->logit_row] : 0.0f))
                     retire(e, s, true);
             }
         }

@@ -89,7 +89,14 @@ struct tdm_engine {
     int32_t stage_blocks;
     uint16_t *kv_stage;
     int32_t *stage_ids, *stage_ntok;
-    int32_t *h_argmax; /* (max_logits) greedy tokens chosen by the backend (ops->argmax) */
+    int32_t *h_argmax; /* (max_logits) tokens chosen by the backend (ops->argmax, sample) */
+    /* Sampling where the logits are (ops->sample; TANDEM_ENGINE_DEVICE_SAMPLE=1
+     * runs the same path on the CPU through the host sampler): */
+    bool device_sample;
+    tdm_sample_row_t *h_srows;        /* (max_logits) */
+    float *h_slogprob;                /* (max_logits) */
+    int32_t *h_hist_tok, *h_hist_cnt; /* the rows' histories; grown as needed */
+    size_t hist_cap;
     /* decode steps padded to power-of-two buckets, replayed as graphs
      * (forward.c) */
     bool pad_decode, use_graphs;

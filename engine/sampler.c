@@ -692,6 +692,22 @@ static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, si
     sampler_sort_more(s, c, want);
 }
 
+void tdm_sampler_penalize_history(const tdm_sampling_params_t *p, float *logits,
+                                  const int32_t *tokens, const int32_t *counts, size_t n)
+{
+    const bool has_rep = p->repetition_penalty != 1.0f;
+    for (size_t i = 0; i < n; i++) {
+        float x = logits[tokens[i]];
+        if (has_rep)
+            x = penalize_repetition(x, p->repetition_penalty);
+        if (counts[i] > 0) {
+            x -= (float)counts[i] * p->frequency_penalty;
+            x -= p->presence_penalty;
+        }
+        logits[tokens[i]] = x;
+    }
+}
+
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
                            float *logits, const int32_t *prompt, size_t n_prompt,
                            const int32_t *output, size_t n_output, float *logprob)
@@ -699,16 +715,19 @@ int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm
     assert(s != NULL && p != NULL && st != NULL && logits != NULL);
     assert(n_prompt == 0 || prompt != NULL);
     assert(n_output == 0 || output != NULL);
-    const size_t n = (size_t)s->n_vocab;
-
     sampler_apply_penalties(s, p, logits, prompt, n_prompt, output, n_output);
-
     /* !(t > 0) also sends a NaN temperature here; validate rejects it. */
+    double u = p->temperature > 0.0f ? sample_state_uniform(st) : 0.0;
+    return tdm_sampler_sample_draw(s, p, u, logits, logprob);
+}
+
+int32_t tdm_sampler_sample_draw(tdm_sampler_t *s, const tdm_sampling_params_t *p, double u,
+                                float *logits, float *logprob)
+{
+    const size_t n = (size_t)s->n_vocab;
     const float temp = p->temperature;
     if (!(temp > 0.0f))
         return sampler_greedy(s, logits, logprob);
-
-    const double u = sample_state_uniform(st);
 
     const float max = max_logit(logits, n);
     /* Division by a positive number preserves order, so this is the

@@ -91,6 +91,18 @@ size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, con
                            size_t n_prompt, const int32_t *output, size_t n_output, int32_t *tokens,
                            int32_t *counts);
 
+/* What a device sampler does with that history (the reference of
+ * ops->sample): for each entry, the repetition penalty, then (count > 0)
+ * count * frequency_penalty and presence_penalty subtracted. Gives the
+ * logits bit for bit as tdm_sampler_sample's penalties. */
+void tdm_sampler_penalize_history(const tdm_sampling_params_t *p, float *logits,
+                                  const int32_t *tokens, const int32_t *counts, size_t n);
+
+/* tdm_sampler_sample after its penalties, with the draw u given (what
+ * tdm_sample_state_next returned; ignored at temperature 0). */
+int32_t tdm_sampler_sample_draw(tdm_sampler_t *s, const tdm_sampling_params_t *p, double u,
+                                float *logits, float *logprob);
+
 #ifdef __cplusplus
 }
 #endif

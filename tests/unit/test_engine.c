@@ -20,6 +20,7 @@
 
 typedef struct out {
     int32_t toks[MAX_OUT];
+    float lps[MAX_OUT];
     int n;
     atomic_int done;
     tdm_finish_reason_t fin;
@@ -31,8 +32,10 @@ typedef struct out {
 static void on_event(void *user, const tdm_request_event_t *ev)
 {
     out_t *o = user;
-    if (ev->token >= 0 && o->n < MAX_OUT)
+    if (ev->token >= 0 && o->n < MAX_OUT) {
+        o->lps[o->n] = ev->logprob;
         o->toks[o->n++] = ev->token;
+    }
     if (ev->text_len > 0 && o->tlen + ev->text_len < sizeof(o->text)) {
         memcpy(o->text + o->tlen, ev->text, ev->text_len);
         o->tlen += ev->text_len;
@@ -394,6 +397,73 @@ static void test_cancel(const char *model, const prompts_t *p)
     tdm_engine_destroy(e);
 }
 
+/* Sampling where the logits are (ops->sample; on the CPU the same path
+ * through TANDEM_ENGINE_DEVICE_SAMPLE=1) gives the host sampler's tokens
+ * and log-probabilities: every mix of parameters, penalties over prompt
+ * and output, seeds, prior output, greedy rows among sampled ones, and a
+ * request asking top log-probabilities (that step goes to the host). */
+static void test_device_sample(const char *model, const prompts_t *p, float temp_scale)
+{
+    static out_t ref[N_PROMPTS], got[N_PROMPTS];
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            setenv("TANDEM_ENGINE_DEVICE_SAMPLE", "1", 1);
+        tdm_engine_t *e = make_engine(model, 8, 256, 0, false);
+        unsetenv("TANDEM_ENGINE_DEVICE_SAMPLE");
+        if (e == NULL)
+            return;
+        out_t *outs = pass == 0 ? ref : got;
+        for (int i = 0; i < N_PROMPTS; i++) {
+            memset(&outs[i], 0, sizeof(outs[i]));
+            tdm_request_params_t rp = {0};
+            rp.prompt = p->toks[i];
+            rp.n_prompt = (size_t)p->n[i];
+            tdm_sampling_params_t *sp = &rp.sampling;
+            tdm_sampling_params_default(sp);
+            sp->has_seed = true;
+            sp->seed = 1000 + (uint64_t)i;
+            sp->temperature = i == 1 ? 0.0f : temp_scale * (0.6f + 0.2f * (float)i);
+            sp->top_k = i == 2 ? 5 : i == 4 ? 1000 : 0;
+            sp->top_p = i == 3 ? 0.8f : 1.0f;
+            sp->min_p = i == 0 ? 0.05f : 0.0f;
+            sp->repetition_penalty = i % 2 ? 1.3f : 1.0f;
+            sp->frequency_penalty = i == 2 ? 0.5f : i == 4 ? -0.3f : 0.0f;
+            sp->presence_penalty = i == 0 ? 0.4f : 0.0f;
+            rp.n_prior_output = i == 3 ? 2 : 0;
+            rp.logprobs = i != 2;
+            rp.top_logprobs = i == 4 ? 2 : 0;
+            /* the top-logprobs request ends early: its steps go to the
+             * host, the later ones to the device path */
+            rp.max_tokens = i == 4 ? 3 : gen_tokens;
+            rp.ignore_eos = true;
+            rp.cb = on_event;
+            rp.user = &outs[i];
+            CHECK(tdm_engine_add(e, &rp, NULL) == TDM_OK, "add prompt %d", i);
+        }
+        tdm_engine_run_until_idle(e);
+        tdm_engine_destroy(e);
+    }
+    char what[96];
+    snprintf(what, sizeof(what), "device sampling vs host sampling, temperature x%g", temp_scale);
+    same(ref, got, N_PROMPTS, what);
+    /* the draws mattered: sampled requests do not repeat one token */
+    int distinct = 0;
+    for (int k = 1; k < ref[0].n; k++)
+        distinct += ref[0].toks[k] != ref[0].toks[0];
+    CHECK(distinct > 0, "%s: prompt 0 only ever drew token %d", what, ref[0].toks[0]);
+    int lp_same = 0, lp_all = 0;
+    for (int i = 0; i < N_PROMPTS; i++)
+        for (int k = 0; k < ref[i].n && k < got[i].n; k++) {
+            lp_all++;
+            lp_same += ref[i].lps[k] == got[i].lps[k];
+            if (ref[i].lps[k] != got[i].lps[k])
+                printf("  prompt %d token %d: logprob %.9g vs %.9g\n", i, k, (double)ref[i].lps[k],
+                       (double)got[i].lps[k]);
+        }
+    CHECK(lp_same == lp_all, "device sampling: %d of %d log-probabilities differ", lp_all - lp_same,
+          lp_all);
+}
+
 int main(void)
 {
     tdm_log_set_level(TDM_LOG_LEVEL_WARN);
@@ -414,6 +484,8 @@ int main(void)
         snprintf(label, sizeof(label), "synthetic %s model", types[t]);
         test_invariance(path, &p, label);
         if (t == 0) {
+            /* random weights give logits hundreds apart: hot enough to draw */
+            test_device_sample(path, &p, 100.0f);
             test_stops_and_limits(path, &p);
             test_cancel(path, &p);
         }
@@ -424,6 +496,7 @@ int main(void)
         gen_tokens = 32;
         text_prompts(&p, model);
         test_invariance(model, &p, "SmolLM2-135M-Instruct Q4_1");
+        test_device_sample(model, &p, 1.0f);
     } else {
         printf("default model not present: real-model invariance skipped (run `make model`)\n");
     }

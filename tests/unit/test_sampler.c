@@ -954,30 +954,30 @@ static void test_history(void)
         tdm_sample_state_init(&st, &p);
         tdm_sampler_sample(s, &p, &st, a, prompt, np, output, no, NULL);
         size_t nh = tdm_sampler_history(s, &p, prompt, np, output, no, tok, cnt);
-        for (size_t i = 0; i < nh; i++) {
-            float x = b[tok[i]];
-            if (p.repetition_penalty != 1.0f)
-                x = x > 0.0f ? x / p.repetition_penalty : x * p.repetition_penalty;
-            if (cnt[i] > 0) {
-                x -= (float)cnt[i] * p.frequency_penalty;
-                x -= p.presence_penalty;
-            }
-            b[tok[i]] = x;
-        }
+        tdm_sampler_penalize_history(&p, b, tok, cnt, nh);
         same += logits_equal(a, b, N);
     }
     CHECK(same == ROWS);
 
-    /* A seeded token at temperature 1 takes exactly one draw. */
+    /* A seeded token at temperature 1 takes exactly one draw, the one
+     * tdm_sample_state_next gives, and sample_draw with it picks the same. */
     tdm_sampling_params_t p = params_seeded(1.0f, 42);
+    p.top_k = 40;
+    p.top_p = 0.9f;
     tdm_sample_state_t s1, s2;
-    tdm_sample_state_init(&s1, &p);
-    tdm_sample_state_init(&s2, &p);
-    for (int i = 0; i < N; i++)
-        a[i] = test_gauss();
-    tdm_sampler_sample(s, &p, &s1, a, NULL, 0, NULL, 0, NULL);
-    (void)tdm_sample_state_next(&s2);
-    CHECK(tdm_sample_state_next(&s1) == tdm_sample_state_next(&s2));
+    int agree = 0;
+    for (int r = 0; r < 50; r++) {
+        tdm_sample_state_init(&s1, &p);
+        tdm_sample_state_init(&s2, &p);
+        for (int i = 0; i < N; i++)
+            a[i] = b[i] = test_gauss() * 2.0f;
+        float la = 0, lb = 1;
+        int32_t ta = tdm_sampler_sample(s, &p, &s1, a, NULL, 0, NULL, 0, &la);
+        int32_t tb = tdm_sampler_sample_draw(s, &p, tdm_sample_state_next(&s2), b, &lb);
+        agree += ta == tb && la == lb && tdm_sample_state_next(&s1) == tdm_sample_state_next(&s2);
+        p.seed++;
+    }
+    CHECK(agree == 50);
     tdm_sampler_destroy(s);
 }
 
