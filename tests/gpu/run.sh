@@ -5,13 +5,15 @@
 #      or libmicrohttpd needed: the network roles are left out)
 #   2. op parity CUDA vs CPU on fresh random inputs, batch invariance
 #      (tests/gpu/test_cuda_ops.c)
-#   3. whole-model logits parity CPU vs CUDA and batch invariance
+#   3. the GPU sampler against the host sampler, token for token
+#      (tests/gpu/test_cuda_sample.c)
+#   4. whole-model logits parity CPU vs CUDA and batch invariance
 #      (tests/gpu/test_cuda_model.c)
-#   4. compute-sanitizer memcheck over the op tests (quick shapes)
-#   5. ceilings: HBM copy bandwidth, cuBLAS GEMM (tests/gpu/bench_cuda.cu)
-#   6. tandem bench engine --device cuda on Llama-3-8B-shaped synthetic models
+#   5. compute-sanitizer memcheck over the op and sampler tests (quick shapes)
+#   6. ceilings: HBM copy bandwidth, cuBLAS GEMM (tests/gpu/bench_cuda.cu)
+#   7. tandem bench engine --device cuda on Llama-3-8B-shaped synthetic models
 #      (F16 and Q4_1 weights, made by `tandem mkmodel --preset llama3-8b`)
-#   7. a short table (tests/gpu/summary.py); JSON and logs in $OUT
+#   8. a short table (tests/gpu/summary.py); JSON and logs in $OUT
 # The machine needs nvcc, cmake and python3. Our Debian libraries (PCRE2,
 # xxHash, pkg-config) come from .gpu-deps, made here by
 # tests/gpu/prepare-deps.sh and carried along.
@@ -44,7 +46,8 @@ if ! cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DTANDEM_CUDA=ON \
     echo "configure failed (missing PCRE2/xxHash? run tests/gpu/prepare-deps.sh and carry .gpu-deps)"
     exit 1
 fi
-if ! cmake --build "$BUILD" -j "$JOBS" --target tandem test_cuda_ops test_cuda_model bench_cuda \
+if ! cmake --build "$BUILD" -j "$JOBS" --target tandem test_cuda_ops test_cuda_sample test_cuda_model \
+        bench_cuda \
         > "$OUT/build.log" 2>&1; then
     grep -E "error|Error" "$OUT/build.log" | head -40
     exit 1
@@ -57,6 +60,10 @@ log "op parity (test_cuda_ops)"
 timeout 300 "$B/test_cuda_ops" > "$OUT/test_cuda_ops.log" 2>&1
 rc=$?; record test_cuda_ops $rc; tail -60 "$OUT/test_cuda_ops.log"
 
+log "sampler parity (test_cuda_sample)"
+timeout 240 "$B/test_cuda_sample" > "$OUT/test_cuda_sample.log" 2>&1
+rc=$?; record test_cuda_sample $rc; tail -12 "$OUT/test_cuda_sample.log"
+
 log "model parity (test_cuda_model)"
 timeout 300 "$B/test_cuda_model" > "$OUT/test_cuda_model.log" 2>&1
 rc=$?; record test_cuda_model $rc; tail -15 "$OUT/test_cuda_model.log"
@@ -66,6 +73,9 @@ if command -v compute-sanitizer >/dev/null; then
     TANDEM_TEST_QUICK=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
         --print-limit 20 "$B/test_cuda_ops" > "$OUT/memcheck.log" 2>&1
     rc=$?; record memcheck $rc; tail -8 "$OUT/memcheck.log"
+    TANDEM_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        --print-limit 20 "$B/test_cuda_sample" > "$OUT/memcheck-sample.log" 2>&1
+    rc=$?; record memcheck-sample $rc; tail -4 "$OUT/memcheck-sample.log"
 else
     record memcheck missing
 fi
