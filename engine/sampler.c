@@ -458,16 +458,32 @@ static inline float penalize_repetition(float x, float penalty)
     return x > 0.0f ? x / penalty : x * penalty;
 }
 
-static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_t *p, float *logits,
-                                    const int32_t *prompt, size_t n_prompt, const int32_t *output,
-                                    size_t n_output)
+/* The penalty of one history token: repetition, then (count > 0: it is in
+ * the output count times) frequency and presence. */
+static inline float penalize(const tdm_sampling_params_t *p, float x, uint32_t count)
 {
-    const float rep = p->repetition_penalty, freq = p->frequency_penalty,
-                pres = p->presence_penalty;
-    const bool has_rep = rep != 1.0f;
+    if (p->repetition_penalty != 1.0f)
+        x = penalize_repetition(x, p->repetition_penalty);
+    if (count > 0) {
+        x -= (float)count * p->frequency_penalty;
+        x -= p->presence_penalty;
+    }
+    return x;
+}
+
+/* Calls visit(ctx, token, count in the output) once for each distinct
+ * token the penalties of p touch: the output's tokens at their first
+ * occurrence, then (with a repetition penalty) the prompt's tokens not in
+ * the output, count 0. Ids outside the vocabulary are skipped. Returns
+ * false (and visits nothing) when p has no penalty. */
+static bool history_walk(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
+                         size_t n_prompt, const int32_t *output, size_t n_output,
+                         void (*visit)(void *ctx, int32_t token, uint32_t count), void *ctx)
+{
+    const bool has_rep = p->repetition_penalty != 1.0f;
     const uint32_t n_vocab = (uint32_t)s->n_vocab;
-    if (!has_rep && freq == 0.0f && pres == 0.0f)
-        return;
+    if (!has_rep && p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f)
+        return false;
     if (++s->generation == 0) {
         memset(s->stamp, 0, (size_t)n_vocab * sizeof(*s->stamp));
         s->generation = 1;
@@ -477,70 +493,72 @@ static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_
     for (size_t i = 0; i < n_output; i++)
         if ((uint32_t)output[i] < n_vocab)
             s->count[output[i]]++;
-    /* Each distinct output token once, at its first occurrence; count[]
-     * goes back to 0 as it is used. */
+    /* count[] goes back to 0 as it is used */
     for (size_t i = 0; i < n_output; i++) {
         uint32_t t = (uint32_t)output[i];
         if (t >= n_vocab || s->count[t] == 0)
             continue;
-        float x = logits[t];
-        if (has_rep)
-            x = penalize_repetition(x, rep);
-        x -= (float)s->count[t] * freq;
-        x -= pres;
-        logits[t] = x;
+        visit(ctx, (int32_t)t, s->count[t]);
         s->count[t] = 0;
         s->stamp[t] = gen;
     }
     if (!has_rep)
-        return;
+        return true;
     for (size_t i = 0; i < n_prompt; i++) {
         uint32_t t = (uint32_t)prompt[i];
         if (t >= n_vocab || s->stamp[t] == gen)
             continue;
         s->stamp[t] = gen;
-        logits[t] = penalize_repetition(logits[t], rep);
+        visit(ctx, (int32_t)t, 0);
     }
+    return true;
+}
+
+typedef struct penalize_ctx {
+    const tdm_sampling_params_t *p;
+    float *logits;
+} penalize_ctx_t;
+
+static void penalize_visit(void *ctx, int32_t token, uint32_t count)
+{
+    penalize_ctx_t *c = ctx;
+    c->logits[token] = penalize(c->p, c->logits[token], count);
+}
+
+static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_t *p, float *logits,
+                                    const int32_t *prompt, size_t n_prompt, const int32_t *output,
+                                    size_t n_output)
+{
+    penalize_ctx_t c = {p, logits};
+    (void)history_walk(s, p, prompt, n_prompt, output, n_output, penalize_visit, &c);
+}
+
+typedef struct history_ctx {
+    int32_t *tokens, *counts;
+    size_t n;
+} history_ctx_t;
+
+static void history_visit(void *ctx, int32_t token, uint32_t count)
+{
+    history_ctx_t *c = ctx;
+    c->tokens[c->n] = token;
+    c->counts[c->n++] = (int32_t)count;
 }
 
 size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
                            size_t n_prompt, const int32_t *output, size_t n_output, int32_t *tokens,
                            int32_t *counts)
 {
-    const bool has_rep = p->repetition_penalty != 1.0f;
-    const uint32_t n_vocab = (uint32_t)s->n_vocab;
-    if (!has_rep && p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f)
-        return 0;
-    if (++s->generation == 0) {
-        memset(s->stamp, 0, (size_t)n_vocab * sizeof(*s->stamp));
-        s->generation = 1;
-    }
-    const uint32_t gen = s->generation;
-    size_t n = 0;
-    /* The same walk as sampler_apply_penalties: output tokens first. */
-    for (size_t i = 0; i < n_output; i++)
-        if ((uint32_t)output[i] < n_vocab)
-            s->count[output[i]]++;
-    for (size_t i = 0; i < n_output; i++) {
-        uint32_t t = (uint32_t)output[i];
-        if (t >= n_vocab || s->count[t] == 0)
-            continue;
-        tokens[n] = (int32_t)t;
-        counts[n++] = (int32_t)s->count[t];
-        s->count[t] = 0;
-        s->stamp[t] = gen;
-    }
-    if (!has_rep)
-        return n;
-    for (size_t i = 0; i < n_prompt; i++) {
-        uint32_t t = (uint32_t)prompt[i];
-        if (t >= n_vocab || s->stamp[t] == gen)
-            continue;
-        s->stamp[t] = gen;
-        tokens[n] = (int32_t)t;
-        counts[n++] = 0;
-    }
-    return n;
+    history_ctx_t c = {tokens, counts, 0};
+    (void)history_walk(s, p, prompt, n_prompt, output, n_output, history_visit, &c);
+    return c.n;
+}
+
+void tdm_sampler_penalize_history(const tdm_sampling_params_t *p, float *logits,
+                                  const int32_t *tokens, const int32_t *counts, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        logits[tokens[i]] = penalize(p, logits[tokens[i]], (uint32_t)counts[i]);
 }
 
 static inline float sanitize(float x)
@@ -690,22 +708,6 @@ static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, si
             want = have + (size_t)more;
     }
     sampler_sort_more(s, c, want);
-}
-
-void tdm_sampler_penalize_history(const tdm_sampling_params_t *p, float *logits,
-                                  const int32_t *tokens, const int32_t *counts, size_t n)
-{
-    const bool has_rep = p->repetition_penalty != 1.0f;
-    for (size_t i = 0; i < n; i++) {
-        float x = logits[tokens[i]];
-        if (has_rep)
-            x = penalize_repetition(x, p->repetition_penalty);
-        if (counts[i] > 0) {
-            x -= (float)counts[i] * p->frequency_penalty;
-            x -= p->presence_penalty;
-        }
-        logits[tokens[i]] = x;
-    }
 }
 
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,

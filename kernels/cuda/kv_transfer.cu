@@ -119,10 +119,11 @@ static void kv_after_compute(tdm_cuda_backend_t *cb)
     TDM_CUDA_CHECK(cudaStreamWaitEvent(cb->copy, cb->kv_after_compute, 0));
 }
 
-extern "C" uint64_t cuda_kv_out(tdm_backend_t *be, uint16_t *const *cache_k,
-                                uint16_t *const *cache_v, int32_t n_layer, int64_t block_elems,
-                                const int32_t *ids, const int32_t *n_tok, int32_t n_blocks,
-                                int64_t kv_dim, uint16_t *host)
+/* kv_out (out = true) or kv_in: see the top of this file. */
+static uint64_t kv_transfer(tdm_backend_t *be, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                            int32_t n_layer, int64_t block_elems, const int32_t *ids,
+                            const int32_t *n_tok, int32_t n_blocks, int64_t kv_dim, void *host,
+                            bool out)
 {
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
     if (n_blocks <= 0)
@@ -131,11 +132,30 @@ extern "C" uint64_t cuda_kv_out(tdm_backend_t *be, uint16_t *const *cache_k,
     kv_after_compute(cb);
     kv_meta_t m;
     uint16_t *stage = kv_stage(cb, cache_k, cache_v, n_layer, ids, n_tok, n_blocks, bytes, &m);
-    kv_move<true><<<(unsigned)n_blocks * 2u * (unsigned)n_layer, KV_THREADS, 0, cb->copy>>>(
-        m, 2 * n_layer, block_elems, kv_dim, stage);
-    TDM_CUDA_LAUNCHED("kv_move (out)");
-    TDM_CUDA_CHECK(cudaMemcpyAsync(host, stage, bytes, cudaMemcpyDeviceToHost, cb->copy));
-    return kv_ticket(cb);
+    const unsigned grid = (unsigned)n_blocks * 2u * (unsigned)n_layer;
+    if (out) {
+        kv_move<true>
+            <<<grid, KV_THREADS, 0, cb->copy>>>(m, 2 * n_layer, block_elems, kv_dim, stage);
+        TDM_CUDA_LAUNCHED("kv_move (out)");
+        TDM_CUDA_CHECK(cudaMemcpyAsync(host, stage, bytes, cudaMemcpyDeviceToHost, cb->copy));
+        return kv_ticket(cb);
+    }
+    TDM_CUDA_CHECK(cudaMemcpyAsync(stage, host, bytes, cudaMemcpyHostToDevice, cb->copy));
+    kv_move<false><<<grid, KV_THREADS, 0, cb->copy>>>(m, 2 * n_layer, block_elems, kv_dim, stage);
+    TDM_CUDA_LAUNCHED("kv_move (in)");
+    uint64_t t = kv_ticket(cb);
+    /* the ops queued after kv_in read what it wrote */
+    TDM_CUDA_CHECK(cudaStreamWaitEvent(cb->stream, cb->kv_done[t % TDM_CUDA_KV_TICKETS], 0));
+    return t;
+}
+
+extern "C" uint64_t cuda_kv_out(tdm_backend_t *be, uint16_t *const *cache_k,
+                                uint16_t *const *cache_v, int32_t n_layer, int64_t block_elems,
+                                const int32_t *ids, const int32_t *n_tok, int32_t n_blocks,
+                                int64_t kv_dim, uint16_t *host)
+{
+    return kv_transfer(be, cache_k, cache_v, n_layer, block_elems, ids, n_tok, n_blocks, kv_dim,
+                       host, true);
 }
 
 extern "C" uint64_t cuda_kv_in(tdm_backend_t *be, uint16_t *const *cache_k,
@@ -143,20 +163,8 @@ extern "C" uint64_t cuda_kv_in(tdm_backend_t *be, uint16_t *const *cache_k,
                                const int32_t *ids, const int32_t *n_tok, int32_t n_blocks,
                                int64_t kv_dim, const uint16_t *host)
 {
-    tdm_cuda_backend_t *cb = tdm_cuda_of(be);
-    if (n_blocks <= 0)
-        return cb->kv_ticket;
-    size_t bytes = (size_t)n_blocks * 2 * (size_t)n_layer * (size_t)block_elems * sizeof(uint16_t);
-    kv_after_compute(cb);
-    kv_meta_t m;
-    uint16_t *stage = kv_stage(cb, cache_k, cache_v, n_layer, ids, n_tok, n_blocks, bytes, &m);
-    TDM_CUDA_CHECK(cudaMemcpyAsync(stage, host, bytes, cudaMemcpyHostToDevice, cb->copy));
-    kv_move<false><<<(unsigned)n_blocks * 2u * (unsigned)n_layer, KV_THREADS, 0, cb->copy>>>(
-        m, 2 * n_layer, block_elems, kv_dim, stage);
-    TDM_CUDA_LAUNCHED("kv_move (in)");
-    uint64_t t = kv_ticket(cb);
-    TDM_CUDA_CHECK(cudaStreamWaitEvent(cb->stream, cb->kv_done[t % TDM_CUDA_KV_TICKETS], 0));
-    return t;
+    return kv_transfer(be, cache_k, cache_v, n_layer, block_elems, ids, n_tok, n_blocks, kv_dim,
+                       (void *)host, false);
 }
 
 extern "C" void cuda_kv_wait(tdm_backend_t *be, uint64_t ticket)
