@@ -1063,15 +1063,7 @@ static void host_sample_rows(tdm_engine_t *e, int32_t n, const tdm_sample_row_t 
     e->be->ops->copy_from(e->be, e->h_logits, e->logits, (size_t)n * V * sizeof(float));
     for (int32_t t = 0; t < n; t++) {
         const tdm_sample_row_t *r = &rows[t];
-        tdm_sampling_params_t p;
-        tdm_sampling_params_default(&p);
-        p.temperature = r->temperature;
-        p.top_k = r->top_k;
-        p.top_p = r->top_p;
-        p.min_p = r->min_p;
-        p.repetition_penalty = r->repetition_penalty;
-        p.frequency_penalty = r->frequency_penalty;
-        p.presence_penalty = r->presence_penalty;
+        tdm_sampling_params_t p = tdm_sample_row_params(r);
         float *l = e->h_logits + (size_t)t * V;
         tdm_sampler_penalize_history(&p, l, e->h_hist_tok + r->hist_off,
                                      e->h_hist_cnt + r->hist_off, (size_t)r->n_hist);
@@ -1103,18 +1095,8 @@ static bool sample_on_device(tdm_engine_t *e, tdm_seq_t *const *batch, int32_t n
         size_t nh = tdm_sampler_history(e->sampler, p, s->tokens, (size_t)n_in, s->tokens + n_in,
                                         (size_t)(s->n_tokens - n_in), e->h_hist_tok + used,
                                         e->h_hist_cnt + used);
-        e->h_srows[s->logit_row] = (tdm_sample_row_t){
-            .temperature = p->temperature > 0.0f ? p->temperature : 0.0f,
-            .top_k = p->top_k,
-            .top_p = p->top_p,
-            .min_p = p->min_p,
-            .repetition_penalty = p->repetition_penalty,
-            .frequency_penalty = p->frequency_penalty,
-            .presence_penalty = p->presence_penalty,
-            .hist_off = (int32_t)used,
-            .n_hist = (int32_t)nh,
-            .u = p->temperature > 0.0f ? tdm_sample_state_next(&s->rng) : 0.0,
-        };
+        double u = p->temperature > 0.0f ? tdm_sample_state_next(&s->rng) : 0.0;
+        e->h_srows[s->logit_row] = tdm_sample_row_make(p, u, used, nh);
         used += nh;
         want_lp = want_lp || s->logprobs;
     }

@@ -710,6 +710,38 @@ static inline void sampler_sort_through(tdm_sampler_t *s, sampler_cands_t *c, si
     sampler_sort_more(s, c, want);
 }
 
+tdm_sample_row_t tdm_sample_row_make(const tdm_sampling_params_t *p, double u, size_t hist_off,
+                                     size_t n_hist)
+{
+    bool hot = p->temperature > 0.0f;
+    return (tdm_sample_row_t){
+        .temperature = hot ? p->temperature : 0.0f,
+        .top_k = p->top_k,
+        .top_p = p->top_p,
+        .min_p = p->min_p,
+        .repetition_penalty = p->repetition_penalty,
+        .frequency_penalty = p->frequency_penalty,
+        .presence_penalty = p->presence_penalty,
+        .hist_off = (int32_t)hist_off,
+        .n_hist = (int32_t)n_hist,
+        .u = hot ? u : 0.0,
+    };
+}
+
+tdm_sampling_params_t tdm_sample_row_params(const tdm_sample_row_t *r)
+{
+    tdm_sampling_params_t p;
+    tdm_sampling_params_default(&p);
+    p.temperature = r->temperature;
+    p.top_k = r->top_k;
+    p.top_p = r->top_p;
+    p.min_p = r->min_p;
+    p.repetition_penalty = r->repetition_penalty;
+    p.frequency_penalty = r->frequency_penalty;
+    p.presence_penalty = r->presence_penalty;
+    return p;
+}
+
 int32_t tdm_sampler_sample(tdm_sampler_t *s, const tdm_sampling_params_t *p, tdm_sample_state_t *st,
                            float *logits, const int32_t *prompt, size_t n_prompt,
                            const int32_t *output, size_t n_output, float *logprob)

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tandem/kernels.h"
 #include "tandem/status.h"
 
 #ifdef __cplusplus
@@ -97,6 +98,13 @@ size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, con
  * logits bit for bit as tdm_sampler_sample's penalties. */
 void tdm_sampler_penalize_history(const tdm_sampling_params_t *p, float *logits,
                                   const int32_t *tokens, const int32_t *counts, size_t n);
+
+/* A logits row's sampling for ops->sample: p's parameters, the draw u and
+ * the row's history at hist_tokens[hist_off .. hist_off + n_hist). */
+tdm_sample_row_t tdm_sample_row_make(const tdm_sampling_params_t *p, double u, size_t hist_off,
+                                     size_t n_hist);
+/* The parameters a row samples with (no seed: its draw is in the row). */
+tdm_sampling_params_t tdm_sample_row_params(const tdm_sample_row_t *r);
 
 /* tdm_sampler_sample after its penalties, with the draw u given (what
  * tdm_sample_state_next returned; ignored at temperature 0). */
