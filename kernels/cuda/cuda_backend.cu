@@ -1,6 +1,6 @@
 /* tandem CUDA backend: the ops table, device memory, weight upload and the
  * scratch buffer. The ops themselves live in one .cu per op family
- * (matmul, embed, attention, row ops, argmax, KV transfers); see
+ * (matmul, embed, attention, row ops, argmax, sample, KV transfers); see
  * cuda_internal.cuh for the rules they follow. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +13,7 @@
 #include "kv_transfer.cuh"
 #include "matmul.cuh"
 #include "rowops.cuh"
+#include "sample.cuh"
 #include "tandem/log.h"
 
 /* The tuned attention and row ops where their files are in the tree; the
@@ -293,6 +294,7 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
     cb->ops.kv_write = TDM_CUDA_KV_WRITE;
     cb->ops.attention = TDM_CUDA_ATTENTION;
     cb->ops.argmax = cuda_argmax;
+    cb->ops.sample = cuda_sample;
     cb->ops.kv_out = cuda_kv_out;
     cb->ops.kv_in = cuda_kv_in;
     cb->ops.kv_wait = cuda_kv_wait;
