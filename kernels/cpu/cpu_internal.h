@@ -218,6 +218,9 @@ typedef struct tdm_cpu_kernels {
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_scalar;
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx2;      /* AVX2 without VNNI */
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx2_vnni; /* AVX2 with AVX-VNNI */
+/* ops_avxvnni.c: the AVX-VNNI quantized matmul of tdm_cpu_kernels_avx2_vnni */
+void tdm_cpu_qmatmul_avx2_vnni(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
+                               int64_t ldy, int64_t g0, int64_t g1);
 extern const tdm_cpu_kernels_t tdm_cpu_kernels_avx512;
 
 /* The scalar attention of one head; SIMD kernels fall back to it for head
