@@ -691,8 +691,8 @@ static void on_request(void *user, const tdm_net_msg_t *msg)
      * decode node waiting for blocks should get them rather than recompute)
      * but takes no new blocks. The drain ends when nothing is in flight or
      * at --drain-timeout. */
-    if (srv->draining && req->op != TANDEM__KV__OP__OP_STATS &&
-        req->op != TANDEM__KV__OP__OP_GET && req->op != TANDEM__KV__OP__OP_LOOKUP) {
+    if (srv->draining && req->op != TANDEM__KV__OP__OP_STATS && req->op != TANDEM__KV__OP__OP_GET &&
+        req->op != TANDEM__KV__OP__OP_LOOKUP) {
         reply_status(cl, req->id, req->op, TANDEM__KV__STATUS__S_DRAINING,
                      "the store is shutting down");
     } else if (req->op == TANDEM__KV__OP__OP_GET) {
