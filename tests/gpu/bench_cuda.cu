@@ -24,7 +24,7 @@
     do {                                                                                           \
         cudaError_t e_ = (call);                                                                   \
         if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "bench_cuda: %s failed: %s\n", #call, cudaGetErrorString(e_));        \
+            fprintf(stderr, "bench_cuda: %s failed: %s\n", #call, cudaGetErrorString(e_));         \
             exit(1);                                                                               \
         }                                                                                          \
     } while (0)
@@ -32,7 +32,7 @@
     do {                                                                                           \
         cublasStatus_t s_ = (call);                                                                \
         if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
-            fprintf(stderr, "bench_cuda: %s failed: status %d\n", #call, (int)s_);               \
+            fprintf(stderr, "bench_cuda: %s failed: status %d\n", #call, (int)s_);                 \
             exit(1);                                                                               \
         }                                                                                          \
     } while (0)
@@ -121,8 +121,8 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int m, k;
-    } shapes[] = {{"q", 4096, 4096},   {"k", 1024, 4096},    {"v", 1024, 4096},
-                  {"o", 4096, 4096},   {"gate", 14336, 4096}, {"up", 14336, 4096},
+    } shapes[] = {{"q", 4096, 4096},    {"k", 1024, 4096},     {"v", 1024, 4096},
+                  {"o", 4096, 4096},    {"gate", 14336, 4096}, {"up", 14336, 4096},
                   {"down", 4096, 14336}};
     const int n_shapes = (int)(sizeof(shapes) / sizeof(shapes[0]));
     const int n_sets = 3; /* rotated weight sets: 3 x 117 MB for gate: past L2 */
