@@ -474,16 +474,16 @@ static inline float penalize(const tdm_sampling_params_t *p, float x, uint32_t c
 /* Calls visit(ctx, token, count in the output) once for each distinct
  * token the penalties of p touch: the output's tokens at their first
  * occurrence, then (with a repetition penalty) the prompt's tokens not in
- * the output, count 0. Ids outside the vocabulary are skipped. Returns
- * false (and visits nothing) when p has no penalty. */
-static bool history_walk(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
+ * the output, count 0. Ids outside the vocabulary are skipped. Nothing
+ * when p has no penalty. */
+static void history_walk(tdm_sampler_t *s, const tdm_sampling_params_t *p, const int32_t *prompt,
                          size_t n_prompt, const int32_t *output, size_t n_output,
                          void (*visit)(void *ctx, int32_t token, uint32_t count), void *ctx)
 {
     const bool has_rep = p->repetition_penalty != 1.0f;
     const uint32_t n_vocab = (uint32_t)s->n_vocab;
     if (!has_rep && p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f)
-        return false;
+        return;
     if (++s->generation == 0) {
         memset(s->stamp, 0, (size_t)n_vocab * sizeof(*s->stamp));
         s->generation = 1;
@@ -503,7 +503,7 @@ static bool history_walk(tdm_sampler_t *s, const tdm_sampling_params_t *p, const
         s->stamp[t] = gen;
     }
     if (!has_rep)
-        return true;
+        return;
     for (size_t i = 0; i < n_prompt; i++) {
         uint32_t t = (uint32_t)prompt[i];
         if (t >= n_vocab || s->stamp[t] == gen)
@@ -511,7 +511,6 @@ static bool history_walk(tdm_sampler_t *s, const tdm_sampling_params_t *p, const
         s->stamp[t] = gen;
         visit(ctx, (int32_t)t, 0);
     }
-    return true;
 }
 
 typedef struct penalize_ctx {
@@ -530,7 +529,7 @@ static void sampler_apply_penalties(tdm_sampler_t *s, const tdm_sampling_params_
                                     size_t n_output)
 {
     penalize_ctx_t c = {p, logits};
-    (void)history_walk(s, p, prompt, n_prompt, output, n_output, penalize_visit, &c);
+    history_walk(s, p, prompt, n_prompt, output, n_output, penalize_visit, &c);
 }
 
 typedef struct history_ctx {
@@ -550,7 +549,7 @@ size_t tdm_sampler_history(tdm_sampler_t *s, const tdm_sampling_params_t *p, con
                            int32_t *counts)
 {
     history_ctx_t c = {tokens, counts, 0};
-    (void)history_walk(s, p, prompt, n_prompt, output, n_output, history_visit, &c);
+    history_walk(s, p, prompt, n_prompt, output, n_output, history_visit, &c);
     return c.n;
 }
 
