@@ -769,12 +769,14 @@ static void stage_rows(tdm_engine_t *e, int32_t half, int32_t i, uint16_t **rows
         rows[t] = b + (size_t)t * block_elems;
 }
 
-/* Fills a staging half's block list with blocks [from, from + count) of
- * a sequence of n_pos positions; returns count. */
+/* Fills a staging half's block list with the chunk of blocks from `from`
+ * (at most stage_blocks, up to the last of nb) of a sequence of n_pos
+ * positions; returns how many. */
 static int32_t stage_fill(tdm_engine_t *e, int32_t half, const int32_t *blocks, int32_t from,
-                          int32_t count, int32_t n_pos)
+                          int32_t nb, int32_t n_pos)
 {
     int32_t bs = e->cfg.block_size;
+    int32_t count = nb - from < e->stage_blocks ? nb - from : e->stage_blocks;
     for (int32_t i = 0; i < count; i++) {
         int32_t left = n_pos - (from + i) * bs;
         e->stage_ids[half * e->stage_blocks + i] = blocks[from + i];
@@ -813,27 +815,26 @@ static tdm_status_t visit_staged(tdm_engine_t *e, const int32_t *blocks, int32_t
     uint64_t out_ticket[2] = {0, 0}, in_ticket[2] = {0, 0};
     tdm_status_t st = TDM_OK;
     int32_t done = 0;
+    int32_t count[2] = {0, 0}; /* blocks in each half's current chunk */
     if ((how & KV_READ) && first < nb) {
-        int32_t count = stage_fill(e, 0, blocks, first, nb - first < S ? nb - first : S, n_pos);
-        out_ticket[0] = stage_move(e, 0, count, true);
+        count[0] = stage_fill(e, 0, blocks, first, nb, n_pos);
+        out_ticket[0] = stage_move(e, 0, count[0], true);
     }
     for (int32_t c = 0, from = first; from < nb && st == TDM_OK; c++, from += S) {
-        int32_t half = c & 1, count = nb - from < S ? nb - from : S;
-        int32_t next = from + S;
+        int32_t half = c & 1, next = from + S;
         if ((how & KV_READ) && next < nb) {
             /* the other half's upload (if any) is queued before this read */
-            int32_t n_next =
-                stage_fill(e, half ^ 1, blocks, next, nb - next < S ? nb - next : S, n_pos);
-            out_ticket[half ^ 1] = stage_move(e, half ^ 1, n_next, true);
+            count[half ^ 1] = stage_fill(e, half ^ 1, blocks, next, nb, n_pos);
+            out_ticket[half ^ 1] = stage_move(e, half ^ 1, count[half ^ 1], true);
         }
         if (how & KV_READ)
             be->ops->kv_wait(be, out_ticket[half]);
         else {
             be->ops->kv_wait(be, in_ticket[half]); /* its last upload read this half */
-            stage_fill(e, half, blocks, from, count, n_pos);
+            count[half] = stage_fill(e, half, blocks, from, nb, n_pos);
         }
         int32_t accepted = 0;
-        for (; accepted < count; accepted++) {
+        for (; accepted < count[half]; accepted++) {
             stage_rows(e, half, accepted, rows);
             st = fn(user, from + accepted, e->stage_ntok[half * S + accepted], rows, rows + nl);
             if (st != TDM_OK)
@@ -1032,13 +1033,13 @@ static bool device_sampleable(const tdm_seq_t *s)
     return s->top_logprobs == 0;
 }
 
-/* Room for used + n history entries. */
-static bool hist_reserve(tdm_engine_t *e, size_t used, size_t n)
+/* Room for n history entries. */
+static bool hist_reserve(tdm_engine_t *e, size_t n)
 {
-    if (used + n <= e->hist_cap)
+    if (n <= e->hist_cap)
         return true;
     size_t cap = e->hist_cap ? e->hist_cap : 4096;
-    while (cap < used + n)
+    while (cap < n)
         cap *= 2;
     int32_t *t = realloc(e->h_hist_tok, cap * sizeof(int32_t));
     if (t != NULL)
@@ -1084,7 +1085,7 @@ static bool sample_on_device(tdm_engine_t *e, tdm_seq_t *const *batch, int32_t n
     bool want_lp = false;
     for (int32_t i = 0; i < n_batch; i++)
         most += batch[i]->logit_row >= 0 ? (size_t)batch[i]->n_tokens : 0;
-    if (!hist_reserve(e, 0, most))
+    if (!hist_reserve(e, most))
         return false; /* before any draw: the host sampler takes them */
     for (int32_t i = 0; i < n_batch; i++) {
         tdm_seq_t *s = batch[i];
