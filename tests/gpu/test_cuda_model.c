@@ -124,9 +124,7 @@ int main(void)
         return 77;
     }
     tdm_backend_destroy(probe);
-    const char *env = getenv("TANDEM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-    printf("test_cuda_model: seed %llu\n", (unsigned long long)seed);
+    uint64_t seed = t_seed("test_cuda_model");
     char q41[256], f16[256];
     CHECK(t_mkmodel(q41, sizeof(q41),
                     "--n-embd 512 --n-ff 1536 --n-layer 6 --n-head 8 --n-head-kv 2 "

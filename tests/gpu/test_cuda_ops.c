@@ -518,11 +518,7 @@ int main(void)
         fprintf(stderr, "FATAL: no CPU backend\n");
         return 1;
     }
-    const char *env = getenv("TANDEM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-    rng = seed;
-    printf("test_cuda_ops: seed %llu (TANDEM_TEST_SEED=%llu repeats this run)\n",
-           (unsigned long long)seed, (unsigned long long)seed);
+    rng = t_seed("test_cuda_ops");
 
     static const uint32_t types[] = {TDM_DTYPE_F16, TDM_DTYPE_Q8_0, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,
                                      TDM_DTYPE_F32};

@@ -422,11 +422,7 @@ int main(void)
         tdm_backend_destroy(gpu);
         return 1;
     }
-    const char *env = getenv("TANDEM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-    rng = seed;
-    printf("test_cuda_sample: seed %llu (TANDEM_TEST_SEED=%llu repeats this run)\n",
-           (unsigned long long)seed, (unsigned long long)seed);
+    rng = t_seed("test_cuda_sample");
 
     /* TANDEM_TEST_QUICK: a few rows, no timing (for compute-sanitizer) */
     if (getenv("TANDEM_TEST_QUICK") != NULL) {

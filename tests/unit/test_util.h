@@ -2,10 +2,12 @@
 #ifndef TANDEM_TEST_UTIL_H
 #define TANDEM_TEST_UTIL_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 static int n_pass, n_fail;
@@ -21,6 +23,17 @@ static int n_pass, n_fail;
             fputc('\n', stderr);                                                                   \
         }                                                                                          \
     } while (0)
+
+/* The seed of a test on fresh random inputs: TANDEM_TEST_SEED, or the
+ * clock; printed so that TANDEM_TEST_SEED can repeat the run. */
+static inline uint64_t t_seed(const char *test)
+{
+    const char *env = getenv("TANDEM_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+    printf("%s: seed %llu (TANDEM_TEST_SEED=%llu repeats this run)\n", test,
+           (unsigned long long)seed, (unsigned long long)seed);
+    return seed;
+}
 
 static inline int t_finish(void)
 {
