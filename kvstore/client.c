@@ -409,9 +409,7 @@ static void store_connect(kvc_store_t *st)
     tdm_conn_set_owner(st->conn, st, on_conn_error);
     st->state = ST_CONNECTING;
     Tandem__Kv__Hello h = TANDEM__KV__HELLO__INIT;
-    h.version = KVP_VERSION;
-    h.token.data = (uint8_t *)kvc->token;
-    h.token.len = kvc->token_len;
+    h.version = KVP_VERSION; /* the token was proven by the transport's handshake */
     h.name = kvc->name;
     uint8_t buf[KVP_MAX_TOKEN + 256];
     size_t len = tandem__kv__hello__pack(&h, buf);
@@ -1147,7 +1145,7 @@ tdm_status_t tdm_kvc_create(const tdm_kvc_config_t *cfg, tdm_kvc_t **out)
     if (cfg->net != NULL) {
         kvc->net = cfg->net;
     } else {
-        tdm_net_config_t nc = {.name = kvc->name};
+        tdm_net_config_t nc = {.name = kvc->name, .token = kvc->token};
         tdm_status_t s = tdm_net_create(&nc, &kvc->net);
         if (s != TDM_OK) {
             free(kvc);

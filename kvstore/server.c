@@ -1,8 +1,9 @@
 /* tandem-kvstore's server loop (server.h, docs/kvstore.md).
  *
  * One thread drives UCX and owns the block index (blocks.h). Clients are
- * connections that have said Hello with the cluster token; before that,
- * anything but a Hello closes the connection. Any message that fails its
+ * connections that passed the transport's handshake (the cluster token,
+ * net/handshake.h) and then said Hello with the protocol version; before
+ * the Hello, anything else closes the connection. Any message that fails its
  * decoder (kvproto.h) closes the connection too, with the reason logged
  * once: a peer that speaks the protocol wrong cannot be trusted with the
  * next message either.
@@ -27,7 +28,6 @@
 #include "tandem/log.h"
 #include "tandem/metrics.h"
 #include "tandem/net.h"
-#include "tandem/secret.h"
 
 #define LOG_MOD "kvstore"
 
@@ -107,6 +107,7 @@ struct kvs_server {
     uint64_t *item_off;          /* [KVP_MAX_KEYS] */
     uint8_t present[KVP_MAX_KEYS / 8];
     uint64_t puts, gets, bytes_in, bytes_out, refused;
+    uint64_t net_refused; /* handshakes the transport refused, counted in refused */
     /* metrics */
     tdm_metrics_registry_t *reg;
     tdm_http_server_t *http;
@@ -286,15 +287,10 @@ static void on_hello(void *user, const tdm_net_msg_t *msg)
     }
     Tandem__Kv__HelloReply r = TANDEM__KV__HELLO_REPLY__INIT;
     r.version = KVP_VERSION;
-    const char *tok = srv->cfg.token ? srv->cfg.token : "";
     bool ok = true;
     if (h->version != KVP_VERSION) {
         r.status = TANDEM__KV__STATUS__S_BAD_VERSION;
         r.message = "protocol version not spoken";
-        ok = false;
-    } else if (!srv->cfg.insecure && !tdm_secret_equal(tok, h->token.data, h->token.len)) {
-        r.status = TANDEM__KV__STATUS__S_DENIED;
-        r.message = "wrong cluster token";
         ok = false;
     } else if (srv->draining) {
         r.status = TANDEM__KV__STATUS__S_DRAINING;
@@ -967,7 +963,8 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
         tdm_log_error(LOG_MOD, "cannot set up the metrics");
         goto out;
     }
-    tdm_net_config_t nc = {.name = "kvstore"};
+    tdm_net_config_t nc = {
+        .name = "kvstore", .token = cfg->insecure ? NULL : cfg->token, .local_addr = host};
     if (tdm_net_create(&nc, &srv->net) != TDM_OK)
         goto out;
     if (tdm_net_mem_map(srv->net, srv->pool, cfg->capacity, &srv->pool_memh) != TDM_OK)
@@ -1009,6 +1006,12 @@ int kvs_run(const kvs_config_t *cfg, volatile sig_atomic_t *stop)
     for (;;) {
         int work = tdm_net_progress(srv->net);
         int64_t now = tdm_net_now_ms();
+        uint64_t nr = tdm_net_refused(srv->net);
+        if (nr != srv->net_refused) { /* a wrong token or a peer that is not tandem */
+            srv->refused += nr - srv->net_refused;
+            tdm_metrics_counter_add_u64(srv->c_refused, nr - srv->net_refused);
+            srv->net_refused = nr;
+        }
         if (*stop && !srv->draining) {
             srv->draining = true;
             drain_end = now + cfg->drain_timeout_ms;

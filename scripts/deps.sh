@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(build-essential cmake pkg-config clang libclang-rt-dev libpcre2-dev libxxhash-dev
       libucx-dev ucx-utils libprotobuf-c-dev protobuf-c-compiler liblz4-dev libmicrohttpd-dev
-      libjansson-dev libgrpc-dev iproute2 procps
+      libjansson-dev libgrpc-dev libssl-dev iproute2 procps
       python3 python3-venv python3-pip curl ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -58,6 +58,7 @@ step "fuzz gguf (${FUZZ_SECONDS}s)" fuzz fuzz_gguf tests/fuzz/corpus/gguf
 step "fuzz kv_message (${FUZZ_SECONDS}s)" fuzz fuzz_kv_message tests/fuzz/corpus/kv_message
 step "fuzz kv_codec (${FUZZ_SECONDS}s)" fuzz fuzz_kv_codec tests/fuzz/corpus/kv_codec
 step "fuzz cluster_message (${FUZZ_SECONDS}s)" fuzz fuzz_cluster_message tests/fuzz/corpus/cluster
+step "fuzz handshake (${FUZZ_SECONDS}s)" fuzz fuzz_handshake tests/fuzz/corpus/handshake
 vocab=../shared/testdata/tokenizer/ggml-vocab-starcoder.gguf
 if [ -f "$vocab" ]; then
     export TANDEM_FUZZ_VOCAB=$PWD/$vocab

@@ -71,8 +71,16 @@ typedef void (*tdm_net_done_t)(void *user, tdm_status_t status);
 
 typedef struct tdm_net_config {
     const char *name; /* for logs */
+    /* The cluster token both ends of every connection prove. NULL or "":
+     * a listener takes anyone (--insecure), a client proves "". */
+    const char *token;
+    /* The IPv4 address (or name) this process uses for cluster traffic:
+     * UCX's TCP transport then listens on that address's device only
+     * (UCX_NET_DEVICES, unless the operator set it; only with UCX_TLS=tcp).
+     * NULL or a wildcard: every device. */
+    const char *local_addr;
     /* Defaults for UCX, applied unless the UCX_* variable is set: TLS
-     * tcp, TCP_CM_REUSEADDR y, short TCP keepalive. */
+     * tcp, short TCP keepalive. */
     bool keep_ucx_defaults; /* true: apply none of them */
 } tdm_net_config_t;
 
@@ -82,10 +90,15 @@ void tdm_net_destroy(tdm_net_t *net);
 
 tdm_status_t tdm_net_set_handler(tdm_net_t *net, uint16_t am_id, tdm_net_handler_t fn, void *user);
 
-/* Listens on host:port (IPv4 or a name; port 0 picks one). */
+/* Listens on host:port (IPv4 or a name; port 0 picks one) for the
+ * handshake; a peer that completes it is accepted. */
 tdm_status_t tdm_net_listen(tdm_net_t *net, const char *host, int port, tdm_net_accept_t on_accept,
                             void *user);
 int tdm_net_listen_port(const tdm_net_t *net); /* the bound port, or -1 */
+/* Connections the listener refused so far: failed handshakes (a wrong
+ * token, bytes that are not tandem's, a peer too slow) and connections
+ * over the limit of handshakes at once. */
+uint64_t tdm_net_refused(const tdm_net_t *net);
 void tdm_net_stop_listening(tdm_net_t *net);
 
 /* Starts connecting to host:port; the connection is usable at once (sends
@@ -136,6 +149,11 @@ void tdm_net_signal(tdm_net_t *net);
 
 /* Monotonic clock in milliseconds, for deadlines. */
 int64_t tdm_net_now_ms(void);
+
+/* The network device that holds the IPv4 address host (any loopback
+ * device for 127.0.0.0/8); TDM_ERR_NOT_FOUND for a wildcard or an address
+ * of no local device. */
+tdm_status_t tdm_net_device_of(const char *host, char *dev, size_t dev_len);
 
 /* Parses "host:port" (port required) into host (NUL-terminated) and port. */
 tdm_status_t tdm_net_parse_addr(const char *s, char *host, size_t host_len, int *port);
