@@ -39,7 +39,7 @@
 
 #define NET_TAG          8    /* bytes of the receiver's connection id before each header */
 #define HS_TIMEOUT_MS    5000 /* a handshake's whole time */
-#define HS_MAX_ACCEPTING 64   /* server handshakes at once; more are closed at accept */
+#define HS_MAX_ACCEPTING 64   /* server handshakes at once; the oldest gives way */
 /* "I am closing this connection": tells the peer at once, so that a
  * close never waits for a timeout on the other side. UCX's own ids above
  * the users' (TDM_NET_MAX_AM_ID). */
@@ -1009,9 +1009,14 @@ static int accept_all(tdm_net_t *net)
             inet_ntop(AF_INET, &sa.sin_addr, ip, sizeof(ip));
         snprintf(peer, sizeof(peer), "%s:%u", ip, ntohs(sa.sin_port));
         if (net->n_accepting >= HS_MAX_ACCEPTING) {
-            hs_refused(net, peer, "too many handshakes at once");
-            close(fd);
-            continue;
+            /* the oldest gives way: a real peer finishes in a round trip,
+             * so idle connections cannot keep peers out */
+            hs_run_t *oldest = NULL;
+            for (hs_run_t *h = net->handshakes; h != NULL; h = h->next)
+                if (h->conn == NULL && (oldest == NULL || h->deadline < oldest->deadline))
+                    oldest = h;
+            if (oldest != NULL)
+                hs_fail(oldest, TDM_ERR_BUSY, "too many handshakes at once; the oldest gave way");
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

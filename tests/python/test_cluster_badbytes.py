@@ -96,3 +96,22 @@ def test_garbage_to_every_port():
         assert after == before
         with open(c.get("router").log_path, "rb") as f:
             assert b"refused a connection" in f.read()
+
+        # Connections that say nothing hold no door shut: with 300 of them
+        # open on the router's and the store's listeners, a new node still
+        # connects to both and serves.
+        idle = []
+        try:
+            for port in (c.listen_port, store_port):
+                for _ in range(150):
+                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            t1 = time.monotonic()
+            c.add_node("decode")  # waits until /ready
+            print(f"a new decode node joined in {time.monotonic() - t1:.1f} s "
+                  f"past {len(idle)} idle connections")
+            c.kill("decode", 0)
+            again, _ = c.chat(QUESTION, max_tokens=16)
+            assert again == before
+        finally:
+            for s in idle:
+                s.close()
