@@ -22,20 +22,24 @@ QUESTION = "What is the capital of France?"
 
 
 def listening_ports(pids):
-    """{pid: [port, ...]} of the TCP ports each of pids listens on."""
+    """{pid: [port, ...]} of the TCP ports each of pids listens on, and the
+    set of local addresses they are bound to."""
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, timeout=30, check=True)
     ports = {pid: [] for pid in pids}
+    addrs = set()
     for line in out.stdout.decode().splitlines():
         cols = line.split()
         if len(cols) < 6:
             continue
         local = cols[3]
-        port = int(local.rsplit(":", 1)[1])
+        host, port = local.rsplit(":", 1)
+        host = host.strip("[]").removeprefix("::ffff:")  # v4-mapped (gRPC binds so)
         for m in re.finditer(r"pid=(\d+)", line):
             pid = int(m.group(1))
-            if pid in ports and port not in ports[pid]:
-                ports[pid].append(port)
-    return ports
+            if pid in ports and int(port) not in ports[pid]:
+                ports[pid].append(int(port))
+                addrs.add(host)
+    return ports, addrs
 
 
 def send_bytes(port, payload, rst):
@@ -60,7 +64,9 @@ def test_garbage_to_every_port():
     with Cluster(prefill=1, decode=1, stores=1) as c:
         before, _ = c.chat(QUESTION, max_tokens=16)
         pids = {p.p.pid: f"{p.role}-{p.index}" for p in c.procs}
-        ports = listening_ports(pids)
+        ports, addrs = listening_ports(pids)
+        # a cluster on 127.0.0.1 listens on loopback only, UCX's ports too
+        assert addrs == {"127.0.0.1"}, addrs
         targets = [(pids[pid], port) for pid, pl in ports.items() for port in pl]
         # tandem's own listeners and at least one UCX transport port each
         assert c.listen_port in ports[c.get("router").p.pid], ports
