@@ -43,8 +43,9 @@
 /* "I am closing this connection": tells the peer at once, so that a
  * close never waits for a timeout on the other side. UCX's own ids above
  * the users' (TDM_NET_MAX_AM_ID). */
-#define NET_AM_BYE     (TDM_NET_MAX_AM_ID + 1)
-#define BYE_TIMEOUT_MS 200
+#define NET_AM_BYE       (TDM_NET_MAX_AM_ID + 1)
+#define BYE_TIMEOUT_MS   200
+#define FLUSH_TIMEOUT_MS 5000 /* a clean close waits this long for its sends */
 
 enum conn_state {
     CONN_HANDSHAKE, /* client: the TCP handshake is running */
@@ -80,8 +81,8 @@ struct tdm_conn {
     tdm_status_t why;
     bool failed;    /* UCX or the handshake reported an error */
     bool ep_failed; /* UCX reported an error: no bye */
-    void *bye_req;  /* the bye in flight */
-    int64_t bye_deadline;
+    void *wait_req; /* closing: the bye, or the flush, in flight */
+    int64_t wait_deadline;
     unsigned char bye_hdr[NET_TAG];
     bool error_queued;            /* in net->errored, owner not told yet */
     bool closed_by_user;          /* the handle is the transport's now */
@@ -450,15 +451,30 @@ bool tdm_conn_failed(const tdm_conn_t *conn)
 static void hs_end(hs_run_t *h);
 static void tag_put(void *header, uint64_t id);
 
-static void send_bye(tdm_conn_t *c)
+/* A close tells the peer (the bye) and, unless forced, waits for what was
+ * sent to go out (a flush); the endpoint itself is then always closed with
+ * force: UCX 1.13's flushing close of an endpoint made from a worker
+ * address leaves its sockets open (two per connection, found by
+ * test_net_handshake's connect / close cycles). */
+static void start_close(tdm_conn_t *c, bool force)
 {
     tag_put(c->bye_hdr, c->peer_id);
     ucp_request_param_t prm = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
                                .flags = UCP_AM_SEND_FLAG_EAGER};
     ucs_status_ptr_t r = ucp_am_send_nbx(c->ep, NET_AM_BYE, c->bye_hdr, NET_TAG, NULL, 0, &prm);
     if (UCS_PTR_IS_PTR(r)) {
-        c->bye_req = r;
-        c->bye_deadline = tdm_net_now_ms() + BYE_TIMEOUT_MS;
+        c->wait_req = r;
+        c->wait_deadline = tdm_net_now_ms() + BYE_TIMEOUT_MS;
+    }
+    if (force)
+        return;
+    ucp_request_param_t fp = {.op_attr_mask = 0};
+    ucs_status_ptr_t f = ucp_ep_flush_nbx(c->ep, &fp);
+    if (UCS_PTR_IS_PTR(f)) { /* covers the bye */
+        if (c->wait_req != NULL)
+            ucp_request_free(c->wait_req);
+        c->wait_req = f;
+        c->wait_deadline = tdm_net_now_ms() + FLUSH_TIMEOUT_MS;
     }
 }
 
@@ -476,7 +492,7 @@ void tdm_conn_close(tdm_conn_t *c, bool force)
     fail_queued(c, TDM_ERR_CANCELLED);
     id_map_del(c->net, c->id);
     if (c->ep != NULL && !c->ep_failed)
-        send_bye(c);
+        start_close(c, force);
     c->close_next = c->net->closing;
     c->net->closing = c;
 }
@@ -488,18 +504,18 @@ static int run_closes(tdm_net_t *net)
     tdm_conn_t **pp = &net->closing;
     while (*pp != NULL) {
         tdm_conn_t *c = *pp;
-        if (c->bye_req != NULL) { /* the bye goes out first, for a while */
-            if (ucp_request_check_status(c->bye_req) == UCS_INPROGRESS &&
-                tdm_net_now_ms() < c->bye_deadline) {
+        if (c->wait_req != NULL) { /* the bye or the flush first, for a while */
+            if (ucp_request_check_status(c->wait_req) == UCS_INPROGRESS &&
+                tdm_net_now_ms() < c->wait_deadline) {
                 pp = &c->close_next;
                 continue;
             }
-            ucp_request_free(c->bye_req); /* released by UCX when it ends */
-            c->bye_req = NULL;
+            ucp_request_free(c->wait_req); /* released by UCX when it ends */
+            c->wait_req = NULL;
         }
         if (c->close_req == NULL && c->ep != NULL) {
             ucp_request_param_t prm = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
-                                       .flags = c->failed ? UCP_EP_CLOSE_FLAG_FORCE : 0};
+                                       .flags = UCP_EP_CLOSE_FLAG_FORCE};
             ucs_status_ptr_t r = ucp_ep_close_nbx(c->ep, &prm);
             c->ep = NULL;
             if (UCS_PTR_IS_PTR(r)) {
