@@ -1,30 +1,55 @@
 /* tandem up / status / down: a local cluster on loopback; tandem drain: a
  * node of any cluster, or of the local one by name.
  *
- * `up` starts every role as a detached process (its own session, stdin from
- * /dev/null, stdout and stderr to RUN/NAME.log) in the order the roles need
- * each other: stores, router, nodes. Each process is recorded in
- * RUN/cluster.json, rewritten atomically (tmp + rename) right after every
- * start, so `down` can always find what is running even when `up` itself
- * was killed halfway. The cluster token is random (getrandom), kept in
- * RUN/token (0600) and handed to the roles by environment, never on a
- * command line.
+ * `up` checks what it can (flags, model, binaries, ports), writes the
+ * cluster token and starts a supervisor: this same binary as
+ * `tandem __up-supervisor` (hidden), in its own session, holding RUN/lock
+ * for as long as it lives. The supervisor starts every role as its child
+ * (its own process group in the supervisor's session, stdin from
+ * /dev/null, stdout and stderr to RUN/NAME.log) in the order the roles
+ * need each other: stores, router, nodes, printing progress on the
+ * stderr of `up`, which waits for its report (one byte on a pipe). Once
+ * all are ready it moves its own output to RUN/supervisor.log and stays:
+ * a role that dies (a signal, or an exit status other than 0) is started
+ * again with the same command line, so the same ports and token, after a
+ * backoff (1 s doubling to 30 s; back to 1 s after it stayed up 60 s),
+ * its log appended with a marker line. After UP_MAX_QUICK failures in a
+ * row within UP_QUICK_S of their start it gives up on that role (state
+ * "failed", with the reason). An exit with status 0 (a drain, SIGTERM) is
+ * not restarted (state "stopped").
+ *
+ * Each process is recorded in RUN/cluster.json, rewritten atomically (tmp
+ * + rename) by the supervisor right after every start, restart or death,
+ * so `down` can always find what is running. `down` stops the supervisor
+ * first (SIGTERM: it exits at once and restarts nothing more; SIGKILL if
+ * it does not), then the roles, nodes to stores, then anything still
+ * alive in the supervisor's session; so it works the same whether the
+ * supervisor is alive, was killed, or is still starting the cluster. The
+ * cluster token is random (getrandom), kept in RUN/token (0600) and handed
+ * to the supervisor and the roles by environment, never on a command line.
  *
  * cluster.json (written and read only here):
  *   {"version": 1, "state": "starting" | "up", "run_dir": "...",
  *    "openai_url": "...", "grpc": "HOST:PORT",
+ *    "supervisor_pid": N, "supervisor_start": N,
  *    "processes": [{"role", "name", "pid", "proc_start", "address",
  *                   "internal", "health_url", "ready_url", "metrics_url",
- *                   "log", "start_time"}, ...]}
+ *                   "log", "start_time", "state", "restarts", "last_exit",
+ *                   "last_exit_time", "next_start", "error"}, ...]}
  * proc_start is field 22 of /proc/PID/stat (clock ticks since boot): a pid
- * whose start differs is a recycled one and is never signalled. */
+ * whose start differs is a recycled one and is never signalled. state is
+ * running, restarting (next_start: unix seconds of the next attempt),
+ * failed (error says why) or stopped. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +71,16 @@
 #define UP_HOST        "127.0.0.1"
 #define UP_LOG_TAIL    20 /* lines of a failed role's log shown */
 #define UP_TOKEN_BYTES 32
+#define UP_MAX_ARGS    24
+#define UP_ARGBUF      (PATH_MAX + 1024)
+
+/* Restarts. */
+#define UP_BACKOFF_MIN_S 1  /* first restart after this */
+#define UP_BACKOFF_MAX_S 30 /* doubling up to this */
+#define UP_STABLE_S      60 /* up this long: the backoff starts again at the minimum */
+#define UP_QUICK_S       10 /* died within this of its start: a quick failure */
+#define UP_MAX_QUICK     5  /* quick failures in a row before giving up on a role */
+#define UP_SUP_STOP_S    10 /* down: how long the supervisor gets to exit on SIGTERM */
 
 typedef struct up_proc {
     char role[16]; /* kvstore, router, prefill, decode */
@@ -59,9 +94,23 @@ typedef struct up_proc {
     char metrics_url[128];
     char log[PATH_MAX + 64];
     long long start_time; /* unix seconds */
-    /* Not recorded: set by `up` while its own children run. */
+    /* Restarts, recorded by the supervisor. */
+    char state[16]; /* running, restarting, failed, stopped */
+    long long restarts;
+    char last_exit[128]; /* how the last process ended, "" if none did */
+    long long last_exit_time;
+    long long next_start;       /* restarting: unix seconds of the next attempt */
+    char error[PATH_MAX + 512]; /* failed: why it was given up */
+    /* Not recorded: the supervisor's own. */
     bool exited;
     int wait_status;
+    char bin[PATH_MAX];
+    char argbuf[UP_ARGBUF];
+    char *argv[UP_MAX_ARGS + 1]; /* into argbuf */
+    double started_at;           /* tool_now() at the last start */
+    int fails;                   /* failures since it last stayed up UP_STABLE_S */
+    int quick;                   /* quick failures in a row */
+    double next_try;             /* restarting: tool_now() of the next attempt */
 } up_proc_t;
 
 typedef struct up_cluster {
@@ -69,6 +118,8 @@ typedef struct up_cluster {
     char run_dir[PATH_MAX];
     char openai_url[128];
     char grpc[64];
+    long long supervisor_pid; /* 0: none recorded */
+    unsigned long long supervisor_start;
     size_t n;
     up_proc_t procs[UP_MAX_PROCS];
 } up_cluster_t;
@@ -147,8 +198,9 @@ static void on_interrupt(int sig)
 
 /* ---- processes ------------------------------------------------------ */
 
-/* State letter and start time of pid from /proc; false if there is none. */
-static bool proc_stat(long long pid, char *state, unsigned long long *start)
+/* State letter, session and start time of pid from /proc; false if there
+ * is none. session may be NULL. */
+static bool proc_stat_ex(long long pid, char *state, long long *session, unsigned long long *start)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%lld/stat", pid);
@@ -158,8 +210,9 @@ static bool proc_stat(long long pid, char *state, unsigned long long *start)
     size_t n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
     buf[n] = '\0';
-    /* "pid (comm) S ppid ...": comm may hold anything, so split after the
-     * last ')'. Field 3 is the state, field 22 the start time. */
+    /* "pid (comm) S ppid pgrp session ...": comm may hold anything, so
+     * split after the last ')'. Field 3 is the state, 6 the session, 22
+     * the start time. */
     char *p = strrchr(buf, ')');
     if (p == NULL || p[1] != ' ')
         return false;
@@ -170,21 +223,41 @@ static bool proc_stat(long long pid, char *state, unsigned long long *start)
         if (p == NULL)
             return false;
         p++;
+        if (field + 1 == 6 && session != NULL)
+            *session = strtoll(p, NULL, 10);
     }
     *start = strtoull(p, NULL, 10);
     return true;
 }
 
-/* Alive: the pid exists, is not a zombie, and is the process recorded. */
-static bool proc_alive(const up_proc_t *p)
+static bool proc_stat(long long pid, char *state, unsigned long long *start)
+{
+    return proc_stat_ex(pid, state, NULL, start);
+}
+
+/* Alive: pid exists, is not a zombie, and started at start (0: unknown,
+ * not checked). */
+static bool pid_alive(long long pid, unsigned long long start)
 {
     char state;
-    unsigned long long start;
-    if (p->pid <= 1 || !proc_stat(p->pid, &state, &start))
+    unsigned long long now_start;
+    if (pid <= 1 || !proc_stat(pid, &state, &now_start))
         return false;
     if (state == 'Z' || state == 'X' || state == 'x')
         return false;
-    return p->proc_start == 0 || p->proc_start == start;
+    return start == 0 || start == now_start;
+}
+
+/* Alive: the pid exists, is not a zombie, and is the process recorded. */
+static bool proc_alive(const up_proc_t *p)
+{
+    return pid_alive(p->pid, p->proc_start);
+}
+
+static bool supervisor_alive(const up_cluster_t *c)
+{
+    return c->supervisor_pid > 1 && c->supervisor_pid != (long long)getpid() &&
+           pid_alive(c->supervisor_pid, c->supervisor_start);
 }
 
 /* Reaps p if it is a child of ours that ended; true if it has ended. */
@@ -200,6 +273,19 @@ static bool proc_reap(up_proc_t *p)
         return true;
     }
     return false;
+}
+
+/* How a wait status ended a process, short: "exit status 3", "signal 9
+ * (Killed)". */
+static void exit_cause(int wait_status, char *buf, size_t cap)
+{
+    if (WIFEXITED(wait_status))
+        snprintf(buf, cap, "exit status %d", WEXITSTATUS(wait_status));
+    else if (WIFSIGNALED(wait_status))
+        snprintf(buf, cap, "signal %d (%s)%s", WTERMSIG(wait_status),
+                 strsignal(WTERMSIG(wait_status)), WCOREDUMP(wait_status) ? ", core dumped" : "");
+    else
+        snprintf(buf, cap, "wait status 0x%x", (unsigned)wait_status);
 }
 
 static void describe_exit(const up_proc_t *p, char *buf, size_t cap)
@@ -256,20 +342,23 @@ static void print_log_tail(const char *path, int lines)
     }
 }
 
-/* Starts bin with argv as a detached process: own session, stdin from
- * /dev/null, stdout+stderr to log_path (truncated). A failed exec is
- * reported through a close-on-exec pipe, so the caller knows at once. */
-static bool spawn(const char *bin, char *const argv[], const char *log_path, long long *pid_out)
+/* Starts bin with argv as a child in its own process group (in our
+ * session), stdin from /dev/null, stdout+stderr to log_path (truncated,
+ * or appended to when append). A failed exec is reported through a
+ * close-on-exec pipe, so the caller knows at once; why into why. */
+static bool spawn(const char *bin, char *const argv[], const char *log_path, bool append,
+                  long long *pid_out, char *why, size_t why_cap)
 {
-    int log_fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int log_fd =
+        open(log_path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0644);
     if (log_fd < 0) {
-        fprintf(stderr, "tandem up: cannot open %s: %s\n", log_path, strerror(errno));
+        snprintf(why, why_cap, "cannot open %s: %s", log_path, strerror(errno));
         return false;
     }
     int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     int pipe_fd[2];
     if (null_fd < 0 || pipe2(pipe_fd, O_CLOEXEC) != 0) {
-        fprintf(stderr, "tandem up: cannot set up %s: %s\n", bin, strerror(errno));
+        snprintf(why, why_cap, "cannot set up %s: %s", bin, strerror(errno));
         close(log_fd);
         if (null_fd >= 0)
             close(null_fd);
@@ -279,12 +368,16 @@ static bool spawn(const char *bin, char *const argv[], const char *log_path, lon
     fflush(stderr);
     pid_t pid = fork();
     if (pid == 0) {
-        setsid();
+        /* Its own group, so `down` can kill what it forks with it; our
+         * session, so `down` finds it even if it was never recorded. */
+        setpgid(0, 0);
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         signal(SIGPIPE, SIG_DFL);
         signal(SIGHUP, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
         dup2(null_fd, STDIN_FILENO);
         dup2(log_fd, STDOUT_FILENO);
         dup2(log_fd, STDERR_FILENO);
@@ -300,7 +393,7 @@ static bool spawn(const char *bin, char *const argv[], const char *log_path, lon
     close(null_fd);
     if (pid < 0) {
         close(pipe_fd[0]);
-        fprintf(stderr, "tandem up: cannot fork for %s: %s\n", bin, strerror(fork_errno));
+        snprintf(why, why_cap, "cannot fork for %s: %s", bin, strerror(fork_errno));
         return false;
     }
     int child_errno = 0;
@@ -311,7 +404,7 @@ static bool spawn(const char *bin, char *const argv[], const char *log_path, lon
     close(pipe_fd[0]);
     if (r > 0) {
         waitpid(pid, NULL, 0);
-        fprintf(stderr, "tandem up: cannot run %s: %s\n", bin, strerror(child_errno));
+        snprintf(why, why_cap, "cannot run %s: %s", bin, strerror(child_errno));
         return false;
     }
     *pid_out = pid;
@@ -425,6 +518,8 @@ static bool cluster_save(const up_cluster_t *c)
     json_str(f, c->openai_url);
     fprintf(f, ",\n  \"grpc\": ");
     json_str(f, c->grpc);
+    fprintf(f, ",\n  \"supervisor_pid\": %lld, \"supervisor_start\": %llu", c->supervisor_pid,
+            c->supervisor_start);
     fprintf(f, ",\n  \"processes\": [");
     for (size_t i = 0; i < c->n; i++) {
         const up_proc_t *p = &c->procs[i];
@@ -444,7 +539,15 @@ static bool cluster_save(const up_cluster_t *c)
         json_str(f, p->metrics_url);
         fprintf(f, ",\n     \"log\": ");
         json_str(f, p->log);
-        fprintf(f, ", \"start_time\": %lld}", p->start_time);
+        fprintf(f, ", \"start_time\": %lld,\n     \"state\": ", p->start_time);
+        json_str(f, p->state);
+        fprintf(f, ", \"restarts\": %lld, \"last_exit\": ", p->restarts);
+        json_str(f, p->last_exit);
+        fprintf(f,
+                ", \"last_exit_time\": %lld, \"next_start\": %lld, \"error\": ", p->last_exit_time,
+                p->next_start);
+        json_str(f, p->error);
+        fprintf(f, "}");
     }
     fprintf(f, "\n  ]\n}\n");
     bool ok = fflush(f) == 0 && fsync(fileno(f)) == 0;
@@ -635,6 +738,9 @@ static bool proc_member(jp_t *p, const char *key, void *user)
         {"ready_url", offsetof(up_proc_t, ready_url), sizeof(pr->ready_url)},
         {"metrics_url", offsetof(up_proc_t, metrics_url), sizeof(pr->metrics_url)},
         {"log", offsetof(up_proc_t, log), sizeof(pr->log)},
+        {"state", offsetof(up_proc_t, state), sizeof(pr->state)},
+        {"last_exit", offsetof(up_proc_t, last_exit), sizeof(pr->last_exit)},
+        {"error", offsetof(up_proc_t, error), sizeof(pr->error)},
     };
     for (size_t k = 0; k < sizeof(strs) / sizeof(strs[0]); k++)
         if (strcmp(key, strs[k].key) == 0)
@@ -644,6 +750,12 @@ static bool proc_member(jp_t *p, const char *key, void *user)
         return jp_int(p, &pr->pid);
     if (strcmp(key, "start_time") == 0)
         return jp_int(p, &pr->start_time);
+    if (strcmp(key, "restarts") == 0)
+        return jp_int(p, &pr->restarts);
+    if (strcmp(key, "last_exit_time") == 0)
+        return jp_int(p, &pr->last_exit_time);
+    if (strcmp(key, "next_start") == 0)
+        return jp_int(p, &pr->next_start);
     if (strcmp(key, "proc_start") == 0) {
         if (!jp_int(p, &v) || v < 0)
             return false;
@@ -664,6 +776,15 @@ static bool cluster_member(jp_t *p, const char *key, void *user)
         return jp_string(p, c->openai_url, sizeof(c->openai_url));
     if (strcmp(key, "grpc") == 0)
         return jp_string(p, c->grpc, sizeof(c->grpc));
+    if (strcmp(key, "supervisor_pid") == 0)
+        return jp_int(p, &c->supervisor_pid);
+    if (strcmp(key, "supervisor_start") == 0) {
+        long long v;
+        if (!jp_int(p, &v) || v < 0)
+            return false;
+        c->supervisor_start = (unsigned long long)v;
+        return true;
+    }
     if (strcmp(key, "processes") != 0)
         return jp_skip(p, 1);
     if (!jp_eat(p, '['))
@@ -718,6 +839,10 @@ static int cluster_load(const char *run_dir, up_cluster_t *c)
                 path);
         return -1;
     }
+    /* A supervisor pid we would never signal is treated as none. */
+    if (c->supervisor_pid <= 1 || c->supervisor_pid > INT_MAX ||
+        c->supervisor_pid == (long long)getpid())
+        c->supervisor_pid = 0;
     snprintf(c->run_dir, sizeof(c->run_dir), "%s", run_dir);
     return 1;
 }
@@ -806,7 +931,177 @@ static int cluster_stop(up_cluster_t *c, int timeout_s)
     return left;
 }
 
-/* ---- up ------------------------------------------------------------- */
+/* Waits up to secs for the supervisor to be gone, or, when stopping is
+ * set, to have recorded state "stopping" (it restarts nothing more). */
+static bool wait_supervisor(const up_cluster_t *c, double secs, bool stopping)
+{
+    up_cluster_t *now = stopping ? calloc(1, sizeof(*now)) : NULL;
+    double deadline = tool_now() + secs;
+    bool done = false;
+    while (!done) {
+        done = !supervisor_alive(c);
+        if (!done && now != NULL) {
+            int r = cluster_load(c->run_dir, now);
+            done = r == 0 || (r > 0 && strcmp(now->state, "stopping") == 0);
+        }
+        if (done || tool_now() >= deadline)
+            break;
+        sleep_ms(50);
+    }
+    free(now);
+    return done;
+}
+
+/* SIGKILL to the supervisor; true when it is gone within 5 s. */
+static bool kill_supervisor(const up_cluster_t *c, const char *why)
+{
+    fprintf(stderr, "the supervisor (pid %lld) %s; sending SIGKILL\n", c->supervisor_pid, why);
+    kill((pid_t)c->supervisor_pid, SIGKILL);
+    if (wait_supervisor(c, 5, false))
+        return true;
+    fprintf(stderr, "tandem: the supervisor (pid %lld) is still running\n", c->supervisor_pid);
+    return false;
+}
+
+/* Tells the supervisor to restart nothing more (SIGTERM): it records
+ * state "stopping" and then only reaps its roles as they exit, and exits
+ * when none is left; while it is still starting the cluster, it stops
+ * what it started and exits. SIGKILL when it does neither within
+ * wait_s. True when it restarts nothing more. */
+static bool stop_supervisor(const up_cluster_t *c, int wait_s)
+{
+    if (!supervisor_alive(c))
+        return true;
+    /* Told already (a second SIGTERM would make it exit at once, leaving
+     * its roles to be reaped by no one). */
+    if (strcmp(c->state, "stopping") == 0) {
+        fprintf(stderr, "supervisor (pid %lld): already restarts nothing more\n",
+                c->supervisor_pid);
+        return true;
+    }
+    fprintf(stderr, "supervisor (pid %lld): told to restart nothing more\n", c->supervisor_pid);
+    if (kill((pid_t)c->supervisor_pid, SIGTERM) != 0 && errno != ESRCH)
+        fprintf(stderr, "tandem: cannot signal the supervisor (pid %lld): %s\n", c->supervisor_pid,
+                strerror(errno));
+    if (wait_supervisor(c, wait_s, true))
+        return true;
+    char why[64];
+    snprintf(why, sizeof(why), "did not answer within %d s", wait_s);
+    return kill_supervisor(c, why);
+}
+
+/* Kills whatever is still alive in the supervisor's session: a process a
+ * role started, or a role started just before the supervisor was killed
+ * and so never recorded. Returns how many are still alive after that. */
+static int sweep_session(const up_cluster_t *c)
+{
+    long long sid = c->supervisor_pid;
+    if (sid <= 1)
+        return 0;
+    char state;
+    unsigned long long start;
+    long long sess;
+    /* Another process under the supervisor's pid: the number was recycled
+     * and the session is someone else's. */
+    if (proc_stat_ex(sid, &state, &sess, &start) && c->supervisor_start != 0 &&
+        start != c->supervisor_start)
+        return 0;
+    long long found[256];
+    size_t n = 0;
+    DIR *d = opendir("/proc");
+    if (d == NULL) {
+        fprintf(stderr,
+                "tandem: cannot list /proc (%s); processes of the cluster's session %lld "
+                "were not looked for\n",
+                strerror(errno), sid);
+        return 0;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < sizeof(found) / sizeof(found[0])) {
+        char *end;
+        long long pid = strtoll(e->d_name, &end, 10);
+        if (*end != '\0' || pid <= 1 || pid == sid || pid == (long long)getpid())
+            continue;
+        if (!proc_stat_ex(pid, &state, &sess, &start) || sess != sid || state == 'Z' ||
+            state == 'X' || state == 'x' || start < c->supervisor_start)
+            continue;
+        found[n++] = pid;
+    }
+    closedir(d);
+    for (size_t i = 0; i < n; i++) {
+        fprintf(stderr, "pid %lld was left in the cluster's session; sending SIGKILL\n", found[i]);
+        kill((pid_t)found[i], SIGKILL);
+    }
+    double deadline = tool_now() + 5;
+    int left;
+    for (;;) {
+        left = 0;
+        for (size_t i = 0; i < n; i++)
+            if (pid_alive(found[i], 0))
+                left++;
+        if (left == 0 || tool_now() >= deadline)
+            break;
+        sleep_ms(50);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (pid_alive(found[i], 0))
+            fprintf(stderr, "tandem: pid %lld is still running\n", found[i]);
+    return left;
+}
+
+/* What `tandem down` does: the supervisor first, then the roles (nodes,
+ * router, stores), then what is left in the supervisor's session; the
+ * record is removed once nothing runs. Returns the exit status. */
+static int down_cluster(const char *dir, int timeout_s)
+{
+    up_cluster_t *c = calloc(1, sizeof(*c));
+    up_cluster_t *now = calloc(1, sizeof(*now));
+    if (c == NULL || now == NULL) {
+        fprintf(stderr, "tandem down: out of memory\n");
+        free(c);
+        free(now);
+        return TOOL_EXIT_FAIL;
+    }
+    int rc = TOOL_EXIT_FAIL;
+    int loaded = cluster_load(dir, c);
+    if (loaded <= 0) {
+        if (loaded == 0) {
+            printf("no cluster recorded in %s; nothing to stop\n", dir);
+            rc = TOOL_EXIT_OK;
+        }
+        goto out;
+    }
+    /* A supervisor still starting the cluster stops what it started
+     * (10 s per group) before it exits. */
+    bool starting = strcmp(c->state, "starting") == 0;
+    int left = stop_supervisor(c, starting ? 60 : UP_SUP_STOP_S) ? 0 : 1;
+    /* It may have restarted a role meanwhile, or, stopping a start,
+     * stopped all and removed the record. */
+    loaded = cluster_load(dir, now);
+    if (loaded < 0)
+        goto out;
+    up_cluster_t *use = loaded > 0 ? now : c;
+    left += cluster_stop(use, timeout_s);
+    /* It exits once it has reaped its roles. */
+    if (!wait_supervisor(use, UP_SUP_STOP_S, false) &&
+        !kill_supervisor(use, "did not exit after its roles"))
+        left++;
+    left += sweep_session(use);
+    if (left == 0) {
+        cluster_forget(use);
+        printf("cluster stopped (%zu processes); logs kept in %s\n", use->n, dir);
+        rc = TOOL_EXIT_OK;
+    } else {
+        fprintf(stderr, "tandem down: %d processes could not be stopped; %s/cluster.json kept\n",
+                left, dir);
+    }
+out:
+    free(c);
+    free(now);
+    return rc;
+}
+
+/* ---- starting the roles ---------------------------------------------- */
 
 typedef struct up_opts {
     int n_prefill, n_decode, n_kvstore;
@@ -819,8 +1114,7 @@ typedef struct up_opts {
     int timeout_s;
 } up_opts_t;
 
-static up_proc_t *add_proc(up_cluster_t *c, const char *role, int index, const char *bin_dir_path,
-                           char *bin, size_t bin_cap)
+static up_proc_t *add_proc(up_cluster_t *c, const char *role, int index, const char *bin_dir_path)
 {
     up_proc_t *p = &c->procs[c->n];
     memset(p, 0, sizeof(*p));
@@ -829,19 +1123,54 @@ static up_proc_t *add_proc(up_cluster_t *c, const char *role, int index, const c
     snprintf(name, sizeof(name), "%s-%d", role, index);
     memcpy(p->name, name, sizeof(name));
     snprintf(p->log, sizeof(p->log), "%s/%s.log", c->run_dir, name);
-    snprintf(bin, bin_cap, "%s/tandem-%s", bin_dir_path, role);
+    snprintf(p->bin, sizeof(p->bin), "%s/tandem-%s", bin_dir_path, role);
     return p;
 }
 
-/* Starts p (already filled in) and records it. */
-static bool start_proc(up_cluster_t *c, up_proc_t *p, const char *bin, char *const argv[])
+/* Keeps a copy of argv (NULL-terminated) in p, for restarts. */
+static bool set_argv(up_proc_t *p, char *const argv[])
 {
-    if (!spawn(bin, argv, p->log, &p->pid))
-        return false;
+    size_t off = 0;
+    int k = 0;
+    for (; argv[k] != NULL; k++) {
+        size_t len = strlen(argv[k]) + 1;
+        if (k >= UP_MAX_ARGS || off + len > sizeof(p->argbuf))
+            return false;
+        memcpy(p->argbuf + off, argv[k], len);
+        p->argv[k] = p->argbuf + off;
+        off += len;
+    }
+    p->argv[k] = NULL;
+    return true;
+}
+
+/* p has just been started as pid. */
+static void note_start(up_proc_t *p)
+{
     char state;
     if (!proc_stat(p->pid, &state, &p->proc_start))
         p->proc_start = 0;
     p->start_time = (long long)time(NULL);
+    p->started_at = tool_now();
+    p->exited = false;
+    p->wait_status = 0;
+    p->next_start = 0;
+    snprintf(p->state, sizeof(p->state), "running");
+}
+
+/* Starts p (already filled in) and records it. */
+static bool start_proc(up_cluster_t *c, up_proc_t *p, char *const argv[])
+{
+    if (!set_argv(p, argv)) {
+        fprintf(stderr, "tandem up: the command line of %s is too long (model path?)\n", p->name);
+        return false;
+    }
+    char why[PATH_MAX + 160];
+    if (!spawn(p->bin, p->argv, p->log, false, &p->pid, why, sizeof(why))) {
+        fprintf(stderr, "tandem up: %s: %s\n", p->name, why);
+        return false;
+    }
+    note_start(p);
     c->n++;
     return cluster_save(c);
 }
@@ -1016,14 +1345,14 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
                      double t0)
 {
     double deadline = t0 + o->timeout_s;
-    char bin[PATH_MAX], a[8][160];
+    char a[8][160];
     int next = o->port_base;
     char router_listen[64];
     snprintf(router_listen, sizeof(router_listen), UP_HOST ":%d", next++);
     char stores[UP_MAX_STORES * 24] = "";
 
     for (int i = 0; i < o->n_kvstore; i++) {
-        up_proc_t *p = add_proc(c, "kvstore", i, bins, bin, sizeof(bin));
+        up_proc_t *p = add_proc(c, "kvstore", i, bins);
         int listen = next++, metrics = next++;
         snprintf(p->address, sizeof(p->address), UP_HOST ":%d", listen);
         snprintf(p->health_url, sizeof(p->health_url), "http://" UP_HOST ":%d/health", metrics);
@@ -1033,16 +1362,16 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
         snprintf(stores + len, sizeof(stores) - len, "%s%s", i ? "," : "", p->address);
         snprintf(a[0], sizeof(a[0]), "%llu", (unsigned long long)o->kv_capacity);
         snprintf(a[1], sizeof(a[1]), "%d", metrics);
-        char *argv[] = {bin,     "--listen",       p->address, "--capacity", a[0], "--metrics-host",
-                        UP_HOST, "--metrics-port", a[1],       NULL};
-        if (!start_proc(c, p, bin, argv))
+        char *argv[] = {p->bin,           "--listen", p->address,       "--capacity", a[0],
+                        "--metrics-host", UP_HOST,    "--metrics-port", a[1],         NULL};
+        if (!start_proc(c, p, argv))
             return false;
     }
     for (size_t i = 0; i < c->n; i++)
         if (!wait_for(c, &c->procs[i], c->procs[i].health_url, "starting", deadline, t0))
             return false;
 
-    up_proc_t *router = add_proc(c, "router", 0, bins, bin, sizeof(bin));
+    up_proc_t *router = add_proc(c, "router", 0, bins);
     snprintf(router->address, sizeof(router->address), UP_HOST ":%d", o->port);
     snprintf(router->internal, sizeof(router->internal), "%s", router_listen);
     snprintf(router->health_url, sizeof(router->health_url), "http://" UP_HOST ":%d/health",
@@ -1053,10 +1382,10 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
     snprintf(a[0], sizeof(a[0]), "%d", o->port);
     snprintf(a[1], sizeof(a[1]), "%d", o->grpc_port);
     {
-        char *argv[] = {bin,      "--model",  (char *)model, "--host", UP_HOST,
-                        "--port", a[0],       "--grpc-host", UP_HOST,  "--grpc-port",
-                        a[1],     "--listen", router_listen, NULL};
-        if (!start_proc(c, router, bin, argv))
+        char *argv[] = {router->bin, "--model",  (char *)model, "--host", UP_HOST,
+                        "--port",    a[0],       "--grpc-host", UP_HOST,  "--grpc-port",
+                        a[1],        "--listen", router_listen, NULL};
+        if (!start_proc(c, router, argv))
             return false;
     }
     size_t router_i = c->n - 1;
@@ -1070,7 +1399,7 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
         const char *role = r == 0 ? "prefill" : "decode";
         int count = r == 0 ? o->n_prefill : o->n_decode;
         for (int i = 0; i < count; i++) {
-            up_proc_t *p = add_proc(c, role, i, bins, bin, sizeof(bin));
+            up_proc_t *p = add_proc(c, role, i, bins);
             int metrics = next++;
             snprintf(p->address, sizeof(p->address), UP_HOST ":%d", metrics);
             snprintf(p->health_url, sizeof(p->health_url), "http://" UP_HOST ":%d/health", metrics);
@@ -1081,7 +1410,7 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
             snprintf(a[1], sizeof(a[1]), "%d", threads);
             char *argv[20];
             int k = 0;
-            argv[k++] = bin;
+            argv[k++] = p->bin;
             argv[k++] = "--model";
             argv[k++] = (char *)model;
             argv[k++] = "--router";
@@ -1099,7 +1428,7 @@ static bool up_start(up_cluster_t *c, const up_opts_t *o, const char *bins, cons
             argv[k++] = "--name";
             argv[k++] = p->name;
             argv[k] = NULL;
-            if (!start_proc(c, p, bin, argv))
+            if (!start_proc(c, p, argv))
                 return false;
         }
     }
@@ -1131,64 +1460,520 @@ static void print_endpoints(const up_cluster_t *c, const up_opts_t *o, bool defa
                c->procs[i].metrics_url);
     if (o->api_key != NULL && o->api_key[0] != '\0')
         printf("  API key     required (Authorization: Bearer ...)\n");
-    printf("  run dir     %s   (logs: NAME.log, cluster.json)\n", c->run_dir);
+    printf("  run dir     %s   (logs: NAME.log, supervisor.log, cluster.json)\n", c->run_dir);
+    printf("  restarts    a role that dies is restarted by the supervisor (pid %lld)\n",
+           c->supervisor_pid);
     printf("  status      tandem status%s\n", dir_flag);
     printf("  stop        tandem down%s\n", dir_flag);
 }
 
+/* The flags `up` and the supervisor share; n_out gets how many. */
+static size_t up_flags(up_opts_t *o, tdm_flag_t *f)
+{
+    size_t n = 0;
+    f[n++] = (tdm_flag_t){
+        "prefill", 0, TDM_FLAG_TYPE_INT, &o->n_prefill, "prefill nodes (0: colocated cluster)",
+        NULL};
+    f[n++] = (tdm_flag_t){"decode", 0, TDM_FLAG_TYPE_INT, &o->n_decode, "decode nodes", NULL};
+    f[n++] = (tdm_flag_t){"kvstore", 0, TDM_FLAG_TYPE_INT, &o->n_kvstore, "KV stores", NULL};
+    f[n++] = (tdm_flag_t){"run-dir",
+                          0,
+                          TDM_FLAG_TYPE_STR,
+                          &o->run_dir,
+                          "logs, token and cluster.json (default: $TANDEM_HOME/cluster)",
+                          NULL};
+    f[n++] = (tdm_flag_t){"model",
+                          'm',
+                          TDM_FLAG_TYPE_STR,
+                          &o->model,
+                          "GGUF model file (default: $TANDEM_HOME/models/" DEFAULT_MODEL_FILE ")",
+                          NULL};
+    f[n++] =
+        (tdm_flag_t){"port", 'p', TDM_FLAG_TYPE_INT, &o->port, "router's OpenAI HTTP port", NULL};
+    f[n++] = (tdm_flag_t){
+        "grpc-port", 0, TDM_FLAG_TYPE_INT, &o->grpc_port, "router's gRPC port (-1: none)", NULL};
+    f[n++] = (tdm_flag_t){"port-base",
+                          0,
+                          TDM_FLAG_TYPE_INT,
+                          &o->port_base,
+                          "first internal port (router listener, stores, node metrics)",
+                          NULL};
+    f[n++] = (tdm_flag_t){
+        "kv-capacity", 0, TDM_FLAG_TYPE_SIZE, &o->kv_capacity, "bytes of each KV store", NULL};
+    f[n++] = (tdm_flag_t){"threads",
+                          't',
+                          TDM_FLAG_TYPE_INT,
+                          &o->threads,
+                          "CPU threads per node (0: the cores divided among the nodes)",
+                          NULL};
+    f[n++] = (tdm_flag_t){"timeout",
+                          0,
+                          TDM_FLAG_TYPE_INT,
+                          &o->timeout_s,
+                          "seconds to wait for every process to be ready",
+                          NULL};
+    return n;
+}
+
+static const up_opts_t up_defaults = {
+    .n_prefill = 1,
+    .n_decode = 1,
+    .n_kvstore = 1,
+    .port = 8000,
+    .grpc_port = 8001,
+    .port_base = 7400,
+    .kv_capacity = 1ull << 30,
+    .timeout_s = 180,
+};
+
+static bool up_opts_ok(const up_opts_t *o, const char *cmd)
+{
+    if (o->n_prefill < 0 || o->n_prefill > UP_MAX_NODES || o->n_decode < 1 ||
+        o->n_decode > UP_MAX_NODES || o->n_kvstore < 0 || o->n_kvstore > UP_MAX_STORES ||
+        o->timeout_s < 1 || o->threads < 0 || o->kv_capacity == 0 || o->grpc_port < -1) {
+        fprintf(stderr,
+                "tandem %s: --prefill 0..%d, --decode 1..%d, --kvstore 0..%d, --timeout >= 1, "
+                "--threads >= 0, --kv-capacity > 0 and --grpc-port >= -1, please\n",
+                cmd, UP_MAX_NODES, UP_MAX_NODES, UP_MAX_STORES);
+        return false;
+    }
+    if (o->n_prefill > 0 && o->n_kvstore == 0) {
+        fprintf(stderr,
+                "tandem %s: prefill nodes hand KV to decode through a store; give "
+                "--kvstore 1 or more, or --prefill 0 for a colocated cluster\n",
+                cmd);
+        return false;
+    }
+    return true;
+}
+
+/* ---- the supervisor --------------------------------------------------- */
+
+static void iso_now(char *buf, size_t cap)
+{
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(buf, cap, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* A line of the supervisor's log (its stderr: RUN/supervisor.log). */
+static void sup_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void sup_log(const char *fmt, ...)
+{
+    char ts[32];
+    iso_now(ts, sizeof(ts));
+    fprintf(stderr, "%s tandem up: ", ts);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+}
+
+/* The index in a name ROLE-I. */
+static int proc_index(const up_proc_t *p)
+{
+    const char *dash = strrchr(p->name, '-');
+    return dash != NULL ? atoi(dash + 1) : 0;
+}
+
+/* p failed (it ran up_s seconds, or could not be started at all): the
+ * next attempt after a backoff, or give up after UP_MAX_QUICK quick
+ * failures in a row. */
+static void schedule_restart(up_proc_t *p, double now, double up_s)
+{
+    if (up_s >= UP_STABLE_S)
+        p->fails = 0;
+    p->quick = up_s < UP_QUICK_S ? p->quick + 1 : 0;
+    p->fails++;
+    if (p->quick >= UP_MAX_QUICK) {
+        snprintf(p->state, sizeof(p->state), "failed");
+        p->next_start = 0;
+        snprintf(p->error, sizeof(p->error),
+                 "gave up after %d failures in a row, each within %d s of its start (last: %s); "
+                 "see %s, fix the cause, then tandem down and tandem up",
+                 p->quick, UP_QUICK_S, p->last_exit, p->log);
+        sup_log("%s (role %s, index %d): %s", p->name, p->role, proc_index(p), p->error);
+        return;
+    }
+    int delay = UP_BACKOFF_MIN_S;
+    for (int k = 1; k < p->fails && delay < UP_BACKOFF_MAX_S; k++)
+        delay *= 2;
+    if (delay > UP_BACKOFF_MAX_S)
+        delay = UP_BACKOFF_MAX_S;
+    p->next_try = now + delay;
+    p->next_start = (long long)time(NULL) + delay;
+    snprintf(p->state, sizeof(p->state), "restarting");
+    sup_log("%s (role %s, index %d, pid %lld) ended after %.1f s: %s; restart %lld in %d s",
+            p->name, p->role, proc_index(p), p->pid, up_s, p->last_exit, p->restarts + 1, delay);
+}
+
+/* A child of ours ended: record how; restart it later unless it exited 0
+ * (a drain, or SIGTERM from someone), which is a wanted stop. */
+static void on_death(up_proc_t *p, double now)
+{
+    double up_s = now - p->started_at;
+    exit_cause(p->wait_status, p->last_exit, sizeof(p->last_exit));
+    p->last_exit_time = (long long)time(NULL);
+    if (WIFEXITED(p->wait_status) && WEXITSTATUS(p->wait_status) == 0) {
+        snprintf(p->state, sizeof(p->state), "stopped");
+        p->next_start = 0;
+        sup_log("%s (role %s, index %d, pid %lld) exited with status 0 after %.1f s (a drain or "
+                "SIGTERM ends so); not restarted: tandem down, then tandem up brings it back",
+                p->name, p->role, proc_index(p), p->pid, up_s);
+        return;
+    }
+    schedule_restart(p, now, up_s);
+}
+
+/* The next attempt of p: same binary, same command line (so the same
+ * ports), same environment (the same token), its log appended to. */
+static void restart_proc(up_proc_t *p, double now)
+{
+    char ts[32];
+    iso_now(ts, sizeof(ts));
+    FILE *f = fopen(p->log, "ae");
+    if (f != NULL) {
+        fprintf(f,
+                "\n==== tandem up: restart %lld of %s at %s (the previous process, pid %lld, "
+                "ended: %s) ====\n",
+                p->restarts + 1, p->name, ts, p->pid, p->last_exit);
+        fclose(f);
+    }
+    char why[PATH_MAX + 160];
+    long long pid;
+    if (!spawn(p->bin, p->argv, p->log, true, &pid, why, sizeof(why))) {
+        snprintf(p->last_exit, sizeof(p->last_exit), "could not be started: %.100s", why);
+        p->last_exit_time = (long long)time(NULL);
+        sup_log("%s: %s", p->name, why);
+        schedule_restart(p, now, 0);
+        return;
+    }
+    p->pid = pid;
+    p->restarts++;
+    note_start(p);
+    sup_log("%s restarted as pid %lld (restart %lld)", p->name, p->pid, p->restarts);
+}
+
+/* Until a signal: restarts what dies, records every change. */
+static void supervise(up_cluster_t *c)
+{
+    while (!g_interrupted) {
+        double now = tool_now();
+        bool changed = false;
+        for (size_t i = 0; i < c->n && !g_interrupted; i++) {
+            up_proc_t *p = &c->procs[i];
+            if (strcmp(p->state, "running") == 0 && proc_reap(p)) {
+                on_death(p, now);
+                changed = true;
+            } else if (strcmp(p->state, "restarting") == 0 && now >= p->next_try) {
+                restart_proc(p, now);
+                changed = true;
+            }
+        }
+        if (changed)
+            cluster_save(c);
+        sleep_ms(100);
+    }
+}
+
+static void report(int fd, char what)
+{
+    if (fd < 0)
+        return;
+    ssize_t w;
+    do
+        w = write(fd, &what, 1);
+    while (w < 0 && errno == EINTR);
+    close(fd);
+}
+
+/* tandem __up-supervisor: started by `up` (never by hand) with the options
+ * `up` resolved, RUN/lock held on --lock-fd and a pipe to `up` on
+ * --report-fd: starts the cluster, reports 'U' (up) or 'F' (failed, what
+ * was started is stopped again), and supervises until SIGTERM. */
+int cmd_up_supervisor(int argc, char **argv)
+{
+    up_opts_t o = up_defaults;
+    const char *bins = NULL;
+    int lock_fd = -1, report_fd = -1;
+    tdm_flag_t flags[16];
+    size_t n = up_flags(&o, flags);
+    flags[n++] = (tdm_flag_t){"bin-dir", 0, TDM_FLAG_TYPE_STR, &bins, "the role binaries", NULL};
+    flags[n++] = (tdm_flag_t){"lock-fd", 0, TDM_FLAG_TYPE_INT, &lock_fd, "RUN/lock, held", NULL};
+    flags[n++] = (tdm_flag_t){"report-fd", 0, TDM_FLAG_TYPE_INT, &report_fd, "pipe to up", NULL};
+    int rc;
+    if (!tool_parse("__up-supervisor [flags]",
+                    "Internal: the supervisor `tandem up` leaves behind; not for use by hand.",
+                    flags, n, argc, argv, NULL, 0, NULL, &rc))
+        return rc;
+    if (!up_opts_ok(&o, "__up-supervisor"))
+        return TOOL_EXIT_USAGE;
+    if (o.run_dir == NULL || o.model == NULL || bins == NULL || lock_fd < 0 || report_fd < 0) {
+        fprintf(stderr, "tandem __up-supervisor: is started by `tandem up`, not by hand\n");
+        return TOOL_EXIT_USAGE;
+    }
+    /* The roles inherit neither. */
+    fcntl(lock_fd, F_SETFD, FD_CLOEXEC);
+    fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_interrupt;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    /* `up` may be gone while we still write to its stderr. */
+    signal(SIGPIPE, SIG_IGN);
+
+    up_cluster_t *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        fprintf(stderr, "tandem up: out of memory\n");
+        report(report_fd, 'F');
+        return TOOL_EXIT_FAIL;
+    }
+    snprintf(c->run_dir, sizeof(c->run_dir), "%s", o.run_dir);
+    snprintf(c->state, sizeof(c->state), "starting");
+    snprintf(c->openai_url, sizeof(c->openai_url), "http://" UP_HOST ":%d/v1", o.port);
+    if (o.grpc_port >= 0)
+        snprintf(c->grpc, sizeof(c->grpc), UP_HOST ":%d", o.grpc_port);
+    c->supervisor_pid = (long long)getpid();
+    char st;
+    if (!proc_stat(c->supervisor_pid, &st, &c->supervisor_start))
+        c->supervisor_start = 0;
+
+    if (!up_start(c, &o, bins, o.model, tool_now())) {
+        fprintf(stderr, "tandem up: stopping what was started\n");
+        if (cluster_stop(c, 10) == 0)
+            cluster_forget(c);
+        else
+            fprintf(stderr, "tandem up: some processes are still running; see %s/cluster.json\n",
+                    c->run_dir);
+        fflush(stderr);
+        report(report_fd, 'F');
+        free(c);
+        close(lock_fd);
+        return TOOL_EXIT_FAIL;
+    }
+
+    /* Up: our output moves to RUN/supervisor.log, so that nothing of
+     * `up`'s (a terminal, a pipe a caller reads to its end) stays open. */
+    char path[PATH_MAX + 32];
+    path_in(c, "supervisor.log", path, sizeof(path));
+    int log_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd < 0) {
+        fprintf(stderr,
+                "tandem up: cannot open %s (%s); the supervisor logs nothing from here on\n", path,
+                strerror(errno));
+        log_fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    }
+    fflush(stdout);
+    fflush(stderr);
+    if (log_fd >= 0) {
+        dup2(log_fd, STDOUT_FILENO);
+        dup2(log_fd, STDERR_FILENO);
+        close(log_fd);
+    }
+    sup_log("supervising %zu processes in %s (supervisor pid %lld); a role that dies is "
+            "restarted after %d s, doubling to %d s; %d quick failures in a row give up",
+            c->n, c->run_dir, c->supervisor_pid, UP_BACKOFF_MIN_S, UP_BACKOFF_MAX_S, UP_MAX_QUICK);
+    report(report_fd, 'U');
+
+    supervise(c);
+
+    /* Told to stop (by `tandem down`): restart nothing more, say so, and
+     * reap the roles as they are stopped; a second signal ends at once. */
+    snprintf(c->state, sizeof(c->state), "stopping");
+    cluster_save(c);
+    sup_log("stopping on a signal: nothing is restarted any more; exiting once the roles have "
+            "exited (tandem down stops them)");
+    g_interrupted = 0;
+    for (;;) {
+        size_t running = 0;
+        for (size_t i = 0; i < c->n; i++)
+            if (!proc_reap(&c->procs[i]) && proc_alive(&c->procs[i]))
+                running++;
+        if (running == 0) {
+            sup_log("all roles have exited; the supervisor exits");
+            break;
+        }
+        if (g_interrupted) {
+            sup_log("a second signal: exiting with %zu roles still running", running);
+            break;
+        }
+        sleep_ms(100);
+    }
+    free(c);
+    close(lock_fd);
+    return TOOL_EXIT_OK;
+}
+
+/* ---- up --------------------------------------------------------------- */
+
+/* Starts the supervisor (this binary, in its own session) and waits for
+ * its report; true when the cluster is up. Forwards an interrupt (the
+ * supervisor then stops what it started). */
+static bool run_supervisor(const up_cluster_t *c, const up_opts_t *o, const char *model,
+                           const char *bins, int threads, int lock_fd)
+{
+    char self[PATH_MAX];
+    ssize_t sn = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (sn <= 0) {
+        fprintf(stderr, "tandem up: cannot read /proc/self/exe (%s)\n", strerror(errno));
+        return false;
+    }
+    self[sn] = '\0';
+    int rep[2];
+    if (pipe2(rep, O_CLOEXEC) != 0) {
+        fprintf(stderr, "tandem up: pipe: %s\n", strerror(errno));
+        return false;
+    }
+    char a[10][32];
+    snprintf(a[0], sizeof(a[0]), "%d", o->n_prefill);
+    snprintf(a[1], sizeof(a[1]), "%d", o->n_decode);
+    snprintf(a[2], sizeof(a[2]), "%d", o->n_kvstore);
+    snprintf(a[3], sizeof(a[3]), "%d", o->port);
+    snprintf(a[4], sizeof(a[4]), "%d", o->grpc_port);
+    snprintf(a[5], sizeof(a[5]), "%d", o->port_base);
+    snprintf(a[6], sizeof(a[6]), "%llu", (unsigned long long)o->kv_capacity);
+    snprintf(a[7], sizeof(a[7]), "%d", threads);
+    snprintf(a[8], sizeof(a[8]), "%d", o->timeout_s);
+    char lock_s[16], rep_s[16];
+    snprintf(lock_s, sizeof(lock_s), "%d", lock_fd);
+    snprintf(rep_s, sizeof(rep_s), "%d", rep[1]);
+    static const char *const names[] = {"--prefill",     "--decode",    "--kvstore",
+                                        "--port",        "--grpc-port", "--port-base",
+                                        "--kv-capacity", "--threads",   "--timeout"};
+    char *argv[40];
+    int k = 0;
+    argv[k++] = self;
+    argv[k++] = "__up-supervisor";
+    argv[k++] = "--run-dir";
+    argv[k++] = (char *)c->run_dir;
+    argv[k++] = "--model";
+    argv[k++] = (char *)model;
+    argv[k++] = "--bin-dir";
+    argv[k++] = (char *)bins;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        argv[k++] = (char *)names[i];
+        argv[k++] = a[i];
+    }
+    argv[k++] = "--lock-fd";
+    argv[k++] = lock_s;
+    argv[k++] = "--report-fd";
+    argv[k++] = rep_s;
+    argv[k] = NULL;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t sup = fork();
+    if (sup == 0) {
+        setsid();
+        int null_fd = open("/dev/null", O_RDONLY);
+        if (null_fd >= 0 && null_fd != STDIN_FILENO) {
+            dup2(null_fd, STDIN_FILENO);
+            close(null_fd);
+        }
+        fcntl(lock_fd, F_SETFD, 0);
+        fcntl(rep[1], F_SETFD, 0);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execv(self, argv);
+        fprintf(stderr, "tandem up: cannot run the supervisor %s: %s\n", self, strerror(errno));
+        _exit(127);
+    }
+    int fork_errno = errno;
+    close(rep[1]);
+    if (sup < 0) {
+        close(rep[0]);
+        fprintf(stderr, "tandem up: cannot fork the supervisor: %s\n", strerror(fork_errno));
+        return false;
+    }
+    /* Bounded even if the supervisor hangs: its start is bounded by
+     * --timeout, stopping a failed start by about a minute. */
+    double deadline = tool_now() + o->timeout_s + 120;
+    bool forwarded = false;
+    char got = 0;
+    for (;;) {
+        if (g_interrupted && !forwarded) {
+            fprintf(stderr, "tandem up: interrupted; the supervisor stops what it started\n");
+            kill(sup, SIGTERM);
+            forwarded = true;
+        }
+        if (tool_now() >= deadline) {
+            fprintf(stderr,
+                    "tandem up: the supervisor (pid %d) did not report within %d s; "
+                    "stopping the cluster\n",
+                    (int)sup, o->timeout_s + 120);
+            break;
+        }
+        struct pollfd pfd = {rep[0], POLLIN, 0};
+        int r = poll(&pfd, 1, 200);
+        if (r < 0 && errno != EINTR) {
+            fprintf(stderr, "tandem up: poll: %s\n", strerror(errno));
+            break;
+        }
+        if (r <= 0)
+            continue;
+        ssize_t rd = read(rep[0], &got, 1);
+        if (rd < 0 && errno == EINTR)
+            continue;
+        if (rd <= 0)
+            got = 0;
+        break;
+    }
+    close(rep[0]);
+    if (got == 'U' && !forwarded)
+        return true;
+    if (got == 'U') {
+        /* Up just as it was interrupted: take it down again. */
+        down_cluster(c->run_dir, 10);
+    } else if (got != 'F') {
+        /* Died, hung or never reported: whatever it recorded goes. */
+        int st = 0;
+        pid_t w = 0;
+        for (int i = 0; i < 20 && (w = waitpid(sup, &st, WNOHANG)) == 0; i++)
+            sleep_ms(50);
+        if (w == sup) {
+            char cause[96];
+            exit_cause(st, cause, sizeof(cause));
+            fprintf(stderr, "tandem up: the supervisor ended before the cluster was up (%s)\n",
+                    cause);
+        } else {
+            kill(sup, SIGKILL);
+        }
+        down_cluster(c->run_dir, 10);
+    }
+    /* 'F': it said why, stopped what it started, and exits now. */
+    for (int i = 0; i < 100 && waitpid(sup, NULL, WNOHANG) == 0; i++)
+        sleep_ms(50);
+    return false;
+}
+
 int cmd_up(int argc, char **argv)
 {
-    up_opts_t o = {
-        .n_prefill = 1,
-        .n_decode = 1,
-        .n_kvstore = 1,
-        .port = 8000,
-        .grpc_port = 8001,
-        .port_base = 7400,
-        .kv_capacity = 1ull << 30,
-        .timeout_s = 180,
-    };
-    tdm_flag_t flags[] = {
-        {"prefill", 0, TDM_FLAG_TYPE_INT, &o.n_prefill, "prefill nodes (0: colocated cluster)",
-         NULL},
-        {"decode", 0, TDM_FLAG_TYPE_INT, &o.n_decode, "decode nodes", NULL},
-        {"kvstore", 0, TDM_FLAG_TYPE_INT, &o.n_kvstore, "KV stores", NULL},
-        {"run-dir", 0, TDM_FLAG_TYPE_STR, &o.run_dir,
-         "logs, token and cluster.json (default: $TANDEM_HOME/cluster)", NULL},
-        {"model", 'm', TDM_FLAG_TYPE_STR, &o.model,
-         "GGUF model file (default: $TANDEM_HOME/models/" DEFAULT_MODEL_FILE ")", NULL},
-        {"port", 'p', TDM_FLAG_TYPE_INT, &o.port, "router's OpenAI HTTP port", NULL},
-        {"grpc-port", 0, TDM_FLAG_TYPE_INT, &o.grpc_port, "router's gRPC port (-1: none)", NULL},
-        {"port-base", 0, TDM_FLAG_TYPE_INT, &o.port_base,
-         "first internal port (router listener, stores, node metrics)", NULL},
-        {"api-key", 0, TDM_FLAG_TYPE_STR, &o.api_key,
-         "key clients must send (handed to the router by environment)", NULL},
-        {"kv-capacity", 0, TDM_FLAG_TYPE_SIZE, &o.kv_capacity, "bytes of each KV store", NULL},
-        {"threads", 't', TDM_FLAG_TYPE_INT, &o.threads,
-         "CPU threads per node (0: the cores divided among the nodes)", NULL},
-        {"timeout", 0, TDM_FLAG_TYPE_INT, &o.timeout_s,
-         "seconds to wait for every process to be ready", NULL},
-    };
+    up_opts_t o = up_defaults;
+    tdm_flag_t flags[16];
+    size_t n_flags = up_flags(&o, flags);
+    flags[n_flags++] = (tdm_flag_t){"api-key",
+                                    0,
+                                    TDM_FLAG_TYPE_STR,
+                                    &o.api_key,
+                                    "key clients must send (handed to the router by environment)",
+                                    NULL};
     int rc;
     if (!tool_parse("up [flags]",
                     "Starts a local cluster on 127.0.0.1: stores, router, prefill and decode "
-                    "nodes, detached; `tandem down` stops it.",
-                    flags, sizeof(flags) / sizeof(flags[0]), argc, argv, NULL, 0, NULL, &rc))
+                    "nodes, and a supervisor that restarts a role that dies (with backoff; "
+                    "`tandem status` counts the restarts); waits until all are ready. "
+                    "`tandem down` stops it.",
+                    flags, n_flags, argc, argv, NULL, 0, NULL, &rc))
         return rc;
-    if (o.n_prefill < 0 || o.n_prefill > UP_MAX_NODES || o.n_decode < 1 ||
-        o.n_decode > UP_MAX_NODES || o.n_kvstore < 0 || o.n_kvstore > UP_MAX_STORES ||
-        o.timeout_s < 1 || o.threads < 0 || o.kv_capacity == 0 || o.grpc_port < -1) {
-        fprintf(stderr,
-                "tandem up: --prefill 0..%d, --decode 1..%d, --kvstore 0..%d, --timeout >= 1, "
-                "--threads >= 0, --kv-capacity > 0 and --grpc-port >= -1, please\n",
-                UP_MAX_NODES, UP_MAX_NODES, UP_MAX_STORES);
+    if (!up_opts_ok(&o, "up"))
         return TOOL_EXIT_USAGE;
-    }
-    if (o.n_prefill > 0 && o.n_kvstore == 0) {
-        fprintf(stderr, "tandem up: prefill nodes hand KV to decode through a store; give "
-                        "--kvstore 1 or more, or --prefill 0 for a colocated cluster\n");
-        return TOOL_EXIT_USAGE;
-    }
 
     char model[PATH_MAX];
     if (o.model != NULL) {
@@ -1242,6 +2027,7 @@ int cmd_up(int argc, char **argv)
         return TOOL_EXIT_FAIL;
     }
     rc = TOOL_EXIT_FAIL;
+    int lock_fd = -1;
     if (realpath(dir, c->run_dir) == NULL) {
         fprintf(stderr, "tandem up: cannot resolve %s: %s\n", dir, strerror(errno));
         goto out_free;
@@ -1250,14 +2036,26 @@ int cmd_up(int argc, char **argv)
         fprintf(stderr, "tandem up: the run dir path %s is too long\n", c->run_dir);
         goto out_free;
     }
-    /* One `up` at a time per run dir; the lock dies with this process and
-     * is not inherited by the roles (close-on-exec). */
+    char down_hint[PATH_MAX + 32];
+    snprintf(down_hint, sizeof(down_hint), "tandem down%s%s", default_dir ? "" : " --run-dir ",
+             default_dir ? "" : c->run_dir);
+    /* One cluster per run dir: its supervisor holds the lock for as long
+     * as it lives (and `up` while it checks); the roles never inherit it. */
     char lock_path[PATH_MAX + 32];
     path_in(c, "lock", lock_path, sizeof(lock_path));
-    int lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (lock_fd < 0 || flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
-        fprintf(stderr, "tandem up: %s: %s (is another `tandem up` starting in %s?)\n", lock_path,
-                strerror(errno), c->run_dir);
+    lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lock_fd < 0) {
+        fprintf(stderr, "tandem up: cannot open %s: %s\n", lock_path, strerror(errno));
+        goto out_free;
+    }
+    if (flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK)
+            fprintf(stderr,
+                    "tandem up: a cluster is already running or starting in %s (its supervisor "
+                    "holds %s)\n  stop it first: %s\n",
+                    c->run_dir, lock_path, down_hint);
+        else
+            fprintf(stderr, "tandem up: cannot lock %s: %s\n", lock_path, strerror(errno));
         goto out_lock;
     }
 
@@ -1278,9 +2076,8 @@ int cmd_up(int argc, char **argv)
         if (alive > 0)
             fprintf(stderr,
                     "tandem up: a cluster recorded in %s is still running (%zu processes, e.g. "
-                    "%s pid %lld)\n  stop it first: tandem down%s%s\n",
-                    c->run_dir, alive, some->name, some->pid, default_dir ? "" : " --run-dir ",
-                    default_dir ? "" : c->run_dir);
+                    "%s pid %lld)\n  stop it first: %s\n",
+                    c->run_dir, alive, some->name, some->pid, down_hint);
         free(old);
         goto out_lock;
     }
@@ -1296,19 +2093,14 @@ int cmd_up(int argc, char **argv)
     char token[2 * UP_TOKEN_BYTES + 1];
     if (!write_token(c, token, sizeof(token)))
         goto out_lock;
-    /* Secrets reach the roles by environment only: never on a command
-     * line, where `ps` shows them. */
+    /* Secrets reach the supervisor and the roles by environment only:
+     * never on a command line, where `ps` shows them. */
     setenv("TANDEM_CLUSTER_TOKEN", token, 1);
     if (o.api_key != NULL && o.api_key[0] != '\0')
         setenv("TANDEM_API_KEY", o.api_key, 1);
     else
         unsetenv("TANDEM_API_KEY");
     memset(token, 0, sizeof(token));
-
-    snprintf(c->state, sizeof(c->state), "starting");
-    snprintf(c->openai_url, sizeof(c->openai_url), "http://" UP_HOST ":%d/v1", o.port);
-    if (o.grpc_port >= 0)
-        snprintf(c->grpc, sizeof(c->grpc), UP_HOST ":%d", o.grpc_port);
 
     struct sigaction sa, old_int, old_term, old_hup;
     memset(&sa, 0, sizeof(sa));
@@ -1320,17 +2112,19 @@ int cmd_up(int argc, char **argv)
 
     double t0 = tool_now();
     fprintf(stderr, "starting a tandem cluster in %s (model %s)\n", c->run_dir, model_abs);
-    if (up_start(c, &o, bins, model_abs, t0)) {
-        print_endpoints(c, &o, default_dir, tool_now() - t0);
-        rc = TOOL_EXIT_OK;
-    } else {
-        fprintf(stderr, "tandem up: stopping what was started\n");
-        if (cluster_stop(c, 10) == 0)
-            cluster_forget(c);
-        else
-            fprintf(stderr, "tandem up: some processes are still running; see %s/cluster.json\n",
+    int threads = o.threads > 0 ? o.threads : default_threads(o.n_prefill + o.n_decode);
+    if (run_supervisor(c, &o, model_abs, bins, threads, lock_fd)) {
+        up_cluster_t *now = calloc(1, sizeof(*now));
+        if (now != NULL && cluster_load(c->run_dir, now) > 0) {
+            print_endpoints(now, &o, default_dir, tool_now() - t0);
+            rc = TOOL_EXIT_OK;
+        } else if (now != NULL) {
+            fprintf(stderr,
+                    "tandem up: the cluster is up but %s/cluster.json cannot be read; "
+                    "see tandem status\n",
                     c->run_dir);
-        rc = TOOL_EXIT_FAIL;
+        }
+        free(now);
     }
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
@@ -1354,6 +2148,19 @@ static const char *run_dir_arg(const char *flag, char *buf, size_t cap)
     return buf;
 }
 
+/* What a process is now: the supervisor's record where it still holds
+ * (restarting, failed, stopped), else running or dead as seen. */
+static const char *proc_state(const up_proc_t *p, bool alive, bool supervised)
+{
+    if (strcmp(p->state, "failed") == 0 || strcmp(p->state, "stopped") == 0)
+        return p->state;
+    if (alive)
+        return "running";
+    if (supervised && strcmp(p->state, "restarting") == 0)
+        return "restarting";
+    return "dead";
+}
+
 int cmd_status(int argc, char **argv)
 {
     const char *run_dir = NULL;
@@ -1365,7 +2172,8 @@ int cmd_status(int argc, char **argv)
     };
     int rc;
     if (!tool_parse("status [flags]",
-                    "Lists the local cluster's processes: alive, healthy (GET /health). "
+                    "Lists the local cluster's processes: alive, healthy (GET /health), "
+                    "restarts and how the last one ended, and whether the supervisor runs. "
                     "Exit 0: all healthy, 1: not, 2: no cluster recorded.",
                     flags, sizeof(flags) / sizeof(flags[0]), argc, argv, NULL, 0, NULL, &rc))
         return rc;
@@ -1386,17 +2194,20 @@ int cmd_status(int argc, char **argv)
             printf("[]\n");
         return loaded == 0 ? TOOL_EXIT_USAGE : TOOL_EXIT_FAIL;
     }
+    bool supervised = supervisor_alive(c);
     bool all = c->n > 0;
     if (json)
         printf("[");
     else
-        printf("%-8s %-11s %-8s %-21s %-6s %s\n", "ROLE", "NAME", "PID", "ADDRESS", "ALIVE",
-               "HEALTHY");
+        printf("%-8s %-11s %-8s %-21s %-6s %-8s %-9s %s\n", "ROLE", "NAME", "PID", "ADDRESS",
+               "ALIVE", "HEALTHY", "RESTARTS", "LAST EXIT");
+    long long now = (long long)time(NULL);
     for (size_t i = 0; i < c->n; i++) {
         const up_proc_t *p = &c->procs[i];
         bool alive = proc_alive(p);
         bool healthy = alive && http_get_status(p->health_url, 1000) == 200;
         all = all && healthy;
+        const char *state = proc_state(p, alive, supervised);
         if (json) {
             printf("%s\n  {\"role\": ", i ? "," : "");
             json_str(stdout, p->role);
@@ -1411,17 +2222,55 @@ int cmd_status(int argc, char **argv)
             json_str(stdout, p->metrics_url);
             printf(", \"log\": ");
             json_str(stdout, p->log);
-            printf("}");
+            printf(",\n   \"state\": ");
+            json_str(stdout, state);
+            printf(", \"restarts\": %lld, \"last_exit\": ", p->restarts);
+            if (p->last_exit[0] != '\0')
+                json_str(stdout, p->last_exit);
+            else
+                printf("null");
+            printf(", \"last_exit_time\": %lld, \"next_start\": %lld, \"error\": ",
+                   p->last_exit_time, strcmp(state, "restarting") == 0 ? p->next_start : 0);
+            if (p->error[0] != '\0' && strcmp(state, "failed") == 0)
+                json_str(stdout, p->error);
+            else
+                printf("null");
+            printf(", \"supervised\": %s}", supervised ? "true" : "false");
         } else {
-            printf("%-8s %-11s %-8lld %-21s %-6s %s\n", p->role, p->name, p->pid, p->address,
-                   alive ? "yes" : "no", healthy ? "yes" : "no");
+            char last[192] = "-";
+            if (p->last_exit[0] != '\0')
+                snprintf(last, sizeof(last), "%s", p->last_exit);
+            char extra[64] = "";
+            if (strcmp(state, "restarting") == 0)
+                snprintf(extra, sizeof(extra), " (restarting in %lld s)",
+                         p->next_start > now ? p->next_start - now : 0);
+            else if (strcmp(state, "failed") == 0)
+                snprintf(extra, sizeof(extra), " (FAILED, not restarted)");
+            else if (strcmp(state, "stopped") == 0)
+                snprintf(extra, sizeof(extra), " (stopped, not restarted)");
+            printf("%-8s %-11s %-8lld %-21s %-6s %-8s %-9lld %s%s\n", p->role, p->name, p->pid,
+                   p->address, alive ? "yes" : "no", healthy ? "yes" : "no", p->restarts, last,
+                   extra);
         }
     }
-    if (json)
+    if (json) {
         printf("%s]\n", c->n ? "\n" : "");
-    else if (c->n > 0 && c->openai_url[0] != '\0')
-        printf("OpenAI API %s%s%s; %s\n", c->openai_url, c->grpc[0] ? ", gRPC " : "", c->grpc,
-               all ? "all healthy" : "NOT all healthy (see the logs in the run dir)");
+    } else {
+        for (size_t i = 0; i < c->n; i++)
+            if (strcmp(proc_state(&c->procs[i], proc_alive(&c->procs[i]), supervised), "failed") ==
+                0)
+                printf("%s: %s\n", c->procs[i].name, c->procs[i].error);
+        if (supervised)
+            printf("supervisor pid %lld: restarts a role that dies (log: %s/supervisor.log)\n",
+                   c->supervisor_pid, c->run_dir);
+        else
+            printf("supervisor NOT running%s: a role that dies stays down; tandem down still "
+                   "stops the rest (see %s/supervisor.log)\n",
+                   c->supervisor_pid > 1 ? " (it was killed?)" : "", c->run_dir);
+        if (c->n > 0 && c->openai_url[0] != '\0')
+            printf("OpenAI API %s%s%s; %s\n", c->openai_url, c->grpc[0] ? ", gRPC " : "", c->grpc,
+                   all ? "all healthy" : "NOT all healthy (see the logs in the run dir)");
+    }
     free(c);
     return all ? TOOL_EXIT_OK : TOOL_EXIT_FAIL;
 }
@@ -1438,8 +2287,9 @@ int cmd_down(int argc, char **argv)
     };
     int rc;
     if (!tool_parse("down [flags]",
-                    "Stops the local cluster: nodes, then the router, then the stores (SIGTERM, "
-                    "SIGKILL after --timeout). Logs are kept.",
+                    "Stops the local cluster: its supervisor (so nothing is restarted), then "
+                    "nodes, then the router, then the stores (SIGTERM, SIGKILL after "
+                    "--timeout). Logs are kept.",
                     flags, sizeof(flags) / sizeof(flags[0]), argc, argv, NULL, 0, NULL, &rc))
         return rc;
     if (timeout_s < 0) {
@@ -1448,30 +2298,7 @@ int cmd_down(int argc, char **argv)
     }
     char dir[PATH_MAX];
     run_dir_arg(run_dir, dir, sizeof(dir));
-    up_cluster_t *c = calloc(1, sizeof(*c));
-    if (c == NULL) {
-        fprintf(stderr, "tandem down: out of memory\n");
-        return TOOL_EXIT_FAIL;
-    }
-    int loaded = cluster_load(dir, c);
-    if (loaded <= 0) {
-        if (loaded == 0)
-            printf("no cluster recorded in %s; nothing to stop\n", dir);
-        free(c);
-        return loaded == 0 ? TOOL_EXIT_OK : TOOL_EXIT_FAIL;
-    }
-    int left = cluster_stop(c, timeout_s);
-    if (left == 0) {
-        cluster_forget(c);
-        printf("cluster stopped (%zu processes); logs kept in %s\n", c->n, dir);
-        rc = TOOL_EXIT_OK;
-    } else {
-        fprintf(stderr, "tandem down: %d processes could not be stopped; %s/cluster.json kept\n",
-                left, dir);
-        rc = TOOL_EXIT_FAIL;
-    }
-    free(c);
-    return rc;
+    return down_cluster(dir, timeout_s);
 }
 
 /* ---- drain ------------------------------------------------------------ */

@@ -43,6 +43,7 @@ int main(int argc, char **argv)
         {"status", cmd_status},
         {"down", cmd_down},
         {"drain", cmd_drain},
+        {"__up-supervisor", cmd_up_supervisor}, /* started by `up`; not listed */
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         if (strcmp(cmd, cmds[i].name) == 0)

@@ -66,6 +66,7 @@ int cmd_bench(int argc, char **argv);
 int cmd_bench_kvstore(int argc, char **argv); /* built with the network roles */
 int cmd_bench_serve(int argc, char **argv);   /* tools/cmd_bench_serve.c */
 int cmd_up(int argc, char **argv);            /* tools/cmd_up.c: local cluster */
+int cmd_up_supervisor(int argc, char **argv); /* hidden: what `up` leaves behind */
 int cmd_status(int argc, char **argv);
 int cmd_down(int argc, char **argv);
 int cmd_drain(int argc, char **argv);

@@ -10,6 +10,10 @@ Fault injection by environment (inherited through `tandem up`):
   FAKE_DIE=NAME          the process named NAME (e.g. decode-1, router-0)
                          prints an error and exits 3 at start
   FAKE_IGNORE_TERM=NAME  NAME ignores SIGTERM (down must SIGKILL it)
+  FAKE_DIE_DIR=DIR       a process exits 3 at start while DIR/NAME exists
+                         (a restart that keeps failing)
+  FAKE_CHILD=NAME        NAME starts a sleeping child that outlives it
+                         on SIGTERM (its pid in the log: "child pid N")
 """
 import argparse
 import http.server
@@ -18,6 +22,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 
 
@@ -43,6 +48,16 @@ def main():
     if os.environ.get("FAKE_DIE") == name:
         print(f"{name}: failing at start as FAKE_DIE asks", flush=True)
         return 3
+    die_dir = os.environ.get("FAKE_DIE_DIR")
+    if die_dir and os.path.exists(os.path.join(die_dir, name)):
+        print(f"{name}: failing at start as FAKE_DIE_DIR asks", flush=True)
+        return 3
+    if os.environ.get("FAKE_CHILD") == name:
+        # This script's path on its command line, so the test finds it.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                                  os.path.abspath(__file__)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"{name}: child pid {child.pid}", flush=True)
 
     port = args.port if role == "router" else args.metrics_port
     host = (args.host if role == "router" else args.metrics_host) or "127.0.0.1"
