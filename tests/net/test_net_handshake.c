@@ -187,6 +187,7 @@ int main(void)
     if (ss.n_accepted == 1) {
         int64_t t0 = tdm_net_now_ms();
         tdm_conn_close(ss.accepted[0], true);
+        ss.n_accepted = 0;
         pump(server, client, 3000, got_errors, &cs);
         int64_t took = tdm_net_now_ms() - t0;
         CHECK(cs.n_errors == 1 && took < 1000, "the client saw the close after %lld ms (%d)",
