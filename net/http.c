@@ -6,8 +6,10 @@
  * report, once, with what to do. libmicrohttpd runs one internal polling
  * thread (epoll where it was built with it) that calls http_access() for
  * each request; MHD_stop_daemon() closes the connections and the listening
- * socket and joins that thread. libmicrohttpd's own messages go through
- * tdm_log as warnings. */
+ * socket and joins that thread. A connection guard (http_guard.c) watches
+ * the connections: header deadline, per-address limit, and the oldest idle
+ * connection closed for a new one at the limit; libmicrohttpd's own
+ * messages go through it to tdm_log (level info, rate-limited). */
 #define _GNU_SOURCE
 #include "tandem/http.h"
 
@@ -28,7 +30,8 @@
 
 #define HTTP_DEFAULT_MAX_CONNECTIONS 64
 #define HTTP_DEFAULT_TIMEOUT_S       10
-#define HTTP_LISTEN_BACKLOG          64
+#define HTTP_DEFAULT_HEADER_S        10
+#define HTTP_LISTEN_BACKLOG          1024
 #define HTTP_TEXT                    "text/plain; charset=utf-8"
 #define HTTP_ALLOW                   "GET, HEAD"
 
@@ -45,6 +48,8 @@ struct tdm_http_server {
     char *name;      /* the role, in log lines ("" if none) */
     int port;        /* asked for; 0: any */
     unsigned max_connections;
+    unsigned max_per_ip;
+    unsigned header_timeout_s;
     unsigned timeout_s;
     tdm_metrics_registry_t *metrics;
     tdm_http_ready_fn_t ready;
@@ -52,6 +57,7 @@ struct tdm_http_server {
     http_route_t routes[TDM_HTTP_MAX_ROUTES];
     int n_routes;
     struct MHD_Daemon *daemon; /* NULL when not running */
+    tdm_http_guard_t *guard;   /* while running */
     int bound_port;            /* the port listened on while running */
 };
 
@@ -169,6 +175,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     tdm_http_server_t *s = cls;
     const http_route_t *route = NULL;
     int builtin = -1;
+    tdm_http_guard_headers(s->guard, conn, false); /* answered now; a body is not read */
     for (int i = 0; i < (int)(sizeof(builtin_paths) / sizeof(builtin_paths[0])); i++)
         if (strcmp(url, builtin_paths[i]) == 0)
             builtin = i;
@@ -195,12 +202,11 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     }
 }
 
-static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                           enum MHD_RequestTerminationCode toe)
 {
-    char line[512];
-    vsnprintf(line, sizeof(line), fmt, ap);
-    line[strcspn(line, "\n")] = '\0';
-    tdm_log_warn(MOD, "libmicrohttpd: %s", line);
+    tdm_http_server_t *s = cls;
+    tdm_http_guard_request_done(s->guard, conn);
 }
 
 /* ---- life cycle ---- */
@@ -226,6 +232,9 @@ tdm_status_t tdm_http_server_create(const tdm_http_config_t *config, tdm_http_se
     s->port = config->port;
     s->max_connections =
         config->max_connections != 0 ? config->max_connections : HTTP_DEFAULT_MAX_CONNECTIONS;
+    s->max_per_ip = config->max_connections_per_ip;
+    s->header_timeout_s =
+        config->header_timeout_s != 0 ? config->header_timeout_s : HTTP_DEFAULT_HEADER_S;
     s->timeout_s = config->timeout_s != 0 ? config->timeout_s : HTTP_DEFAULT_TIMEOUT_S;
     s->metrics = config->registry;
     s->ready = config->ready;
@@ -376,19 +385,35 @@ tdm_status_t tdm_http_server_start(tdm_http_server_t *server)
                                              HTTP_LISTEN_BACKLOG, &fd, &port);
     if (st != TDM_OK)
         return st;
+    char gname[96];
+    snprintf(gname, sizeof(gname), "%s%sHTTP server", server->name,
+             server->name[0] != '\0' ? " " : "");
+    tdm_http_guard_config_t gc = {.max_connections = server->max_connections,
+                                  .max_connections_per_ip = server->max_per_ip,
+                                  .header_timeout_ms = server->header_timeout_s * 1000,
+                                  .name = gname};
+    st = tdm_http_guard_create(&gc, &server->guard);
+    if (st != TDM_OK) {
+        close(fd);
+        return st;
+    }
+    struct MHD_OptionItem guard_opts[TDM_HTTP_GUARD_OPTIONS];
+    tdm_http_guard_options(server->guard, guard_opts);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
     /* The port argument is unused: the socket is ours. */
     struct MHD_Daemon *d = MHD_start_daemon(
-        flags, 0, NULL, NULL, http_access, server, MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, server,
-        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_CONNECTION_LIMIT,
-        server->max_connections, MHD_OPTION_CONNECTION_TIMEOUT, server->timeout_s, MHD_OPTION_END);
+        flags, 0, NULL, NULL, http_access, server, MHD_OPTION_ARRAY, guard_opts,
+        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_CONNECTION_TIMEOUT, server->timeout_s,
+        MHD_OPTION_NOTIFY_COMPLETED, http_completed, server, MHD_OPTION_END);
     if (d == NULL) {
         tdm_log_error(MOD,
                       "cannot start the HTTP server on %s:%d (libmicrohttpd refused; see "
                       "its message above)",
                       server->host, port);
         close(fd);
+        tdm_http_guard_destroy(server->guard);
+        server->guard = NULL;
         return TDM_ERR_IO;
     }
     server->daemon = d;
@@ -409,6 +434,8 @@ void tdm_http_server_stop(tdm_http_server_t *server)
         return;
     MHD_stop_daemon(server->daemon); /* joins the thread, closes the socket */
     server->daemon = NULL;
+    tdm_http_guard_destroy(server->guard);
+    server->guard = NULL;
     server->bound_port = 0;
 }
 

@@ -26,6 +26,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <limits.h>
 #include <math.h>
@@ -132,6 +133,8 @@ typedef struct gcall {
     grpc_byte_buffer *send_bb;
     grpc_slice status_details;
     bool have_details;
+    bool retry_after;          /* a 429: the status carries retry_md */
+    grpc_metadata retry_md[2]; /* static slices: valid while the call lives */
 
     /* under mu */
     pthread_mutex_t mu;
@@ -385,6 +388,10 @@ static void call_send(gcall_t *c, const ProtobufCMessage *msg, const char *text,
     if (with_status) {
         ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
         ops[n].data.send_status_from_server.trailing_metadata_count = 0;
+        if (c->retry_after) {
+            ops[n].data.send_status_from_server.trailing_metadata = c->retry_md;
+            ops[n].data.send_status_from_server.trailing_metadata_count = 2;
+        }
         ops[n].data.send_status_from_server.status = code;
         if (details != NULL && code != GRPC_STATUS_OK) {
             c->status_details = grpc_slice_from_copied_string(details);
@@ -420,6 +427,63 @@ static void call_fail(gcall_t *c, grpc_status_code code, const char *details)
     else
         tdm_log_debug(MOD, "request %s: status %d: %s", c->request_id, (int)code, details);
     call_send(c, NULL, NULL, 0, true, code, details);
+}
+
+/* Answers RESOURCE_EXHAUSTED (a queue limit) with when to retry in the
+ * trailing metadata: "retry-after" (seconds, as HTTP's header) and
+ * "grpc-retry-pushback-ms" (what gRPC's retry policy reads). */
+static void call_fail_retry(gcall_t *c, const char *details)
+{
+#define RETRY_STR_(x) #x
+#define RETRY_STR(x)  RETRY_STR_(x)
+    c->retry_md[0].key = grpc_slice_from_static_string("retry-after");
+    c->retry_md[0].value = grpc_slice_from_static_string(RETRY_STR(RT_RETRY_AFTER_S));
+    c->retry_md[1].key = grpc_slice_from_static_string("grpc-retry-pushback-ms");
+    c->retry_md[1].value = grpc_slice_from_static_string(RETRY_STR(RT_RETRY_AFTER_S) "000");
+#undef RETRY_STR
+#undef RETRY_STR_
+    c->retry_after = true;
+    call_fail(c, GRPC_STATUS_RESOURCE_EXHAUSTED, details);
+}
+
+/* Who sent the call, for the core's per-client queue limit
+ * (rt_params.client): the API key it presented where keys are checked,
+ * else its IP address (the peer "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678" or
+ * "ipv6:%5B::1%5D:5678" without the port). */
+static void call_client(const gcall_t *c, const grpc_metadata_array *md, char *out, size_t cap)
+{
+    out[0] = '\0';
+    if (c->srv->api_key != NULL) {
+        if (md_get(md, "authorization", out, cap) && strlen(out) > 7)
+            memmove(out, out + 7, strlen(out + 7) + 1); /* past "Bearer " (checked) */
+        else
+            out[0] = '\0';
+        return;
+    }
+    char *peer = grpc_call_get_peer(c->call);
+    if (peer == NULL)
+        return;
+    const char *a = peer;
+    const char *colon = strchr(a, ':');
+    if (colon != NULL && (strncmp(a, "ipv4:", 5) == 0 || strncmp(a, "ipv6:", 5) == 0)) {
+        a = colon + 1;
+        size_t n;
+        if (a[0] == '[') {
+            a++;
+            n = strcspn(a, "]");
+        } else if (strncmp(a, "%5B", 3) == 0) { /* newer gRPC percent-encodes the brackets */
+            a += 3;
+            const char *end = strstr(a, "%5D");
+            n = end != NULL ? (size_t)(end - a) : strlen(a);
+        } else {
+            const char *port = strrchr(a, ':');
+            n = port != NULL ? (size_t)(port - a) : strlen(a);
+        }
+        snprintf(out, cap, "%.*s", (int)n, a);
+    } else {
+        snprintf(out, cap, "%s", a);
+    }
+    gpr_free(peer);
 }
 
 /* Builds and sends a GenerateResponse from text, ids and infos; final (NULL
@@ -920,6 +984,13 @@ static grpc_status_code build_params(gcall_t *c, const Tandem__V1__GenerateReque
         TANDEM__V1__GENERATE_REQUEST__REPETITION_PENALTY_OPT_REPETITION_PENALTY)
         sp->repetition_penalty = q->repetition_penalty;
     if (q->seed_opt_case == TANDEM__V1__GENERATE_REQUEST__SEED_OPT_SEED) {
+        /* the HTTP API's range: its negative seeds are refused, and these
+         * are what they would wrap to */
+        if (q->seed > (uint64_t)INT64_MAX) {
+            snprintf(err, err_len, "seed must be in 0..%lld, not %llu", (long long)INT64_MAX,
+                     (unsigned long long)q->seed);
+            return GRPC_STATUS_INVALID_ARGUMENT;
+        }
         sp->has_seed = true;
         sp->seed = q->seed;
     }
@@ -1025,7 +1096,7 @@ static void handle_generate(gcall_t *c, const grpc_metadata_array *md, grpc_byte
         }
         snprintf(c->request_id, sizeof(c->request_id), "%s", q->request_id);
     }
-    char tier[64];
+    char tier[128]; /* longer than a pool name can be: the core refuses it */
     if (q->tier[0] != '\0')
         c->tier = strdup(q->tier);
     else if (md_get(md, "x-model-tier", tier, sizeof(tier)) && tier[0] != '\0')
@@ -1048,11 +1119,18 @@ static void handle_generate(gcall_t *c, const grpc_metadata_array *md, grpc_byte
         goto free_request;
     }
     uint64_t id = 0;
+    char client[256];
+    call_client(c, md, client, sizeof(client));
+    p.client = client;
     tdm_status_t st = rt_core_submit(c->srv->core, &p, on_core_event, c, &id, err, sizeof(err));
     free(prompt);
     if (st == TDM_ERR_INVALID) {
         call_fail(c, GRPC_STATUS_INVALID_ARGUMENT, err[0] ? err : "invalid request");
-    } else if (st == TDM_ERR_BUSY || st == TDM_ERR_NOMEM) {
+    } else if (st == TDM_ERR_NOT_FOUND) {
+        call_fail(c, GRPC_STATUS_NOT_FOUND, err[0] ? err : "no such model");
+    } else if (st == TDM_ERR_BUSY) {
+        call_fail_retry(c, err[0] ? err : "over a queue limit; retry later");
+    } else if (st == TDM_ERR_CANCELLED || st == TDM_ERR_NOMEM) {
         call_fail(c, GRPC_STATUS_UNAVAILABLE, err[0] ? err : "the router is overloaded");
     } else if (st != TDM_OK) {
         char msg[640];

@@ -34,10 +34,12 @@
 #define _GNU_SOURCE
 #include "api_openai.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <microhttpd.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -60,9 +62,12 @@
 #define OA_DEFAULT_HOST        "127.0.0.1"
 #define OA_DEFAULT_PORT        8000
 #define OA_DEFAULT_MAX_BODY    (4u << 20)
-#define OA_DEFAULT_MAX_CONN    512
+#define OA_DEFAULT_MAX_CONN    4096
 #define OA_DEFAULT_TIMEOUT_S   30
-#define OA_LISTEN_BACKLOG      128
+#define OA_DEFAULT_HEADER_S    10
+#define OA_LISTEN_BACKLOG      4096 /* the kernel caps it at net.core.somaxconn */
+#define OA_TOKENIZE_MIN_BODY   (64u << 10)
+#define OA_TOKENIZE_BYTES_PER  32  /* body bytes per token of max_model_len (JSON escapes) */
 #define OA_POOL_THREADS        4   /* libmicrohttpd polling threads */
 #define OA_WATCH_MS            100 /* disconnect checks of suspended connections */
 #define OA_STOP_WAIT_MS        5000
@@ -74,7 +79,6 @@
 #define OA_MAX_DROPPED_BODIES  16 /* an oversized body is read up to this many limits */
 #define OA_MAX_MODELS          64
 #define OA_REQUEST_ID_MAX      128
-#define OA_TIER_MAX            64
 #define OA_JSON                "application/json"
 #define OA_SSE                 "text/event-stream"
 #define OA_MIN_LOGPROB         -9999.0
@@ -150,6 +154,7 @@ struct oa_req {
     unsigned status; /* sent, for the log line */
     oa_phase_t phase;
     oa_buf_t body;
+    size_t max_body;     /* the route's limit */
     bool body_over;      /* over max_body: dropped */
     size_t body_dropped; /* bytes dropped */
 
@@ -182,9 +187,11 @@ struct rt_openai {
     rt_core_t *core;
     char *host;
     char *api_key;
-    size_t max_body;
-    unsigned max_conn, timeout_s;
+    size_t max_body;          /* generation endpoints */
+    size_t max_body_tokenize; /* /tokenize, /detokenize */
+    unsigned max_conn, max_per_ip, header_timeout_s, timeout_s;
     tdm_metrics_registry_t *registry;
+    tdm_http_guard_t *guard;
     struct MHD_Daemon *daemon;
     int port;
 
@@ -294,6 +301,29 @@ static bool oa_printable(const char *s, size_t max)
     return true;
 }
 
+/* Who sent r, for the core's per-client queue limit (rt_params.client):
+ * the API key it presented where keys are checked, else its IP address
+ * (buf, cap >= INET6_ADDRSTRLEN). */
+static const char *oa_client(const oa_req_t *r, char *buf, size_t cap)
+{
+    if (r->s->api_key != NULL) {
+        const char *h =
+            MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+        return h != NULL && strlen(h) > 7 ? h + 7 : ""; /* past "Bearer " (checked) */
+    }
+    buf[0] = '\0';
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
+    if (sa != NULL && sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, buf,
+                  (socklen_t)cap);
+    else if (sa != NULL && sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr, buf,
+                  (socklen_t)cap);
+    return buf;
+}
+
 static bool oa_bad(oa_err_t *e, unsigned status, const char *param, const char *code,
                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
@@ -361,6 +391,11 @@ static enum MHD_Result oa_queue(oa_req_t *r, unsigned status, const char *ctype,
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->is_post ? "POST" : "GET, HEAD");
     if (status == MHD_HTTP_UNAUTHORIZED)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (status == MHD_HTTP_TOO_MANY_REQUESTS) {
+        char ra[16];
+        snprintf(ra, sizeof(ra), "%d", RT_RETRY_AFTER_S);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, ra);
+    }
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     r->status = status;
@@ -1203,6 +1238,9 @@ static bool oa_parse_params(oa_req_t *r, json_t *root, rt_params_t *p, const cha
     if ((rc = oa_get_int(root, "seed", &k, e)) < 0)
         return false;
     if (rc > 0) {
+        if (k < 0)
+            return oa_bad(e, 400, "seed", NULL, "'seed' must be in 0..%lld, got %lld",
+                          (long long)INT64_MAX, (long long)k);
         p->sampling.has_seed = true;
         p->sampling.seed = (uint64_t)k;
     }
@@ -1214,6 +1252,20 @@ static bool oa_parse_params(oa_req_t *r, json_t *root, rt_params_t *p, const cha
             return oa_bad(e, 400, "n", NULL, "'n' must be in 1..%d, got %lld", OA_MAX_N,
                           (long long)k);
         r->n = (int)k;
+    }
+    /* best_of: OpenAI's server-side sampling of best_of candidates, of
+     * which the n best are returned; at least n. Only best_of == n == 1
+     * (or no best_of) is what tandem does. */
+    if ((rc = oa_get_int(root, "best_of", &k, e)) < 0)
+        return false;
+    if (rc > 0) {
+        if (k < r->n)
+            return oa_bad(e, 400, "best_of", NULL, "'best_of' (%lld) must be at least 'n' (%d)",
+                          (long long)k, r->n);
+        if (k > 1)
+            return oa_bad(e, 400, "best_of", NULL,
+                          "'best_of' > 1 is not supported: tandem returns each choice as it was "
+                          "sampled; ask for several with 'n' and pick on the client");
     }
     /* max_tokens: max_completion_tokens is OpenAI's newer name */
     *max_tokens = 0;
@@ -1400,6 +1452,8 @@ static enum MHD_Result oa_generate(oa_req_t *r, json_t *root)
     p.model = r->model->name;
     p.tier = r->tier;
     p.request_id = r->request_id;
+    char client[INET6_ADDRSTRLEN];
+    p.client = oa_client(r, client, sizeof(client));
     uint64_t seed = p.sampling.seed;
     size_t n_submitted = 0;
     /* a hold on n_live while submitting: a choice that ends before its
@@ -1434,6 +1488,8 @@ static enum MHD_Result oa_generate(oa_req_t *r, json_t *root)
             if (st == TDM_ERR_INVALID)
                 oa_bad(&e, 400, NULL, NULL, "%s", err);
             else if (st == TDM_ERR_BUSY)
+                oa_bad(&e, 429, NULL, "rate_limit_exceeded", "%s", err[0] ? err : "busy; retry");
+            else if (st == TDM_ERR_CANCELLED || st == TDM_ERR_NOMEM)
                 oa_bad(&e, 503, NULL, "service_unavailable", "%s", err[0] ? err : "busy; retry");
             else
                 oa_bad(&e, 500, NULL, NULL, "cannot queue the request: %s",
@@ -1660,8 +1716,9 @@ static oa_req_t *oa_req_create(rt_openai_t *s, struct MHD_Connection *conn, cons
         memcpy(r->request_id, "req-", 4);
         oa_random_hex(r->request_id + 4, 24);
     }
+    /* any value: the core refuses one that names no pool (400) */
     const char *tier = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "x-model-tier");
-    if (tier != NULL && oa_printable(tier, OA_TIER_MAX))
+    if (tier != NULL && tier[0] != '\0')
         r->tier = strdup(tier);
 
     pthread_mutex_lock(&s->lock);
@@ -1684,6 +1741,9 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
     rt_openai_t *s = cls;
     oa_req_t *r = *con_cls;
     if (r == NULL) {
+        bool has_body =
+            strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0;
+        tdm_http_guard_headers(s->guard, conn, has_body);
         r = oa_req_create(s, conn, url, method);
         if (r == NULL) {
             tdm_log_warn(MOD, "out of memory for a request to %s; connection closed", url);
@@ -1702,7 +1762,9 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
             }
         if (r->route == OA_ROUTE_NONE)
             return oa_fail(r, 404, NULL, NULL, "Invalid URL (%s %s)", method, url);
-        if (strncmp(url, "/v1/", 4) == 0 && !oa_auth_ok(s, conn))
+        bool open_route = r->route == OA_ROUTE_HEALTH || r->route == OA_ROUTE_READY ||
+                          r->route == OA_ROUTE_METRICS;
+        if (!open_route && !oa_auth_ok(s, conn))
             return oa_fail(r, 401, NULL, "invalid_api_key",
                            "Incorrect or missing API key: send \"Authorization: Bearer KEY\"");
         if (r->is_post ? !is_post : !is_get)
@@ -1721,12 +1783,15 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
                 return oa_fail(r, 415, NULL, NULL,
                                "Content-Type must be application/json, got \"%.64s\"", ct);
         }
+        r->max_body = r->route == OA_ROUTE_TOKENIZE || r->route == OA_ROUTE_DETOKENIZE
+                          ? s->max_body_tokenize
+                          : s->max_body;
         const char *cl =
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl != NULL && strtoull(cl, NULL, 10) > s->max_body)
+        if (cl != NULL && strtoull(cl, NULL, 10) > r->max_body)
             return oa_fail(r, 413, NULL, NULL,
-                           "the request body (%s bytes) is over the limit of %zu bytes", cl,
-                           s->max_body);
+                           "the request body (%.24s bytes) is over the limit of %zu bytes for %s",
+                           cl, r->max_body, url);
         r->phase = OA_PHASE_BODY;
         return MHD_YES;
     }
@@ -1735,14 +1800,15 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
         if (*upload_data_size > 0) {
             size_t n = *upload_data_size;
             *upload_data_size = 0;
-            if (r->body_over || r->body.len + n > s->max_body) {
+            tdm_http_guard_body(s->guard, conn, n);
+            if (r->body_over || r->body.len + n > r->max_body) {
                 /* a body without Content-Length over the limit: read on and
                  * drop it (libmicrohttpd cannot answer mid-body), answer 413
                  * at its end; close the connection if it goes on and on */
                 r->body_over = true;
                 r->body_dropped += n;
                 oa_buf_free(&r->body);
-                if (r->body_dropped > OA_MAX_DROPPED_BODIES * s->max_body) {
+                if (r->body_dropped > OA_MAX_DROPPED_BODIES * r->max_body) {
                     tdm_log_info(MOD,
                                  "%s %s (request %s): a body of more than %zu bytes is still "
                                  "coming; connection closed",
@@ -1756,13 +1822,17 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
             return MHD_YES;
         }
         r->phase = OA_PHASE_WAIT;
+        tdm_http_guard_active(s->guard, conn);
         if (r->body_over)
-            return oa_fail(r, 413, NULL, NULL, "the request body is over the limit of %zu bytes",
-                           s->max_body);
+            return oa_fail(r, 413, NULL, NULL,
+                           "the request body is over the limit of %zu bytes for %s", r->max_body,
+                           r->url);
         return oa_handle_body(r);
     }
     if (r->phase == OA_PHASE_DONE || r->phase == OA_PHASE_STREAM) {
-        *upload_data_size = 0; /* body after an early answer: dropped */
+        /* body after an early answer: dropped (the guard still times it) */
+        tdm_http_guard_body(s->guard, conn, *upload_data_size);
+        *upload_data_size = 0;
         return MHD_YES;
     }
     /* resumed */
@@ -1773,8 +1843,8 @@ static enum MHD_Result oa_access(void *cls, struct MHD_Connection *conn, const c
 static void oa_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
-    (void)conn;
+    rt_openai_t *s = cls;
+    tdm_http_guard_request_done(s->guard, conn);
     oa_req_t *r = *con_cls;
     if (r == NULL)
         return;
@@ -1796,15 +1866,6 @@ static void oa_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     pthread_mutex_unlock(&r->lock);
     oa_cancel_ids(r->s, ids, n);
     oa_req_unref(r);
-}
-
-static void oa_mhd_log(void *cls, const char *fmt, va_list ap)
-{
-    (void)cls;
-    char line[512];
-    vsnprintf(line, sizeof(line), fmt, ap);
-    line[strcspn(line, "\n")] = '\0';
-    tdm_log_info(MOD, "libmicrohttpd: %s", line);
 }
 
 /* ---- the watchdog: disconnects of suspended connections ---- */
@@ -1885,7 +1946,18 @@ tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_
             goto err_free_host;
     }
     s->max_body = cfg->max_body_bytes != 0 ? cfg->max_body_bytes : OA_DEFAULT_MAX_BODY;
+    /* /tokenize and /detokenize: what the longest model's context needs */
+    const rt_model_info_t *ms[OA_MAX_MODELS];
+    size_t n_models = rt_core_models(core, ms, OA_MAX_MODELS);
+    size_t tok_body = OA_TOKENIZE_MIN_BODY;
+    for (size_t i = 0; i < n_models && i < OA_MAX_MODELS; i++)
+        if (ms[i]->max_model_len > 0 &&
+            (size_t)ms[i]->max_model_len * OA_TOKENIZE_BYTES_PER > tok_body)
+            tok_body = (size_t)ms[i]->max_model_len * OA_TOKENIZE_BYTES_PER;
+    s->max_body_tokenize = tok_body < s->max_body ? tok_body : s->max_body;
     s->max_conn = cfg->max_connections != 0 ? cfg->max_connections : OA_DEFAULT_MAX_CONN;
+    s->max_per_ip = cfg->max_connections_per_ip;
+    s->header_timeout_s = cfg->header_timeout_s != 0 ? cfg->header_timeout_s : OA_DEFAULT_HEADER_S;
     s->timeout_s = cfg->timeout_s != 0 ? cfg->timeout_s : OA_DEFAULT_TIMEOUT_S;
     s->registry = cfg->registry;
     pthread_mutex_init(&s->lock, NULL);
@@ -1895,20 +1967,30 @@ tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_
     pthread_cond_init(&s->cond, &ca);
     pthread_condattr_destroy(&ca);
 
+    tdm_http_guard_config_t gc = {.max_connections = s->max_conn,
+                                  .max_connections_per_ip = s->max_per_ip,
+                                  .header_timeout_ms = s->header_timeout_s * 1000,
+                                  .name = "OpenAI API",
+                                  .registry = s->registry,
+                                  .metrics_prefix = "tandem_router_http"};
+    st = tdm_http_guard_create(&gc, &s->guard);
+    if (st != TDM_OK)
+        goto err_destroy_sync;
     int fd = -1, port = 0;
     st = tdm_http_listen_socket(s->host, cfg->port, "--port", OA_LISTEN_BACKLOG, &fd, &port);
     if (st != TDM_OK)
-        goto err_destroy_sync;
+        goto err_destroy_guard;
     unsigned threads = OA_POOL_THREADS;
     if (s->max_conn < threads)
         threads = 1;
+    struct MHD_OptionItem guard_opts[TDM_HTTP_GUARD_OPTIONS];
+    tdm_http_guard_options(s->guard, guard_opts);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
     s->daemon = MHD_start_daemon(
-        flags, 0, NULL, NULL, oa_access, s, MHD_OPTION_EXTERNAL_LOGGER, oa_mhd_log, s,
-        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_CONNECTION_LIMIT, s->max_conn,
-        MHD_OPTION_CONNECTION_TIMEOUT, s->timeout_s, MHD_OPTION_NOTIFY_COMPLETED, oa_completed, s,
-        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_END);
+        flags, 0, NULL, NULL, oa_access, s, MHD_OPTION_ARRAY, guard_opts, MHD_OPTION_LISTEN_SOCKET,
+        (MHD_socket)fd, MHD_OPTION_CONNECTION_TIMEOUT, s->timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
+        oa_completed, s, MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_END);
     if (s->daemon == NULL) {
         tdm_log_error(MOD,
                       "cannot start the API server on %s:%d (libmicrohttpd refused; see its "
@@ -1916,7 +1998,7 @@ tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_
                       s->host, port);
         close(fd);
         st = TDM_ERR_IO;
-        goto err_destroy_sync;
+        goto err_destroy_guard;
     }
     s->port = port;
     if (pthread_create(&s->watchdog, NULL, oa_watchdog, s) != 0) {
@@ -1925,16 +2007,22 @@ tdm_status_t rt_openai_start(rt_core_t *core, const rt_openai_config_t *cfg, rt_
         goto err_stop_daemon;
     }
     s->watchdog_started = true;
+    char per_ip[32] = "no limit";
+    if (s->max_per_ip > 0)
+        snprintf(per_ip, sizeof(per_ip), "%u", s->max_per_ip);
     tdm_log_info(MOD,
-                 "OpenAI API on http://%s:%d (%s, body limit %zu bytes, %u connections, "
-                 "idle timeout %u s)",
+                 "OpenAI API on http://%s:%d (%s, body limit %zu bytes, %zu for /tokenize and "
+                 "/detokenize, %u connections before the oldest idle one is closed, %s per "
+                 "address, headers within %u s, idle timeout %u s)",
                  s->host, port, s->api_key != NULL ? "API key required" : "no API key", s->max_body,
-                 s->max_conn, s->timeout_s);
+                 s->max_body_tokenize, s->max_conn, per_ip, s->header_timeout_s, s->timeout_s);
     *out = s;
     return TDM_OK;
 
 err_stop_daemon:
     MHD_stop_daemon(s->daemon);
+err_destroy_guard:
+    tdm_http_guard_destroy(s->guard);
 err_destroy_sync:
     pthread_cond_destroy(&s->cond);
     pthread_mutex_destroy(&s->lock);
@@ -1949,6 +2037,11 @@ err_free_server:
 int rt_openai_port(const rt_openai_t *s)
 {
     return s != NULL ? s->port : 0;
+}
+
+void rt_openai_guard_stats(rt_openai_t *s, tdm_http_guard_stats_t *out)
+{
+    tdm_http_guard_stats(s->guard, out);
 }
 
 size_t rt_openai_active(rt_openai_t *s)
@@ -1992,6 +2085,8 @@ void rt_openai_stop(rt_openai_t *s)
         pthread_join(s->watchdog, NULL);
     /* 3. connections closed, MHD's threads joined */
     MHD_stop_daemon(s->daemon);
+    tdm_http_guard_destroy(s->guard);
+    s->guard = NULL;
     /* 4. the core's final events free what is left */
     pthread_mutex_lock(&s->lock);
     int64_t until = tdm_net_now_ms() + OA_STOP_WAIT_MS;

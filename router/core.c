@@ -9,6 +9,16 @@
  *   PREFILL  a prefill node computes the prompt and puts its blocks
  *   DECODE   a decode node pulls the blocks (or computes the prompt itself)
  *            and streams tokens
+ * Admission (rt_core_submit, on the front end's thread, under the lock):
+ * the tier must name a known pool (configured with --pools, or named by a
+ * node that registered) or the request is refused with 400 at once, and
+ * the requests held (waiting or running) must stay under three limits:
+ * the router's (--max-queued), the pool's (--max-queued-per-pool) and the
+ * client's (--max-queued-per-key; the client is a keyed hash of the API
+ * key it presented or of its address), or it is refused with 429. Only
+ * known pools get a tandem_router_pending_requests series, so made-up
+ * tiers cannot use up the series a pool scaled to zero needs.
+ *
  * The router keeps every token a request has produced. When a node dies
  * (endpoint error, or no heartbeat for node_timeout_ms) its requests go
  * back to QUEUED and continue on another node from the prompt plus those
@@ -20,18 +30,27 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "cluster.h"
 #include "core_impl.h"
 #include "tandem/gguf.h"
+#include "tandem/hash.h"
 #include "tandem/log.h"
 #include "tandem/net.h"
-#include "tandem/secret.h"
 #include "tandem/textstream.h"
 
-#define MOD          "router"
-#define RT_MAX_POOLS 64 /* pools with a pending-requests series */
+#define MOD              "router"
+#define RT_MAX_POOLS     64        /* pools a router knows (configured and registered) */
+#define RT_POOL_NAME_MAX 64        /* bytes of a pool's name, the NUL included */
+#define RT_MAX_HELD      (1 << 20) /* the largest --max-queued */
+
+/* Why a request was refused at admission: the label of
+ * tandem_router_requests_refused_total. */
+enum { REFUSE_UNKNOWN_POOL = 0, REFUSE_QUEUE, REFUSE_POOL, REFUSE_CLIENT, REFUSE_COUNT };
+static const char *const refuse_reason[REFUSE_COUNT] = {"unknown_pool", "queue_full", "pool_full",
+                                                        "client_full"};
 
 enum { N_HELLO = 0, N_READY = 1, N_DEAD = 2 };
 
@@ -60,7 +79,9 @@ typedef struct rreq {
     rt_event_cb_t cb;
     void *user;
     char request_id[64];
-    char pool[64];
+    char pool[RT_POOL_NAME_MAX];
+    int pool_idx;    /* in core->pools */
+    uint64_t client; /* keyed hash of rt_params.client */
     const rt_model_info_t *model;
     int32_t *prompt;
     size_t n_prompt;
@@ -87,6 +108,12 @@ typedef struct rreq {
     double t_submit;
 } rreq_t;
 
+/* Requests held by one client (a keyed hash of rt_params.client). */
+typedef struct client_slot {
+    uint64_t hash;
+    int held; /* 0: the slot is free */
+} client_slot_t;
+
 typedef struct inbox_item {
     struct inbox_item *next;
     rreq_t *req;        /* a new request, or */
@@ -111,13 +138,26 @@ struct rt_core {
     rnode_t *nodes;
     rreq_t *reqs, **reqs_tail;
     size_t n_reqs;
+    /* Known pools. A pool is never forgotten, so one scaled to zero keeps
+     * taking requests; name and gauge are set once, when it is added under
+     * the lock (n_pools only grows; only the core thread adds after
+     * rt_core_create). */
     struct {
-        char name[64];
+        char name[RT_POOL_NAME_MAX];
         tdm_metrics_gauge_t *pending;
-        int count;
+        int count; /* core thread: waiting for a node, this pass */
+        int held;  /* under lock: admitted, final event not sent */
     } pools[RT_MAX_POOLS];
     int n_pools;
+    /* Requests held per client, under lock: open addressing with linear
+     * probing, an entry lives while held > 0; clients_cap is a power of two
+     * over twice max_queued, so the table never fills. */
+    client_slot_t *clients;
+    size_t clients_cap;
+    int n_held;           /* under lock: every admitted request not yet ended */
+    uint64_t client_seed; /* random: client hashes cannot be precomputed */
     tdm_metrics_family_t *pending_family;
+    tdm_metrics_counter_t *refused[REFUSE_COUNT];
     atomic_int n_queued;
     atomic_bool draining;      /* rt_core_drain: no new requests */
     atomic_size_t n_in_flight; /* submitted, final event not yet sent */
@@ -201,12 +241,164 @@ static void inbox_push(rt_core_t *c, inbox_item_t *it)
     tdm_net_signal(c->net);
 }
 
+/* ----------------------------------------------------------- admission */
+
+/* A pool's name: 1..RT_POOL_NAME_MAX-1 printable ASCII bytes, no comma (it
+ * is a header value, a label value and an item of --pools). */
+static bool pool_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n >= RT_POOL_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7e || s[i] == ',')
+            return false;
+    return true;
+}
+
+/* Under the lock (or before the core thread runs): the pool's index, or -1. */
+static int pool_find(const rt_core_t *c, const char *name)
+{
+    for (int i = 0; i < c->n_pools; i++)
+        if (strcmp(c->pools[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+/* Under the lock: the pool's index, added (with its pending series) if new;
+ * -1 when RT_MAX_POOLS pools are known already. name is valid (pool_name_ok). */
+static int pool_add(rt_core_t *c, const char *name)
+{
+    int i = pool_find(c, name);
+    if (i >= 0 || c->n_pools == RT_MAX_POOLS)
+        return i;
+    i = c->n_pools;
+    snprintf(c->pools[i].name, sizeof(c->pools[i].name), "%s", name);
+    const char *values[1] = {c->pools[i].name};
+    if (tdm_metrics_family_gauge(c->pending_family, values, &c->pools[i].pending) != TDM_OK)
+        return -1;
+    c->pools[i].count = 0;
+    c->pools[i].held = 0;
+    c->n_pools++;
+    return i;
+}
+
+/* Under the lock: where the client's entry is (found) or would go. */
+static size_t client_slot(const rt_core_t *c, uint64_t hash, bool *found)
+{
+    size_t mask = c->clients_cap - 1;
+    for (size_t i = hash & mask;; i = (i + 1) & mask) {
+        if (c->clients[i].held == 0) {
+            *found = false;
+            return i;
+        }
+        if (c->clients[i].hash == hash) {
+            *found = true;
+            return i;
+        }
+    }
+}
+
+/* Under the lock: one request of the client ended; the entry goes when its
+ * last one does (backward-shift deletion keeps every probe run whole). */
+static void client_release(rt_core_t *c, uint64_t hash)
+{
+    bool found;
+    size_t i = client_slot(c, hash, &found);
+    if (!found || --c->clients[i].held > 0)
+        return;
+    size_t mask = c->clients_cap - 1;
+    for (size_t j = (i + 1) & mask; c->clients[j].held > 0; j = (j + 1) & mask) {
+        size_t home = c->clients[j].hash & mask;
+        bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (stays)
+            continue;
+        c->clients[i] = c->clients[j];
+        i = j;
+    }
+    c->clients[i].held = 0;
+    c->clients[i].hash = 0;
+}
+
+/* Takes a place for a request of `client` in pool `tier`, or says why not
+ * (TDM_ERR_INVALID: unknown pool; TDM_ERR_BUSY: a limit). */
+static tdm_status_t admit(rt_core_t *c, const char *tier, uint64_t client, int *pool_out, char *err,
+                          size_t err_len)
+{
+    const char *name = tier != NULL && tier[0] != '\0' ? tier : "default";
+    int reason = -1;
+    pthread_mutex_lock(&c->lock);
+    int p = pool_find(c, name);
+    bool found = false;
+    size_t slot = 0;
+    if (p < 0) {
+        reason = REFUSE_UNKNOWN_POOL;
+        size_t n = strlen(name);
+        int off;
+        if (pool_name_ok(name, n))
+            off = snprintf(err, err_len,
+                           "unknown tier '%s': this router has no such pool; its pools are", name);
+        else
+            off = snprintf(err, err_len, "unknown tier (%zu bytes, not a pool name): its pools are",
+                           n);
+        for (int i = 0; i < c->n_pools && off > 0 && (size_t)off < err_len; i++)
+            off += snprintf(err + off, err_len - (size_t)off, "%s %s", i > 0 ? "," : "",
+                            c->pools[i].name);
+        if (c->n_pools == 0 && off > 0 && (size_t)off < err_len)
+            snprintf(err + off, err_len - (size_t)off, " none yet");
+    } else {
+        /* the most particular limit first: a flooder is told it is the one */
+        slot = client_slot(c, client, &found);
+        if (found && c->clients[slot].held >= c->cfg.max_queued_per_client) {
+            reason = REFUSE_CLIENT;
+            snprintf(err, err_len,
+                     "this client (API key or address) holds %d requests, its limit "
+                     "(--max-queued-per-key); retry in %d s",
+                     c->clients[slot].held, RT_RETRY_AFTER_S);
+        } else if (c->pools[p].held >= c->cfg.max_queued_per_pool) {
+            reason = REFUSE_POOL;
+            snprintf(
+                err, err_len,
+                "pool '%s' holds %d requests, its limit (--max-queued-per-pool); retry in %d s",
+                c->pools[p].name, c->pools[p].held, RT_RETRY_AFTER_S);
+        } else if (c->n_held >= c->cfg.max_queued) {
+            reason = REFUSE_QUEUE;
+            snprintf(err, err_len,
+                     "the router holds %d requests, its limit (--max-queued); retry in %d s",
+                     c->n_held, RT_RETRY_AFTER_S);
+        }
+    }
+    if (reason < 0) {
+        c->clients[slot].hash = client;
+        c->clients[slot].held++;
+        c->pools[p].held++;
+        c->n_held++;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (reason >= 0) {
+        tdm_metrics_counter_inc(c->refused[reason]);
+        return reason == REFUSE_UNKNOWN_POOL ? TDM_ERR_INVALID : TDM_ERR_BUSY;
+    }
+    *pool_out = p;
+    return TDM_OK;
+}
+
+/* A request's place is free again (its final event went out, or it was
+ * never queued). */
+static void release(rt_core_t *c, int pool, uint64_t client)
+{
+    pthread_mutex_lock(&c->lock);
+    c->pools[pool].held--;
+    client_release(c, client);
+    c->n_held--;
+    pthread_mutex_unlock(&c->lock);
+}
+
 tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t cb, void *user,
                             uint64_t *id_out, char *err, size_t err_len)
 {
     if (atomic_load(&core->draining)) {
         snprintf(err, err_len, "this router is shutting down; send the request to another replica");
-        return TDM_ERR_BUSY;
+        return TDM_ERR_CANCELLED;
     }
     const rt_model_info_t *m = rt_core_model(core, p->model);
     if (m == NULL) {
@@ -248,20 +440,30 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
         snprintf(err, err_len, "%s", why);
         return TDM_ERR_INVALID;
     }
+    const char *who = p->client != NULL ? p->client : "";
+    uint64_t client = tdm_hash128(who, strlen(who), core->client_seed).lo;
+    int pool = -1;
+    tdm_status_t st = admit(core, p->tier, client, &pool, err, err_len);
+    if (st != TDM_OK)
+        return st;
     rreq_t *r = calloc(1, sizeof(*r));
     inbox_item_t *it = calloc(1, sizeof(*it));
     if (r == NULL || it == NULL) {
         free(r);
         free(it);
+        release(core, pool, client);
         snprintf(err, err_len, "out of memory");
         return TDM_ERR_NOMEM;
     }
+    r->pool_idx = pool;
+    r->client = client;
     r->prompt = malloc(p->n_prompt * sizeof(int32_t));
     r->cap_out = 64;
     r->out = malloc(r->cap_out * sizeof(int32_t));
     r->stop_ids = p->n_stop_token_ids ? malloc(p->n_stop_token_ids * sizeof(int32_t)) : NULL;
     if (r->prompt == NULL || r->out == NULL || (p->n_stop_token_ids && r->stop_ids == NULL) ||
         tdm_textstream_init(&r->text, p->stop, p->n_stop) != TDM_OK) {
+        release(core, pool, client);
         req_free(r);
         free(it);
         snprintf(err, err_len, "out of memory");
@@ -273,7 +475,7 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
         memcpy(r->stop_ids, p->stop_token_ids, p->n_stop_token_ids * sizeof(int32_t));
     r->n_stop_ids = p->n_stop_token_ids;
     r->model = m;
-    snprintf(r->pool, sizeof(r->pool), "%s", p->tier && p->tier[0] ? p->tier : "default");
+    snprintf(r->pool, sizeof(r->pool), "%s", core->pools[pool].name);
     snprintf(r->request_id, sizeof(r->request_id), "%s", p->request_id ? p->request_id : "");
     r->sampling = p->sampling;
     int64_t room = (int64_t)m->max_model_len - (int64_t)p->n_prompt;
@@ -379,6 +581,7 @@ static void emit(rt_core_t *c, rreq_t *r, const char *text, size_t len, const rt
                   r->n_prompt, r->n_out);
     req_leave_node(r, true);
     req_unlink(c, r);
+    release(c, r->pool_idx, r->client);
     req_free(r);
     atomic_fetch_sub(&c->n_in_flight, 1);
 }
@@ -532,23 +735,6 @@ static bool send_job(rt_core_t *c, rreq_t *r, rnode_t *n, Tandem__Cluster__JobKi
     return true;
 }
 
-/* The pool's slot for the per-pool pending series (NULL when full). */
-static int pool_slot(rt_core_t *c, const char *name)
-{
-    for (int i = 0; i < c->n_pools; i++)
-        if (strcmp(c->pools[i].name, name) == 0)
-            return i;
-    if (c->n_pools == RT_MAX_POOLS)
-        return -1;
-    int i = c->n_pools;
-    snprintf(c->pools[i].name, sizeof(c->pools[i].name), "%s", name);
-    const char *values[1] = {c->pools[i].name};
-    if (tdm_metrics_family_gauge(c->pending_family, values, &c->pools[i].pending) != TDM_OK)
-        return -1;
-    c->n_pools++;
-    return i;
-}
-
 static void schedule(rt_core_t *c, int64_t now)
 {
     int queued = 0;
@@ -582,13 +768,8 @@ static void schedule(rt_core_t *c, int64_t now)
             continue;
         }
         queued++;
-        int slot = pool_slot(c, r->pool);
-        if (slot >= 0)
-            c->pools[slot].count++;
+        c->pools[r->pool_idx].count++;
     }
-    for (rnode_t *n = c->nodes; n != NULL; n = n->next)
-        if (n->state == N_READY)
-            (void)pool_slot(c, n->pool); /* a pool shows 0 once it has a node */
     for (int i = 0; i < c->n_pools; i++)
         tdm_metrics_gauge_set(c->pools[i].pending, c->pools[i].count);
     atomic_store(&c->n_queued, queued);
@@ -746,17 +927,12 @@ static void welcome(rnode_t *n, bool ok, const char *error)
     send_msg(n, &msg);
 }
 
-static bool token_ok(const rt_core_t *c, const ProtobufCBinaryData *t)
-{
-    return tdm_secret_equal(c->cfg.token, t->data, t->len);
-}
-
 static void on_hello(rt_core_t *c, rnode_t *n, const Tandem__Cluster__Hello *h)
 {
     const char *why = NULL;
-    if (!token_ok(c, &h->token))
-        why = "wrong cluster token";
-    else if (h->version != TDM_CLUSTER_VERSION)
+    const char *pool = h->pool != NULL && h->pool[0] != '\0' ? h->pool : "default";
+    /* the cluster token was proven by the transport's handshake */
+    if (h->version != TDM_CLUSTER_VERSION)
         why = "protocol version differs from the router's";
     else if (h->role != TANDEM__CLUSTER__ROLE__ROLE_PREFILL &&
              h->role != TANDEM__CLUSTER__ROLE__ROLE_DECODE)
@@ -765,6 +941,22 @@ static void on_hello(rt_core_t *c, rnode_t *n, const Tandem__Cluster__Hello *h)
         why = "the node serves a model this router does not";
     else if (h->max_model_len < c->model.max_model_len)
         why = "the node's --max-model-len is below the router's";
+    else if (!pool_name_ok(pool, strlen(pool)))
+        why = "its --pool is not a pool name (1-63 printable ASCII characters, no comma)";
+    if (why == NULL) {
+        pthread_mutex_lock(&c->lock);
+        bool known = pool_find(c, pool) >= 0;
+        bool added = pool_add(c, pool) >= 0;
+        pthread_mutex_unlock(&c->lock);
+        if (!added)
+            why = "the router knows as many pools as it can (64); give this node a pool it "
+                  "has already";
+        else if (!known)
+            tdm_log_info(MOD,
+                         "pool %s is new: it takes requests from now on, also once it "
+                         "has no node",
+                         pool);
+    }
     if (why != NULL) {
         tdm_log_warn(MOD, "refused node %s (%s, model '%s'): %s", h->name ? h->name : "?",
                      tdm_conn_peer(n->conn), h->model ? h->model : "", why);
@@ -775,7 +967,7 @@ static void on_hello(rt_core_t *c, rnode_t *n, const Tandem__Cluster__Hello *h)
     n->role = h->role;
     snprintf(n->name, sizeof(n->name), "%s", h->name && h->name[0] ? h->name : "node");
     snprintf(n->model, sizeof(n->model), "%s", h->model);
-    snprintf(n->pool, sizeof(n->pool), "%s", h->pool && h->pool[0] ? h->pool : "default");
+    snprintf(n->pool, sizeof(n->pool), "%s", pool);
     snprintf(n->metrics, sizeof(n->metrics), "%s", h->metrics_address ? h->metrics_address : "");
     n->hb.free_blocks = h->total_blocks;
     n->hb.total_blocks = h->total_blocks;
@@ -873,18 +1065,14 @@ static void drain_inbox(rt_core_t *c)
     while (it != NULL) {
         inbox_item_t *next = it->next;
         if (it->req != NULL) {
+            /* admitted by rt_core_submit: its place is taken already */
             rreq_t *r = it->req;
-            if ((int)c->n_reqs >= c->cfg.max_queued) { /* not linked: emit only frees it */
-                emit(c, r, "", 0, NULL, TDM_FINISH_ERROR, 503,
-                     "the router holds too many requests; retry later");
-            } else {
-                r->t_queued_ms = tdm_net_now_ms();
-                r->state = R_QUEUED;
-                *c->reqs_tail = r;
-                c->reqs_tail = &r->next;
-                c->n_reqs++;
-                tdm_metrics_counter_inc(c->m.requests);
-            }
+            r->t_queued_ms = tdm_net_now_ms();
+            r->state = R_QUEUED;
+            *c->reqs_tail = r;
+            c->reqs_tail = &r->next;
+            c->n_reqs++;
+            tdm_metrics_counter_inc(c->m.requests);
         } else {
             for (rreq_t *r = c->reqs; r != NULL; r = r->next) {
                 if (r->id == it->cancel_id) {
@@ -938,6 +1126,24 @@ static tdm_status_t setup_metrics(rt_core_t *c)
     tdm_status_t st = tdm_metrics_family_register(reg, &pd, &c->pending_family);
     if (st != TDM_OK)
         return st;
+    static const char *const reason_label[1] = {"reason"};
+    tdm_metrics_desc_t rd = {
+        .type = TDM_METRICS_TYPE_COUNTER,
+        .name = "tandem_router_requests_refused_total",
+        .help = "Requests refused at admission: unknown_pool (400), queue_full, pool_full, "
+                "client_full (429).",
+        .label_names = reason_label,
+        .n_labels = 1,
+        .max_children = REFUSE_COUNT,
+    };
+    tdm_metrics_family_t *refused = NULL;
+    if ((st = tdm_metrics_family_register(reg, &rd, &refused)) != TDM_OK)
+        return st;
+    for (int i = 0; i < REFUSE_COUNT; i++) {
+        const char *values[1] = {refuse_reason[i]};
+        if ((st = tdm_metrics_family_counter(refused, values, &c->refused[i])) != TDM_OK)
+            return st;
+    }
     if ((st = tdm_metrics_counter_register(reg, "tandem_router_requests_total",
                                            "Requests accepted by the router.", &c->m.requests)) !=
             TDM_OK ||
@@ -977,6 +1183,57 @@ static tdm_status_t setup_metrics(rt_core_t *c)
              reg, "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
              lat, (int)(sizeof(lat) / sizeof(lat[0])), &c->m.e2e)) != TDM_OK)
         return st;
+    return TDM_OK;
+}
+
+/* The configured pools (cfg.pools) and the per-client table. */
+static tdm_status_t setup_admission(rt_core_t *c, char *err, size_t err_len)
+{
+    const rt_core_config_t *cfg = &c->cfg;
+    if (cfg->max_queued < 1 || cfg->max_queued > RT_MAX_HELD || cfg->max_queued_per_pool < 1 ||
+        cfg->max_queued_per_client < 1) {
+        snprintf(err, err_len,
+                 "--max-queued must be 1..%d and --max-queued-per-pool, --max-queued-per-key at "
+                 "least 1",
+                 RT_MAX_HELD);
+        return TDM_ERR_INVALID;
+    }
+    c->clients_cap = 16;
+    while (c->clients_cap < 2 * (size_t)cfg->max_queued)
+        c->clients_cap *= 2;
+    c->clients = calloc(c->clients_cap, sizeof(c->clients[0]));
+    if (c->clients == NULL) {
+        snprintf(err, err_len, "out of memory for the per-client queue limits");
+        return TDM_ERR_NOMEM;
+    }
+    if (getrandom(&c->client_seed, sizeof(c->client_seed), 0) != sizeof(c->client_seed))
+        c->client_seed = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)c;
+    const char *list = cfg->pools != NULL ? cfg->pools : "default";
+    for (const char *p = list; *p != '\0';) {
+        while (*p == ' ')
+            p++;
+        size_t n = strcspn(p, ",");
+        size_t m = n;
+        while (m > 0 && p[m - 1] == ' ')
+            m--;
+        char name[RT_POOL_NAME_MAX];
+        if (!pool_name_ok(p, m)) {
+            snprintf(err, err_len,
+                     "--pools '%s': '%.*s' is not a pool name (1-63 printable ASCII characters, "
+                     "comma-separated)",
+                     list, (int)m, p);
+            return TDM_ERR_INVALID;
+        }
+        memcpy(name, p, m);
+        name[m] = '\0';
+        if (pool_add(c, name) < 0) {
+            snprintf(err, err_len, "--pools names more than %d pools", RT_MAX_POOLS);
+            return TDM_ERR_INVALID;
+        }
+        p += n;
+        if (*p == ',')
+            p++;
+    }
     return TDM_OK;
 }
 
@@ -1027,15 +1284,18 @@ tdm_status_t rt_core_create(const rt_core_config_t *cfg, char *err, size_t err_l
         snprintf(err, err_len, "cannot register the router's metrics");
         goto fail;
     }
-    tdm_net_config_t nc = {.name = "router"};
-    if ((st = tdm_net_create(&nc, &c->net)) != TDM_OK) {
-        snprintf(err, err_len, "cannot start UCX (see the messages above)");
+    if ((st = setup_admission(c, err, err_len)) != TDM_OK)
         goto fail;
-    }
     char host[128];
     int port = 0;
     if ((st = tdm_net_parse_addr(cfg->listen, host, sizeof(host), &port)) != TDM_OK) {
         snprintf(err, err_len, "--listen %s is not HOST:PORT", cfg->listen);
+        goto fail;
+    }
+    /* nodes prove the cluster token in the transport's handshake */
+    tdm_net_config_t nc = {.name = "router", .token = cfg->token, .local_addr = host};
+    if ((st = tdm_net_create(&nc, &c->net)) != TDM_OK) {
+        snprintf(err, err_len, "cannot start UCX (see the messages above)");
         goto fail;
     }
     if ((st = tdm_net_set_handler(c->net, TDM_CLUSTER_AM_ID, on_message, c)) != TDM_OK ||
@@ -1050,12 +1310,20 @@ tdm_status_t rt_core_create(const rt_core_config_t *cfg, char *err, size_t err_l
         goto fail;
     }
     c->started = true;
+    char pools[256] = "";
+    for (int i = 0, off = 0; i < c->n_pools && off >= 0 && (size_t)off < sizeof(pools); i++)
+        off += snprintf(pools + off, sizeof(pools) - (size_t)off, "%s%s", i > 0 ? "," : "",
+                        c->pools[i].name);
     tdm_log_info(MOD,
                  "serving model '%s' (max model len %d, template %s); nodes register at %s "
-                 "(port %d); queue timeout %d ms, prompts under %d tokens skip prefill",
+                 "(port %d); queue timeout %d ms, prompts under %d tokens skip prefill; pools "
+                 "%s (and those nodes name); holds at most %d requests, %d per pool, %d per "
+                 "client",
                  c->served_name, mml,
                  c->model.tmpl == TDM_CHAT_TEMPLATE_LLAMA3 ? "llama3" : "chatml", cfg->listen,
-                 tdm_net_listen_port(c->net), cfg->queue_timeout_ms, cfg->disagg_min_tokens);
+                 tdm_net_listen_port(c->net), cfg->queue_timeout_ms, cfg->disagg_min_tokens,
+                 pools[0] ? pools : "(none)", cfg->max_queued, cfg->max_queued_per_pool,
+                 cfg->max_queued_per_client);
     *out = c;
     return TDM_OK;
 fail:
@@ -1087,5 +1355,6 @@ void rt_core_destroy(rt_core_t *c)
     if (c->gguf != NULL)
         tdm_gguf_close(c->gguf);
     pthread_mutex_destroy(&c->lock);
+    free(c->clients);
     free(c);
 }

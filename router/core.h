@@ -50,8 +50,13 @@ const rt_model_info_t *rt_core_model(rt_core_t *core, const char *name);
 size_t rt_core_models(rt_core_t *core, const rt_model_info_t **out, size_t cap);
 
 typedef struct rt_params {
-    const char *model;      /* the model's name (rt_core_model) */
-    const char *tier;       /* the x-model-tier header, or NULL */
+    const char *model; /* the model's name (rt_core_model) */
+    const char *tier;  /* the pool: the x-model-tier header; NULL or "": "default" */
+    /* Who sent the request, for the per-client queue limit: the API key it
+     * presented, or its IP address where the router checks no key. Only a
+     * keyed hash of it is kept; it is never logged. NULL or "": one
+     * anonymous client. */
+    const char *client;
     const char *request_id; /* for logs (copied) */
     const int32_t *prompt;  /* copied */
     size_t n_prompt;
@@ -99,9 +104,23 @@ typedef struct rt_event {
 
 typedef void (*rt_event_cb_t)(void *user, const rt_event_t *ev);
 
-/* Queues a request. TDM_ERR_INVALID (with a message in err) for bad
- * parameters: the front end answers 400 with it. Otherwise every outcome
- * arrives as events. */
+/* Seconds a client refused with 429 is told to wait (Retry-After). */
+#define RT_RETRY_AFTER_S 1
+
+/* Queues a request, or refuses it at once with a message in err for the
+ * client:
+ *   TDM_ERR_INVALID    bad parameters, or a tier that names no pool this
+ *                      router knows (400; gRPC INVALID_ARGUMENT);
+ *   TDM_ERR_NOT_FOUND  no model of that name (404);
+ *   TDM_ERR_BUSY       over a queue limit: the router's, the pool's or the
+ *                      client's (429 with Retry-After RT_RETRY_AFTER_S;
+ *                      gRPC RESOURCE_EXHAUSTED);
+ *   TDM_ERR_CANCELLED  the router is draining (503: another replica);
+ *   TDM_ERR_NOMEM      out of memory (503).
+ * Otherwise every outcome arrives as events. A pool is known when the
+ * router was configured with it or a node of it has registered (since the
+ * router started); a known pool with no node holds its requests while it
+ * scales from zero. */
 tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t cb, void *user,
                             uint64_t *id_out, char *err, size_t err_len);
 /* The client went away or cancelled: stops the request on its nodes. */
@@ -110,7 +129,7 @@ void rt_core_cancel(rt_core_t *core, uint64_t id);
 /* Readiness of the router: true unless draining. A pool without nodes
  * does not count: requests wait for one (scale from zero). */
 bool rt_core_ready(rt_core_t *core, char *reason, size_t cap);
-/* Stops taking requests (rt_core_submit answers TDM_ERR_BUSY, readiness
+/* Stops taking requests (rt_core_submit answers TDM_ERR_CANCELLED, readiness
  * says "draining"); those in flight go on to their end. */
 void rt_core_drain(rt_core_t *core);
 /* Requests submitted whose final event has not been sent yet. */

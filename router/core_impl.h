@@ -16,7 +16,13 @@ typedef struct rt_core_config {
     int disagg_min_tokens;         /* shorter prompts skip the prefill pool */
     int node_timeout_ms;           /* no heartbeat or job progress: the node is gone */
     int max_retries;               /* failovers per request */
-    int max_queued;                /* requests waiting for a node, at most */
+    int max_queued;                /* requests held (waiting or running), at most */
+    /* Pools that exist without a node, comma-separated ("default"): they
+     * hold requests while they scale from zero. Pools of registered nodes
+     * join them; any other tier is refused (400). */
+    const char *pools;
+    int max_queued_per_pool;   /* requests one pool holds, at most */
+    int max_queued_per_client; /* requests one client (rt_params.client) holds, at most */
     tdm_metrics_registry_t *registry;
 } rt_core_config_t;
 

@@ -455,7 +455,9 @@ def test_drain_and_probes(overlay):
         pre = c.get("lifecycle", {}).get("preStop", {})
         sleep = pre.get("sleep", {}).get("seconds", 0)
         assert grace > drain + sleep, f"{name}: grace {grace} <= drain {drain} + preStop sleep {sleep}"
-        port = int(setting(c, "--port" if binary == "tandem-router" else "--metrics-port"))
+        # routers: the probes on --health-port, a server of its own that a
+        # flood of the API port cannot starve
+        port = int(setting(c, "--health-port" if binary == "tandem-router" else "--metrics-port"))
         ready, live = c.get("readinessProbe", {}), c.get("livenessProbe", {})
         assert ready.get("httpGet", {}).get("path") == "/ready", f"{name}: readiness on /ready"
         assert container_port(c, ready["httpGet"]["port"]) == port, f"{name}: readiness port"
@@ -567,9 +569,10 @@ def test_network_policy(overlay):
         assert admits(labels, lo, "tandem") and admits(labels, hi, "tandem"), f"{name}: UCX range closed"
         assert not admits(labels, lo, "any"), f"{name}: the UCX range is open to everyone"
         binary = c["command"][0]
-        metrics = int(setting(c, "--port" if binary == "tandem-router" else "--metrics-port"))
+        metrics = int(setting(c, "--health-port" if binary == "tandem-router" else "--metrics-port"))
         assert admits(labels, metrics, "monitoring"), f"{name}: metrics port closed to monitoring"
         if binary == "tandem-router":
+            assert not admits(labels, metrics, "any"), f"{name}: the health port is open to everyone"
             assert admits(labels, int(setting(c, "--port")), "any")
             assert admits(labels, int(setting(c, "--grpc-port")), "any")
             assert not admits(labels, 7500, "any"), f"{name}: the registration port is open to everyone"

@@ -422,6 +422,11 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
         snprintf(err, err_len, "fake core: request rejected by the model name");
         return TDM_ERR_INVALID;
     }
+    if (p->tier != NULL && strcmp(p->tier, "full") == 0) {
+        snprintf(err, err_len, "fake core: over a queue limit (client %s)",
+                 p->client != NULL ? p->client : "");
+        return TDM_ERR_BUSY;
+    }
     if (p->n_prompt == 0 || p->prompt == NULL) {
         snprintf(err, err_len, "the prompt is empty");
         return TDM_ERR_INVALID;
@@ -495,7 +500,7 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
         pthread_mutex_unlock(&core->lock);
         snprintf(err, err_len, "the core is stopping");
         fc_req_free(r);
-        return TDM_ERR_BUSY;
+        return TDM_ERR_CANCELLED;
     }
     r->id = ++core->next_id;
     r->next_due_ms = r->mode == FC_MODE_SLOW ? fc_now_ms() + core->delay_ms : 0;
@@ -511,6 +516,7 @@ tdm_status_t rt_core_submit(rt_core_t *core, const rt_params_t *p, rt_event_cb_t
     l->id = r->id;
     snprintf(l->model, sizeof(l->model), "%s", m->info.name);
     snprintf(l->tier, sizeof(l->tier), "%s", p->tier != NULL ? p->tier : "");
+    snprintf(l->client, sizeof(l->client), "%s", p->client != NULL ? p->client : "");
     snprintf(l->request_id, sizeof(l->request_id), "%s",
              p->request_id != NULL ? p->request_id : "");
     l->n_prompt = p->n_prompt;

@@ -29,7 +29,10 @@
  *       default 100 ms), for cancel / disconnect tests;
  *   "reject": rt_core_submit returns TDM_ERR_INVALID with a message.
  * The x-model-tier value "slow" (rt_params.tier) also selects the slow
- * mode with any model.
+ * mode with any model; "full" makes rt_core_submit return TDM_ERR_BUSY
+ * (over a queue limit: 429, RESOURCE_EXHAUSTED) with the client named in
+ * the message. After fake_core_destroy began, rt_core_submit returns
+ * TDM_ERR_CANCELLED (draining).
  *
  * rt_core_submit also refuses (TDM_ERR_INVALID, message in err) what the
  * real core would: an unknown model, an empty prompt, an id outside the
@@ -81,6 +84,7 @@ typedef struct fake_core_request {
     uint64_t id;
     char model[64];
     char tier[64];        /* "" when NULL */
+    char client[256];     /* rt_params.client, "" when NULL */
     char request_id[128]; /* "" when NULL */
     size_t n_prompt;
     int32_t prompt[16]; /* the first min(n_prompt, 16) ids */

@@ -116,6 +116,7 @@ typedef struct call {
     grpc_status_code status;
     grpc_slice details;
     char details_str[512];
+    char trailers[256]; /* "key=value;" for each trailing metadata entry */
     grpc_byte_buffer *send;
     grpc_byte_buffer *recv;
     int tag_start, tag_status, tag_recv;
@@ -283,6 +284,15 @@ static int call_finish(call_t *c)
         memcpy(c->details_str, GRPC_SLICE_START_PTR(c->details), n);
         c->details_str[n] = '\0';
         grpc_slice_unref(c->details);
+        size_t off = 0;
+        for (size_t i = 0; i < c->trailing.count && off < sizeof(c->trailers); i++) {
+            const grpc_metadata *m = &c->trailing.metadata[i];
+            int w = snprintf(
+                c->trailers + off, sizeof(c->trailers) - off, "%.*s=%.*s;",
+                (int)GRPC_SLICE_LENGTH(m->key), (const char *)GRPC_SLICE_START_PTR(m->key),
+                (int)GRPC_SLICE_LENGTH(m->value), (const char *)GRPC_SLICE_START_PTR(m->value));
+            off += w > 0 ? (size_t)w : 0;
+        }
     }
     (void)started;
     grpc_metadata_array_destroy(&c->initial);
@@ -668,6 +678,14 @@ static void test_errors(client_t *cl)
     tl.top_logprobs = 21;
     expect_status(cl, &tl, NULL, GRPC_STATUS_INVALID_ARGUMENT, "top_logprobs", "top_logprobs 21");
 
+    /* the HTTP API's seeds are 0..2^63-1: the rest is what its negative
+     * ones would wrap to */
+    Tandem__V1__GenerateRequest sd = q;
+    sd.prompt = "hi";
+    sd.seed_opt_case = TANDEM__V1__GENERATE_REQUEST__SEED_OPT_SEED;
+    sd.seed = (uint64_t)INT64_MAX + 1;
+    expect_status(cl, &sd, NULL, GRPC_STATUS_INVALID_ARGUMENT, "seed", "seed 2^63");
+
     Tandem__V1__GenerateRequest model = q;
     model.prompt = "hi";
     model.model = "no-such-model";
@@ -735,6 +753,40 @@ static void test_errors(client_t *cl)
 
 /* A slow stream, cancelled by the client after two chunks; other calls
  * work meanwhile; the core request is cancelled within 2 s. */
+/* Admission: a core that refuses a request over a queue limit
+ * (TDM_ERR_BUSY; the fake core does it for the tier "full") gives
+ * RESOURCE_EXHAUSTED with when to retry in the trailing metadata; the core
+ * learns who the client is (its IP address without an API key). */
+static void test_admission(client_t *cl, rt_core_t *core)
+{
+    Tandem__V1__GenerateRequest q = TANDEM__V1__GENERATE_REQUEST__INIT;
+    q.prompt = "hi";
+    q.max_tokens = 2;
+    q.tier = "full";
+    call_t c;
+    bool started = call_start(&c, cl, M_GENERATE, bb_of_msg(&q.base), NULL, 0);
+    grpc_byte_buffer *bb = started ? call_next(&c) : NULL;
+    if (bb != NULL)
+        grpc_byte_buffer_destroy(bb);
+    int code = started ? call_finish(&c) : -1;
+    CHECK(code == GRPC_STATUS_RESOURCE_EXHAUSTED && bb == NULL &&
+              strstr(c.details_str, "client 127.0.0.1") != NULL,
+          "over a queue limit: status %d (want %d), details \"%s\"", code,
+          GRPC_STATUS_RESOURCE_EXHAUSTED, c.details_str);
+    CHECK(strstr(c.trailers, "retry-after=1;") != NULL &&
+              strstr(c.trailers, "grpc-retry-pushback-ms=1000;") != NULL,
+          "its trailing metadata says when to retry: %s", c.trailers);
+
+    md_pair_t md[] = {{"x-model-tier", "full"}, {NULL, NULL}};
+    q.tier = "";
+    expect_status(cl, &q, md, GRPC_STATUS_RESOURCE_EXHAUSTED, "queue limit",
+                  "over a queue limit, tier in the metadata");
+    expect_status(cl, &q, NULL, GRPC_STATUS_OK, NULL, "a request without that tier");
+    fake_core_request_t last;
+    CHECK(fake_core_last_request(core, &last) && strcmp(last.client, "127.0.0.1") == 0,
+          "the core's client is the peer's address: \"%s\"", last.client);
+}
+
 static void test_cancel(client_t *cl, rt_core_t *core)
 {
     uint64_t cancels = fake_core_cancels(core), live = fake_core_live(core);
@@ -900,6 +952,9 @@ static void test_auth_and_limits(rt_core_t *core)
     expect_status(&cl, &q, wrong, GRPC_STATUS_UNAUTHENTICATED, NULL, "a wrong API key");
     md_pair_t right[] = {{"authorization", "Bearer sekret"}, {NULL, NULL}};
     expect_status(&cl, &q, right, GRPC_STATUS_OK, NULL, "the right API key");
+    fake_core_request_t last;
+    CHECK(fake_core_last_request(core, &last) && strcmp(last.client, "sekret") == 0,
+          "with API keys the core's client is the key presented");
     Tandem__V1__ListModelsRequest lq = TANDEM__V1__LIST_MODELS_REQUEST__INIT;
     int code = unary(&cl, M_MODELS, bb_of_msg(&lq.base), NULL, 0, NULL, NULL, NULL, 0);
     CHECK(code == GRPC_STATUS_UNAUTHENTICATED, "ListModels without the key: status %d", code);
@@ -985,6 +1040,7 @@ int main(void)
         test_models_health(&cl, core);
         test_generate(&cl, core);
         test_errors(&cl);
+        test_admission(&cl, core);
         test_cancel(&cl, core);
         test_deadline(&cl, core);
         client_close(&cl);

@@ -731,6 +731,18 @@ static void test_errors(void)
          400, "stop", NULL},
         {"seed a string", "/v1/completions", "{\"prompt\":\"x\",\"seed\":\"1\"}", 400, "seed",
          NULL},
+        {"seed -1", "/v1/completions", "{\"prompt\":\"x\",\"seed\":-1}", 400, "seed", NULL},
+        {"seed -1 (chat)", "/v1/chat/completions",
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"seed\":-1}", 400, "seed", NULL},
+        {"best_of 2", "/v1/completions", "{\"prompt\":\"x\",\"best_of\":2}", 400, "best_of", NULL},
+        {"best_of under n", "/v1/completions", "{\"prompt\":\"x\",\"n\":2,\"best_of\":1}", 400,
+         "best_of", NULL},
+        {"best_of 0", "/v1/completions", "{\"prompt\":\"x\",\"best_of\":0}", 400, "best_of", NULL},
+        {"best_of 1.5", "/v1/completions", "{\"prompt\":\"x\",\"best_of\":1.5}", 400, "best_of",
+         NULL},
+        {"best_of 3 (chat)", "/v1/chat/completions",
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":3,\"best_of\":3}", 400,
+         "best_of", NULL},
         {"stream a string", "/v1/completions", "{\"prompt\":\"x\",\"stream\":\"yes\"}", 400,
          "stream", NULL},
         {"completions logprobs 6", "/v1/completions", "{\"prompt\":\"x\",\"logprobs\":6}", 400,
@@ -942,6 +954,94 @@ static void test_auth_and_limits(void)
     resp_free(&r);
 }
 
+/* Issue 13: the API key guards every path but /health, /ready and
+ * /metrics; /tokenize and /detokenize take what a context needs, not the
+ * generation endpoints' 4 MiB; best_of and seed are checked. */
+static void test_key_everywhere_and_endpoint_limits(void)
+{
+    resp_t r;
+    static const char *const open_paths[] = {"/health", "/ready"};
+    for (size_t i = 0; i < 2; i++) {
+        http(port2, "GET", open_paths[i], NULL, NULL, &r);
+        CHECK(r.status == 200, "%s needs no key: %d", open_paths[i], r.status);
+        resp_free(&r);
+    }
+    static const char *const tok_paths[] = {"/tokenize", "/detokenize"};
+    static const char *const tok_bodies[] = {"{\"prompt\":\"Hello\"}", "{\"tokens\":[100,200]}"};
+    for (size_t i = 0; i < 2; i++) {
+        http(port2, "POST", tok_paths[i], JSON_CT, tok_bodies[i], &r);
+        CHECK(is_error(&r, 401, "invalid_request_error") &&
+                  strcmp(err_code(&r), "invalid_api_key") == 0,
+              "%s without the key: %d", tok_paths[i], r.status);
+        resp_free(&r);
+        http(port2, "POST", tok_paths[i], JSON_CT "Authorization: Bearer wrong\r\n", tok_bodies[i],
+             &r);
+        CHECK(r.status == 401, "%s with a wrong key: %d", tok_paths[i], r.status);
+        resp_free(&r);
+        http(port2, "POST", tok_paths[i], JSON_CT "Authorization: Bearer sekret\r\n", tok_bodies[i],
+             &r);
+        CHECK(r.status == 200, "%s with the key: %d", tok_paths[i], r.status);
+        resp_free(&r);
+    }
+
+    /* port: 4 MiB for generation; the fake model's 512 tokens give the
+     * 64 KiB floor to /tokenize and /detokenize */
+    for (size_t i = 0; i < 2; i++) {
+        int fd = t_connect(port);
+        char hdr[256];
+        snprintf(hdr, sizeof(hdr),
+                 "POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+                 "application/json\r\nContent-Length: 70000\r\n\r\n",
+                 tok_paths[i]);
+        t_send_all(fd, hdr, strlen(hdr));
+        t_read_resp(fd, &r);
+        close(fd);
+        CHECK(is_error(&r, 413, "invalid_request_error") && strstr(err_msg(&r), tok_paths[i]) &&
+                  strstr(err_msg(&r), "65536"),
+              "%s: a 70000-byte body is 413: %s", tok_paths[i], err_msg(&r));
+        resp_free(&r);
+    }
+    /* the same size is fine on /v1/completions (then too long a prompt) */
+    size_t n = 70000;
+    char *big = malloc(n + 64);
+    int k = snprintf(big, n + 64, "{\"max_tokens\":1,\"prompt\":\"");
+    for (size_t i = (size_t)k; i < n - 2; i++)
+        big[i] = (i % 6 == 5) ? ' ' : 'a';
+    memcpy(big + n - 2, "\"}", 3);
+    post(port, "/v1/completions", big, &r);
+    CHECK(is_error(&r, 400, "invalid_request_error") && strcmp(err_param(&r), "prompt") == 0,
+          "a 70000-byte completion body is read (then 400 for the prompt's length): %d %s",
+          r.status, err_msg(&r));
+    resp_free(&r);
+    /* and under its limit, /tokenize reads it */
+    memcpy(big, "{\"prompt\":\"", 11);
+    for (size_t i = 11; i < 60000; i++)
+        big[i] = (i % 6 == 5) ? ' ' : 'a';
+    memcpy(big + 60000, "\"}", 3);
+    post(port, "/tokenize", big, &r);
+    CHECK(r.status == 200 && json_integer_value(json_object_get(r.json, "count")) > 1000,
+          "a 60000-byte /tokenize body: %d, %lld tokens", r.status,
+          (long long)json_integer_value(json_object_get(r.json, "count")));
+    resp_free(&r);
+    free(big);
+
+    /* best_of 1 (or n) and the largest seed are what tandem does */
+    post(port, "/v1/completions", "{\"prompt\":\"x\",\"max_tokens\":2,\"best_of\":1}", &r);
+    CHECK(r.status == 200, "best_of 1: %d %s", r.status, err_msg(&r));
+    resp_free(&r);
+    post(port, "/v1/completions",
+         "{\"prompt\":\"x\",\"max_tokens\":2,\"seed\":9223372036854775807,\"temperature\":1}", &r);
+    fake_core_request_t last;
+    CHECK(r.status == 200 && fake_core_last_request(core, &last) && last.sampling.has_seed &&
+              last.sampling.seed == 9223372036854775807ull,
+          "seed 2^63-1: %d", r.status);
+    resp_free(&r);
+    post(port, "/v1/completions", "{\"prompt\":\"x\",\"best_of\":2}", &r);
+    CHECK(r.status == 400 && strstr(err_msg(&r), "not supported") != NULL,
+          "best_of 2 says it is not supported: %s", err_msg(&r));
+    resp_free(&r);
+}
+
 static void test_request_id(void)
 {
     resp_t r;
@@ -1144,6 +1244,53 @@ static void test_parallel(void)
     CHECK(ok == 30, "6 clients x 5 streams at once: %d of 30 complete", ok);
 }
 
+/* Idle connections over max_connections: the oldest are closed for new
+ * ones, and a streamed completion is answered meanwhile (issue 13; the
+ * full-size flood against a real router is
+ * tests/python/test_router_http_flood.py). */
+static void test_idle_flood(void)
+{
+    enum { LIMIT = 32, IDLE = 300 };
+    rt_openai_config_t cfg = {.port = 0, .max_connections = LIMIT, .header_timeout_s = 5};
+    rt_openai_t *s4 = NULL;
+    if (rt_openai_start(core, &cfg, &s4) != TDM_OK) {
+        CHECK(false, "flood server starts");
+        return;
+    }
+    int p4 = rt_openai_port(s4);
+    int *fds = malloc(IDLE * sizeof(int));
+    int n_open = 0;
+    for (int i = 0; i < IDLE; i++) {
+        fds[i] = t_connect(p4);
+        n_open += fds[i] >= 0;
+    }
+    int64_t t0 = now_ms();
+    resp_t r;
+    post(p4, "/v1/chat/completions",
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":8,"
+         "\"stream\":true}",
+         &r);
+    int64_t dt = now_ms() - t0;
+    sse_t e;
+    sse_parse(&r, &e);
+    CHECK(r.status == 200 && e.done_last && e.framing_ok,
+          "a streamed completion with %d idle connections open against a limit of %d: %d in "
+          "%lld ms",
+          n_open, LIMIT, r.status, (long long)dt);
+    json_decref(e.events);
+    resp_free(&r);
+    tdm_http_guard_stats_t st;
+    rt_openai_guard_stats(s4, &st);
+    CHECK(st.closed_limit >= (uint64_t)(IDLE - LIMIT) && st.peak <= LIMIT + 64,
+          "the guard closed %llu idle connections for new ones, at most %llu open at once",
+          (unsigned long long)st.closed_limit, (unsigned long long)st.peak);
+    for (int i = 0; i < IDLE; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(fds);
+    rt_openai_stop(s4);
+}
+
 /* Stopping the server with a request in flight cancels it. */
 static void test_stop_in_flight(void)
 {
@@ -1216,10 +1363,12 @@ int main(void)
     test_logprobs();
     test_errors();
     test_auth_and_limits();
+    test_key_everywhere_and_endpoint_limits();
     test_request_id();
     test_slow_clients();
     test_disconnects();
     test_parallel();
+    test_idle_flood();
     test_stop_in_flight();
 
     rt_openai_stop(s1);
