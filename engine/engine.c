@@ -336,28 +336,37 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     st = tdm_sampler_create(hp->n_vocab, &e->sampler);
     if (st != TDM_OK)
         goto err_cache;
-    /* Block keys are seeded with the model fingerprint and the KV layout. */
+    /* Block keys are seeded with the model fingerprint and the KV layout.
+     * The struct has padding after its five ints: zero it all, or the seed
+     * (and every store key) depends on stack garbage and differs between
+     * processes of the same model. */
     struct {
         tdm_hash128_t fp;
         int32_t block_size, n_layer, n_head_kv, head_dim, dtype;
-    } seed = {tdm_model_fingerprint(e->model),
-              e->cfg.block_size,
-              hp->n_layer,
-              hp->n_head_kv,
-              hp->head_dim,
-              TDM_DTYPE_F16};
+    } seed;
+    memset(&seed, 0, sizeof(seed));
+    seed.fp = tdm_model_fingerprint(e->model);
+    seed.block_size = e->cfg.block_size;
+    seed.n_layer = hp->n_layer;
+    seed.n_head_kv = hp->n_head_kv;
+    seed.head_dim = hp->head_dim;
+    seed.dtype = TDM_DTYPE_F16;
     e->key_seed = tdm_hash128(&seed, sizeof(seed), 0x6b76);
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->wake, NULL);
     e->next_id = 1;
-    e->stats.num_blocks = (int32_t)nb;
-    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
+    e->live.num_blocks = (int32_t)nb;
+    e->live.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
+    e->live.step_token_budget = e->cfg.max_num_batched_tokens;
+    e->stats = e->live;
     tdm_log_info(MOD,
                  "engine ready: %s on %s, KV cache %d blocks x %d tokens (%.1f MB, f16), "
-                 "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+                 "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, max_step_ms %d, "
+                 "prefix caching %s",
                  tdm_model_name(e->model), e->be->ops->name, (int)nb, e->cfg.block_size,
                  (double)block_bytes * (double)nb / 1e6, e->cfg.max_model_len, e->cfg.max_num_seqs,
-                 e->cfg.max_num_batched_tokens, e->cfg.enable_prefix_caching ? "on" : "off");
+                 e->cfg.max_num_batched_tokens, e->cfg.max_step_ms,
+                 e->cfg.enable_prefix_caching ? "on" : "off");
     *out = e;
     return TDM_OK;
 
