@@ -6,12 +6,14 @@
  *   1. take ops queued by other threads (new requests, cancels);
  *   2. give every running sequence its next tokens, oldest first: one token
  *      for a decoding sequence, a chunk of its prompt for one still in
- *      prefill, all under max_num_batched_tokens; when the pool has no block
+ *      prefill, all under max_num_batched_tokens (prompt chunks also under
+ *      the step-time bound, max_step_ms); when the pool has no block
  *      for a sequence, the newest running sequence is preempted (its blocks
  *      freed, it goes back to the head of the waiting queue and is later
  *      recomputed, from the prefix cache where its blocks survive);
- *   3. admit waiting sequences in arrival order while the token budget,
- *      max_num_seqs and free blocks allow, reusing cached prefix blocks;
+ *   3. admit waiting sequences in arrival order while the token budget (and
+ *      the step-time bound), max_num_seqs and free blocks allow, reusing
+ *      cached prefix blocks;
  *   4. one forward over all rows; sample for every sequence whose computed
  *      tokens reach its last token; deliver events; retire finished ones. */
 #include <errno.h>
@@ -214,10 +216,11 @@ tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t
     e->cfg = *cfg;
     tdm_status_t st;
     if (cfg->block_size <= 0 || cfg->block_size > 1024 || cfg->max_num_seqs <= 0 ||
-        cfg->max_num_seqs > TDM_ENGINE_MAX_SEQS || cfg->max_num_batched_tokens <= 0) {
+        cfg->max_num_seqs > TDM_ENGINE_MAX_SEQS || cfg->max_num_batched_tokens <= 0 ||
+        cfg->max_step_ms < 0) {
         snprintf(err, err_len,
-                 "block size (1..1024), max_num_seqs (1..%d) and max_num_batched_tokens (> 0) "
-                 "are out of range",
+                 "block size (1..1024), max_num_seqs (1..%d), max_num_batched_tokens (> 0) or "
+                 "max_step_ms (>= 0) is out of range",
                  TDM_ENGINE_MAX_SEQS);
         st = TDM_ERR_INVALID;
         goto err_free;
@@ -938,7 +941,7 @@ static void preempt(tdm_engine_t *e, tdm_seq_t *s)
     s->next = e->waiting;
     e->waiting = s;
     e->n_waiting++;
-    e->stats.preemptions++;
+    e->live.preemptions++;
     tdm_log_debug(MOD, "preempted request %llu (%d tokens) for lack of KV blocks",
                   (unsigned long long)s->id, s->n_tokens);
 }
@@ -1138,7 +1141,7 @@ static bool sample_and_deliver(tdm_engine_t *e, tdm_seq_t *s, int32_t chosen, fl
                                  s->logprobs ? &lp : NULL);
     }
     s->tokens[s->n_tokens++] = tok;
-    e->stats.generation_tokens++;
+    e->live.generation_tokens++;
     int32_t n_out = s->n_tokens - s->n_prompt;
     tdm_finish_reason_t why = TDM_FINISH_NONE;
     bool stop_tok =
@@ -1178,14 +1181,87 @@ static void register_blocks(tdm_engine_t *e, tdm_seq_t *s)
     s->n_registered = n_full;
 }
 
+/* ------------------------------------------- step-time bound (max_step_ms)
+ *
+ * A step's wall time grows with its rows (the matmuls of every row, the
+ * attention of every row over its context). With cfg.max_step_ms set, the
+ * engine keeps the measured wall time per row of recent steps and gives
+ * prompt chunks only the rows that keep a step near the target: decode
+ * rows (one per sequence) are never held back, and the first prompt chunk
+ * of a step gets at least one block, so every prompt progresses. Before
+ * any step was measured, prompt chunks take PROBE_ROWS rows. Chunk
+ * boundaries never change a result (attention reads K/V back from the
+ * cache), so a bound that follows the clock changes timing only. */
+#define PROBE_ROWS 64
+
+/* Rows the next step may hold (at least a block). */
+static int32_t step_rows(const tdm_engine_t *e)
+{
+    int32_t max = e->cfg.max_num_batched_tokens;
+    if (e->cfg.max_step_ms <= 0)
+        return max;
+    if (e->ms_per_row <= 0.0)
+        return PROBE_ROWS < max ? PROBE_ROWS : max;
+    double rows = (double)e->cfg.max_step_ms / e->ms_per_row;
+    int32_t min_rows = e->cfg.block_size < max ? e->cfg.block_size : max;
+    return rows >= (double)max ? max : rows <= (double)min_rows ? min_rows : (int32_t)rows;
+}
+
+/* Feeds a step's wall time into the per-row estimate: up fast (a slow step
+ * is what the bound is for), down slowly. Steps of less than a block are
+ * mostly fixed cost (reading the weights) and are left out. */
+static void measure_step(tdm_engine_t *e, int32_t n_rows, double ms)
+{
+    if (e->cfg.max_step_ms <= 0 || n_rows < e->cfg.block_size)
+        return;
+    double sample = ms / (double)n_rows;
+    if (e->ms_per_row <= 0.0)
+        e->ms_per_row = sample;
+    else
+        e->ms_per_row += (sample > e->ms_per_row ? 0.5 : 0.2) * (sample - e->ms_per_row);
+}
+
+/* Whether a prompt chunk may still join a step that holds n_rows rows
+ * (prompt_in: one already did). */
+static bool prompt_room(const tdm_engine_t *e, int32_t n_rows, int32_t rows_cap, bool prompt_in)
+{
+    return !prompt_in || rows_cap - n_rows > 0 || e->cfg.max_step_ms <= 0;
+}
+
+/* A chunk of more than one token is a prompt chunk: it gets the rows left
+ * under rows_cap, the first of a step at least a block. 0: not this step. */
+static int32_t bound_chunk(const tdm_engine_t *e, int32_t chunk, int32_t n_rows, int32_t rows_cap,
+                           bool *prompt_in)
+{
+    if (chunk <= 1)
+        return chunk;
+    int32_t room = rows_cap - n_rows;
+    if (!*prompt_in && room < e->cfg.block_size)
+        room = e->cfg.block_size;
+    if (room <= 0)
+        return 0;
+    *prompt_in = true;
+    return chunk < room ? chunk : room;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
 /* Copies the scheduler's counts where other threads read them. */
 static void publish_stats(tdm_engine_t *e)
 {
+    e->live.num_running = e->n_running;
+    e->live.num_waiting = e->n_waiting;
+    e->live.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
+    e->live.num_cached_blocks = e->pool.n_lru;
+    e->live.step_token_budget = step_rows(e);
+    e->live.step_ms_per_row = (float)e->ms_per_row;
     pthread_mutex_lock(&e->lock);
-    e->stats.num_running = e->n_running;
-    e->stats.num_waiting = e->n_waiting;
-    e->stats.num_free_blocks = tdm_kv_pool_num_free(&e->pool);
-    e->stats.num_cached_blocks = e->pool.n_lru;
+    e->stats = e->live;
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -1194,8 +1270,9 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
     take_ops(e);
     handle_cancels(e);
     int32_t budget = e->cfg.max_num_batched_tokens;
+    int32_t rows_cap = step_rows(e); /* under max_step_ms */
     int32_t n_rows = 0, n_logits = 0, n_tables = 0;
-    bool preempted = false;
+    bool preempted = false, prompt_in = false;
     tdm_seq_t *batch[TDM_ENGINE_MAX_SEQS];
     int32_t n_batch = 0;
     const int32_t max_batch = (int32_t)(sizeof(batch) / sizeof(batch[0]));
@@ -1207,6 +1284,9 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
             break;
         int32_t chunk = s->n_tokens - s->n_computed;
         chunk = chunk < budget ? chunk : budget;
+        chunk = bound_chunk(e, chunk, n_rows, rows_cap, &prompt_in);
+        if (chunk == 0)
+            continue; /* a prompt chunk, and the step is full under max_step_ms */
         bool self_preempted = false;
         while (!ensure_blocks(e, s, s->n_computed + chunk)) {
             tdm_seq_t *victim = newest_running(e);
@@ -1240,6 +1320,8 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
             seq_free(s);
             continue;
         }
+        if (s->n_tokens > 1 && !prompt_room(e, n_rows, rows_cap, prompt_in))
+            break; /* the step is full under max_step_ms */
         if (e->cfg.enable_prefix_caching)
             match_prefix(e, s);
         int32_t chunk = s->n_tokens - s->n_computed;
@@ -1261,15 +1343,16 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
             chunk = s->n_tokens - s->n_computed;
             chunk = chunk < budget ? chunk : budget;
         }
+        chunk = bound_chunk(e, chunk, n_rows, rows_cap, &prompt_in); /* >= 1: room was checked */
         if (!ensure_blocks(e, s, s->n_computed + chunk)) {
             seq_release_blocks(e, s);
             break;
         }
         if (!s->counted_prompt) {
-            e->stats.prompt_tokens += (uint64_t)s->n_prompt;
+            e->live.prompt_tokens += (uint64_t)s->n_prompt;
             if (e->cfg.enable_prefix_caching) {
-                e->stats.prefix_queries += (uint64_t)s->n_prompt;
-                e->stats.prefix_hits += (uint64_t)s->n_cached;
+                e->live.prefix_queries += (uint64_t)s->n_prompt;
+                e->live.prefix_hits += (uint64_t)s->n_cached;
             }
             s->counted_prompt = true;
         }
@@ -1285,6 +1368,7 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
     }
 
     tdm_status_t st = TDM_OK;
+    double t0 = n_rows > 0 ? now_ms() : 0.0;
     if (n_rows > 0) {
         /* The backend picks the tokens where the logits are when no request
          * of the step needs them on the host: the argmax when all are plain
@@ -1309,7 +1393,7 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
         }
         bool on_device = greedy || sampled;
         if (st == TDM_OK) {
-            e->stats.steps++;
+            e->live.steps++;
             for (int32_t i = 0; i < n_batch; i++) {
                 tdm_seq_t *s = batch[i];
                 s->n_computed += s->chunk;
@@ -1321,6 +1405,7 @@ tdm_status_t tdm_engine_step(tdm_engine_t *e, bool *did_work)
                                        sampled && s->logprobs ? e->h_slogprob[s->logit_row] : 0.0f))
                     retire(e, s, true);
             }
+            measure_step(e, n_rows, now_ms() - t0);
         }
     }
     publish_stats(e);

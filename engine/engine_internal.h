@@ -126,7 +126,13 @@ struct tdm_engine {
     void *act;
     float *h_logits; /* host copy of logits [max_logits][n_vocab] */
 
-    /* stats (written by the stepping thread, read under lock) */
+    /* step-time bound (cfg.max_step_ms): measured wall time per row of
+     * recent steps (0: none measured yet), stepping thread only */
+    double ms_per_row;
+
+    /* stats: live is the stepping thread's, copied to stats under lock at
+     * the end of each step for the other threads */
+    tdm_engine_stats_t live;
     tdm_engine_stats_t stats;
 };
 

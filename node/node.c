@@ -2,6 +2,7 @@
 #include "node.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -37,6 +38,7 @@ static void on_signal(int sig)
 }
 
 typedef struct node node_t;
+typedef struct job job_t;
 
 enum { RC_DOWN = 0, RC_HELLO = 1, RC_READY = 2 };
 
@@ -54,7 +56,7 @@ typedef struct rconn {
 
 enum { J_LOOKUP, J_FETCH, J_RUN, J_PUT, J_DONE };
 
-typedef struct job {
+struct job {
     struct job *next;
     node_t *node;
     rconn_t *rc;
@@ -96,7 +98,23 @@ typedef struct job {
     int finish;
     char error[160];
     int32_t ev_n_prompt, ev_n_cached, ev_n_imported;
-} job_t;
+};
+
+/* What the engine thread hands the network thread (see "engine thread"
+ * below): a request event, copied, or the end of a prefill's export. */
+enum { NEV_EVENT, NEV_EXPORTED };
+
+typedef struct nev {
+    int kind;
+    job_t *job;
+    int32_t token; /* -1: none */
+    float logprob;
+    tdm_token_logprob_t top[TDM_MAX_TOP_LOGPROBS];
+    int32_t n_top;
+    int finish;
+    int32_t n_prompt, n_output, n_cached, n_imported;
+    char error[160];
+} nev_t;
 
 struct node {
     Tandem__Cluster__Role role;
@@ -120,8 +138,9 @@ struct node {
     size_t n_routers;
     job_t *jobs;
     size_t n_jobs;
-    uint64_t nonce; /* per-process: keys of partial blocks */
-    bool draining;
+    uint64_t nonce;          /* per-process: keys of partial blocks */
+    atomic_bool draining;    /* written by the network thread, read by /ready too */
+    atomic_int n_registered; /* routers this node is registered with, for /ready */
     atomic_bool drain_asked; /* POST /drain (tandem drain), from the HTTP thread */
     int drain_timeout_s;
     char metrics_addr[160];
@@ -131,9 +150,16 @@ struct node {
     struct {
         tdm_metrics_counter_t *prompt, *gen, *pq, *ph, *preempt, *imported, *jobs, *put_blocks,
             *store_hit, *computed;
-        tdm_metrics_gauge_t *running, *waiting, *usage;
+        tdm_metrics_gauge_t *running, *waiting, *usage, *budget;
     } m;
     int64_t next_beat_ms;
+    /* engine thread -> network thread: a ring of ev_cap items allocated at
+     * start; ev_head and ev_len under ev_lock, the items [ev_head, +ev_len)
+     * belong to the network thread until it advances ev_head */
+    pthread_mutex_t ev_lock;
+    pthread_cond_t ev_space; /* the engine thread waits here when the ring is full */
+    nev_t *ev_ring;
+    size_t ev_cap, ev_head, ev_len;
 };
 
 /* ---------------------------------------------------------------- jobs */
@@ -284,10 +310,9 @@ static void send_prefill_result(node_t *n, job_t *j)
     free(keys);
 }
 
-static void on_engine_event(void *user, const tdm_request_event_t *e)
+/* A request event of j, on the network thread (from drain_events). */
+static void job_event(node_t *n, job_t *j, const tdm_request_event_t *e)
 {
-    job_t *j = user;
-    node_t *n = j->node;
     if (e->finish != TDM_FINISH_NONE) {
         j->ended = true;
         j->in_engine = false;
@@ -346,7 +371,106 @@ static void on_engine_event(void *user, const tdm_request_event_t *e)
                       e->n_prompt, e->n_cached, e->n_imported, e->n_output);
 }
 
-/* kv_import: fills a block from the payload that came from the store. */
+/* ------------------------------------------------------- engine thread
+ *
+ * The engine steps on its own thread (tdm_engine_start), so a long step
+ * never delays heartbeats, router messages or store transfers: those stay
+ * on the network thread (main), the only one that calls the UCX worker
+ * (routers and the store client share it). Job state belongs to the
+ * network thread. The engine's callbacks run on the engine thread:
+ *   - events are copied into the ring and handled by drain_events, in
+ *     order, on the network thread (woken by tdm_net_signal);
+ *   - kv_import reads the blocks the network thread fetched before
+ *     tdm_engine_add; it leaves them alone until the job's first event;
+ *   - kv_export encodes into out_bufs, which the network thread allocated
+ *     before tdm_engine_add and reads only once the NEV_EXPORTED item that
+ *     follows the last block arrives; it then PUTs them.
+ * A job stays alive while it is in the engine (until its final event is
+ * drained), so the engine thread never sees a freed job. */
+
+/* Engine thread: queues ev. A full ring makes it wait for the network
+ * thread, which never waits for the engine. */
+static void nev_push(node_t *n, const nev_t *ev)
+{
+    pthread_mutex_lock(&n->ev_lock);
+    while (n->ev_len == n->ev_cap)
+        pthread_cond_wait(&n->ev_space, &n->ev_lock);
+    bool was_empty = n->ev_len == 0;
+    n->ev_ring[(n->ev_head + n->ev_len) % n->ev_cap] = *ev;
+    n->ev_len++;
+    pthread_mutex_unlock(&n->ev_lock);
+    if (was_empty)
+        tdm_net_signal(n->net);
+}
+
+/* Engine thread: an event of a request. */
+static void on_engine_event(void *user, const tdm_request_event_t *e)
+{
+    job_t *j = user;
+    if (e->token < 0 && e->finish == TDM_FINISH_NONE)
+        return; /* text only: the router makes its own text from the tokens */
+    nev_t ev = {
+        .kind = NEV_EVENT,
+        .job = j,
+        .token = e->token,
+        .logprob = e->logprob,
+        .n_top = e->token >= 0 && e->top != NULL ? e->n_top : 0,
+        .finish = e->finish,
+        .n_prompt = e->n_prompt,
+        .n_output = e->n_output,
+        .n_cached = e->n_cached,
+        .n_imported = e->n_imported,
+    };
+    if (ev.n_top > TDM_MAX_TOP_LOGPROBS)
+        ev.n_top = TDM_MAX_TOP_LOGPROBS;
+    if (ev.n_top > 0)
+        memcpy(ev.top, e->top, (size_t)ev.n_top * sizeof(e->top[0]));
+    if (e->error != NULL)
+        snprintf(ev.error, sizeof(ev.error), "%s", e->error);
+    nev_push(j->node, &ev);
+}
+
+static void exported(node_t *n, job_t *j);
+
+/* Network thread: handles what the engine queued, in order. Returns how
+ * many items there were. */
+static size_t drain_events(node_t *n)
+{
+    pthread_mutex_lock(&n->ev_lock);
+    size_t head = n->ev_head, len = n->ev_len;
+    pthread_mutex_unlock(&n->ev_lock);
+    for (size_t i = 0; i < len; i++) {
+        const nev_t *ev = &n->ev_ring[(head + i) % n->ev_cap];
+        if (ev->kind == NEV_EXPORTED) {
+            exported(n, ev->job);
+            continue;
+        }
+        tdm_request_event_t e = {
+            .token = ev->token,
+            .logprob = ev->logprob,
+            .finish = (tdm_finish_reason_t)ev->finish,
+            .n_prompt = ev->n_prompt,
+            .n_output = ev->n_output,
+            .n_cached = ev->n_cached,
+            .error = ev->error[0] != '\0' ? ev->error : NULL,
+            .n_imported = ev->n_imported,
+            .top = ev->n_top > 0 ? ev->top : NULL,
+            .n_top = ev->n_top,
+        };
+        job_event(n, ev->job, &e);
+    }
+    if (len > 0) {
+        pthread_mutex_lock(&n->ev_lock);
+        n->ev_head = (head + len) % n->ev_cap;
+        n->ev_len -= len;
+        pthread_cond_signal(&n->ev_space);
+        pthread_mutex_unlock(&n->ev_lock);
+    }
+    return len;
+}
+
+/* kv_import (engine thread): fills a block from the payload that came from
+ * the store. */
 static tdm_status_t on_kv_import(void *user, int32_t block, int32_t n_tokens, uint16_t *const *k,
                                  uint16_t *const *v)
 {
@@ -386,8 +510,9 @@ static void on_put_done(void *user, tdm_status_t status)
     job_maybe_destroy(n, j);
 }
 
-/* kv_export (prefill): encodes every prompt block; once the last one is
- * in, PUTs those the store does not hold yet. */
+/* kv_export (prefill, engine thread): encodes every prompt block; once the
+ * last one is in, the network thread PUTs those the store does not hold
+ * yet (exported). */
 static tdm_status_t on_kv_export(void *user, int32_t block, int32_t n_tokens, uint16_t *const *k,
                                  uint16_t *const *v)
 {
@@ -412,23 +537,37 @@ static tdm_status_t on_kv_export(void *user, int32_t block, int32_t n_tokens, ui
         j->out_lens[block] = len;
     }
     if ((size_t)block + 1 == n_blocks && n_blocks > j->put_from && n->kvc != NULL) {
-        j->n_put = n_blocks - j->put_from;
-        j->out_st = calloc(j->n_put, sizeof(tdm_status_t));
-        if (j->out_st == NULL)
-            return TDM_ERR_NOMEM;
-        tdm_status_t st =
-            tdm_kvc_put(n->kvc, j->n_put, j->out_keys + j->put_from,
-                        (const void *const *)(j->out_bufs + j->put_from), j->out_lens + j->put_from,
-                        (uint32_t)n->kv_lease_s * 1000u, j->out_st, on_put_done, j);
-        if (st == TDM_OK) {
-            j->kvc_pending++;
-            j->state = J_PUT;
-        } else {
-            for (size_t i = 0; i < j->n_put; i++)
-                j->out_st[i] = st;
-        }
+        nev_t ev = {.kind = NEV_EXPORTED, .job = j};
+        nev_push(n, &ev);
     }
     return TDM_OK;
+}
+
+/* Network thread: every block of j's prompt is encoded; PUT the new ones.
+ * The final event comes after this, so the answer waits for the PUT. */
+static void exported(node_t *n, job_t *j)
+{
+    if (j->cancelled)
+        return;
+    size_t n_blocks = (j->n_prompt + (size_t)n->bs - 1) / (size_t)n->bs;
+    j->n_put = n_blocks - j->put_from;
+    j->out_st = calloc(j->n_put, sizeof(tdm_status_t));
+    if (j->out_st == NULL) {
+        tdm_log_warn(MOD, "job %llu: no memory to PUT its blocks; the decode node recomputes them",
+                     (unsigned long long)j->id);
+        return;
+    }
+    tdm_status_t st =
+        tdm_kvc_put(n->kvc, j->n_put, j->out_keys + j->put_from,
+                    (const void *const *)(j->out_bufs + j->put_from), j->out_lens + j->put_from,
+                    (uint32_t)n->kv_lease_s * 1000u, j->out_st, on_put_done, j);
+    if (st == TDM_OK) {
+        j->kvc_pending++;
+        j->state = J_PUT;
+    } else {
+        for (size_t i = 0; i < j->n_put; i++)
+            j->out_st[i] = st;
+    }
 }
 
 static void start_in_engine(node_t *n, job_t *j)
@@ -560,8 +699,13 @@ static void on_lookup_done(void *user, tdm_status_t status)
     node_t *n = j->node;
     if (store_op_ended(n, j))
         return;
-    if (status != TDM_OK)
+    if (status != TDM_OK) {
+        tdm_log_info(MOD, "job %llu: the store LOOKUP failed (%s); computing the whole prompt",
+                     (unsigned long long)j->id, tdm_status_str(status));
         j->n_leading = 0;
+    }
+    tdm_log_debug(MOD, "job %llu: the store holds %zu leading blocks", (unsigned long long)j->id,
+                  j->n_leading);
     tdm_metrics_counter_add(n->m.store_hit, (double)j->n_leading * n->bs);
     j->put_from = j->n_leading;
     if (j->n_leading == 0) {
@@ -730,7 +874,6 @@ static void send_hello(node_t *n, rconn_t *rc)
     tdm_hash128_t fp = tdm_model_fingerprint(n->model);
     Tandem__Cluster__Hello h = TANDEM__CLUSTER__HELLO__INIT;
     h.version = TDM_CLUSTER_VERSION;
-    h.token = (ProtobufCBinaryData){.len = strlen(n->token), .data = (uint8_t *)n->token};
     h.role = n->role;
     h.name = (char *)n->name;
     h.model = (char *)n->served_name;
@@ -863,6 +1006,10 @@ static void maintain_routers(node_t *n, int64_t now)
                 rc->failed = true;
         }
     }
+    int registered = 0;
+    for (size_t i = 0; i < n->n_routers; i++)
+        registered += n->routers[i].state == RC_READY;
+    atomic_store(&n->n_registered, registered);
     if (now >= n->next_beat_ms) {
         send_heartbeat(n);
         n->next_beat_ms = now + TDM_CLUSTER_HEARTBEAT_MS;
@@ -884,6 +1031,7 @@ static void update_metrics(node_t *n)
     tdm_metrics_gauge_set(n->m.waiting, st.num_waiting);
     double used = st.num_blocks > 0 ? 1.0 - (double)st.num_free_blocks / st.num_blocks : 0.0;
     tdm_metrics_gauge_set(n->m.usage, used);
+    tdm_metrics_gauge_set(n->m.budget, st.step_token_budget);
     n->last = st;
 }
 
@@ -927,7 +1075,12 @@ static tdm_status_t setup_metrics(node_t *n)
                                          &n->m.waiting)) != TDM_OK ||
         (st = tdm_metrics_gauge_register(n->reg, "vllm:kv_cache_usage_perc",
                                          "Fraction of KV cache blocks in use (0..1).",
-                                         &n->m.usage)) != TDM_OK)
+                                         &n->m.usage)) != TDM_OK ||
+        (st = tdm_metrics_gauge_register(
+             n->reg, "tandem_node_step_token_budget",
+             "Tokens the next engine step may hold: --max-num-batched-tokens, or fewer prompt "
+             "tokens under --max-step-ms.",
+             &n->m.budget)) != TDM_OK)
         return st;
     return TDM_OK;
 }
@@ -935,13 +1088,12 @@ static tdm_status_t setup_metrics(node_t *n)
 static bool node_ready(void *arg, char *reason, size_t cap)
 {
     node_t *n = arg;
-    if (n->draining) {
+    if (atomic_load(&n->draining)) {
         snprintf(reason, cap, "draining");
         return false;
     }
-    for (size_t i = 0; i < n->n_routers; i++)
-        if (n->routers[i].state == RC_READY) /* read racily: a hint for probes */
-            return true;
+    if (atomic_load(&n->n_registered) > 0)
+        return true;
     snprintf(reason, cap, "not registered with a router");
     return false;
 }
@@ -1025,6 +1177,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL ? "tandem-prefill" : "tandem-decode";
     tdm_engine_config_t ec;
     tdm_engine_config_default(&ec);
+    ec.max_step_ms = 500;
     const char *model = NULL, *log_level = NULL, *metrics_host = "0.0.0.0";
     int metrics_port = role == TANDEM__CLUSTER__ROLE__ROLE_PREFILL ? 7600 : 7700;
     int kv_replicas = 1, drain_timeout = 90;
@@ -1067,6 +1220,10 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         {"max-num-seqs", 0, TDM_FLAG_TYPE_INT, &ec.max_num_seqs, "sequences per step", NULL},
         {"max-num-batched-tokens", 0, TDM_FLAG_TYPE_INT, &ec.max_num_batched_tokens,
          "tokens per step (chunked prefill)", NULL},
+        {"max-step-ms", 0, TDM_FLAG_TYPE_INT, &ec.max_step_ms,
+         "target wall time of one engine step: prompt chunks are sized from measured step "
+         "times to stay near it, under --max-num-batched-tokens (0: no bound)",
+         NULL},
         {"max-model-len", 0, TDM_FLAG_TYPE_INT, &ec.max_model_len,
          "prompt + output tokens (0: the model's, at most 8192)", NULL},
         {"kv-cache-memory", 0, TDM_FLAG_TYPE_SIZE, &kv_cache_memory,
@@ -1159,7 +1316,16 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         tdm_log_error(MOD, "cannot set up the KV codec");
         return 1;
     }
-    tdm_net_config_t nc = {.name = n->name};
+    n->ev_cap = 2 * (size_t)ec.max_num_seqs + 16; /* a step's events fit twice */
+    n->ev_ring = calloc(n->ev_cap, sizeof(nev_t));
+    if (n->ev_ring == NULL) {
+        tdm_log_error(MOD, "no memory for the engine's event queue");
+        return 1;
+    }
+    pthread_mutex_init(&n->ev_lock, NULL);
+    pthread_cond_init(&n->ev_space, NULL);
+    /* the handshake proves the token; UCX stays on the device toward the router */
+    tdm_net_config_t nc = {.name = n->name, .token = n->token, .local_addr = n->routers[0].host};
     if (tdm_net_create(&nc, &n->net) != TDM_OK) {
         tdm_log_error(MOD, "cannot start UCX (see the UCX messages above)");
         return 1;
@@ -1218,6 +1384,8 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    if (tdm_engine_start(n->eng) != TDM_OK)
+        return 1; /* logged */
     int64_t drain_deadline = 0, next_metrics = 0;
     for (;;) {
         int64_t now = tdm_net_now_ms();
@@ -1235,9 +1403,7 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
         else
             tdm_net_progress(n->net);
         maintain_routers(n, now);
-        bool did = false;
-        if (tdm_engine_step(n->eng, &did) != TDM_OK)
-            tdm_log_error(MOD, "an engine step failed; its requests end with an error");
+        bool did = drain_events(n) > 0;
         for (job_t *j = n->jobs, *next; j != NULL; j = next) {
             next = j->next;
             job_maybe_destroy(n, j);
@@ -1257,19 +1423,41 @@ int tdm_node_main(int argc, char **argv, Tandem__Cluster__Role role)
     hand_off_jobs(n);
     for (job_t *j = n->jobs; j != NULL; j = j->next)
         cancel_job(n, j);
-    (void)tdm_engine_run_until_idle(n->eng);
+    /* The engine ends what it holds (cancelled) at its next step; its final
+     * events are drained here, then the engine thread has nothing to say. */
+    for (;;) {
+        size_t in_engine = 0;
+        for (job_t *j = n->jobs; j != NULL; j = j->next)
+            in_engine += j->in_engine;
+        if (in_engine == 0)
+            break;
+        if (n->kvc != NULL)
+            tdm_kvc_progress(n->kvc);
+        else
+            tdm_net_progress(n->net);
+        if (drain_events(n) == 0) {
+            if (n->kvc != NULL)
+                tdm_kvc_wait(n->kvc, 20);
+            else
+                tdm_net_wait(n->net, 20);
+        }
+    }
+    tdm_engine_stop(n->eng);
     if (n->http != NULL)
         tdm_http_server_destroy(n->http);
     if (n->kvc != NULL)
         tdm_kvc_destroy(n->kvc);
+    tdm_engine_destroy(n->eng); /* holds no request: no event comes */
     while (n->jobs != NULL)
         job_destroy(n, n->jobs);
     for (size_t i = 0; i < n->n_routers; i++)
         if (n->routers[i].conn != NULL)
             tdm_conn_close(n->routers[i].conn, true);
     tdm_net_destroy(n->net);
-    tdm_engine_destroy(n->eng);
     tdm_kv_codec_ctx_destroy(n->codec_ctx);
     tdm_metrics_registry_destroy(n->reg);
+    free(n->ev_ring);
+    pthread_mutex_destroy(&n->ev_lock);
+    pthread_cond_destroy(&n->ev_space);
     return 0;
 }

@@ -1,10 +1,16 @@
 /* tandem: the runtime of a prefill or a decode node (tandem-prefill,
  * tandem-decode). DESIGN.md "A request's walk", steps 3 to 5.
  *
- * One thread drives everything: the UCX worker (router connections and the
- * KV store client share one transport) and the engine's steps, so engine
- * callbacks, store completions and router messages never race. Compute
- * inside a step runs on the engine's thread pool.
+ * Two threads. The network thread (main) drives the UCX worker (router
+ * connections and the KV store client share one transport), heartbeats
+ * and every job's state; the engine thread steps the engine (compute
+ * inside a step runs on the engine's thread pool). A step of any length
+ * therefore never delays a heartbeat: a busy node is never taken for a
+ * lost one. Jobs go to the engine through tdm_engine_add / cancel; its
+ * events come back through a locked queue that wakes the network thread
+ * (tdm_net_signal). --max-step-ms bounds a step's wall time by sizing
+ * prompt chunks from measured step times, so decode streams keep flowing
+ * while a long prompt is computed.
  *
  *   prefill: for a JOB_PREFILL, LOOKUP the prompt's full-block keys in the
  *            store, GET the leading blocks it holds and import them, compute

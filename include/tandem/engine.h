@@ -72,6 +72,9 @@ typedef struct tdm_engine_config {
     int threads;                    /* <= 0: all available CPUs */
     int32_t max_num_seqs;           /* running sequences per step (256) */
     int32_t max_num_batched_tokens; /* tokens per step (2048) */
+    int32_t max_step_ms;            /* target wall time of a step: prompt chunks are sized
+                                       from measured step times to stay near it, under
+                                       max_num_batched_tokens (0: no bound) */
     int32_t max_model_len;          /* prompt + output (0: min(trained, 8192)) */
     int32_t block_size;             /* tokens per KV block (16) */
     uint64_t kv_cache_bytes;        /* KV pool (0: 1 GiB on the CPU; on a GPU what
@@ -213,6 +216,10 @@ typedef struct tdm_engine_stats {
     uint64_t prefix_hits;    /* prompt tokens found */
     uint64_t preemptions;
     uint64_t steps;
+    /* rows the next step may hold: max_num_batched_tokens, or fewer prompt
+     * rows under max_step_ms (decode rows are never held back) */
+    int32_t step_token_budget;
+    float step_ms_per_row; /* measured wall time per row of recent steps (0: none yet) */
 } tdm_engine_stats_t;
 
 tdm_status_t tdm_engine_create(const tdm_engine_config_t *cfg, char *err, size_t err_len,

@@ -53,6 +53,7 @@ typedef struct prompts {
 } prompts_t;
 
 static int gen_tokens = 24;
+static int max_step_ms = 0; /* make_engine's step-time bound */
 
 static tdm_engine_t *make_engine(const char *model, int max_seqs, int step_tokens, int num_blocks,
                                  bool prefix)
@@ -62,6 +63,7 @@ static tdm_engine_t *make_engine(const char *model, int max_seqs, int step_token
     c.model_path = model;
     c.max_num_seqs = max_seqs;
     c.max_num_batched_tokens = step_tokens;
+    c.max_step_ms = max_step_ms;
     c.num_blocks = num_blocks;
     c.max_model_len = 512;
     c.enable_prefix_caching = prefix;
@@ -195,6 +197,27 @@ static void test_invariance(const char *model, const prompts_t *p, const char *l
         snprintf(what, sizeof(what), "chunked prefill of %d tokens per step", chunks[c]);
         run(e, p, MODE_TOGETHER, got, NULL);
         same(ref, got, N_PROMPTS, what);
+        tdm_engine_destroy(e);
+    }
+    /* The step-time bound: prompt chunks sized from measured step times.
+     * A 1 ms target holds a step to about a block of prompt. */
+    max_step_ms = 1;
+    e = make_engine(model, 8, 256, 0, false);
+    max_step_ms = 0;
+    if (e != NULL) {
+        run(e, p, MODE_TOGETHER, got, NULL);
+        tdm_engine_stats_t st;
+        tdm_engine_get_stats(e, &st);
+        char what[128];
+        snprintf(what, sizeof(what),
+                 "step-time bound of 1 ms (%llu steps, %.3f ms per row, budget %d tokens)",
+                 (unsigned long long)st.steps, (double)st.step_ms_per_row, st.step_token_budget);
+        same(ref, got, N_PROMPTS, what);
+        CHECK(st.step_ms_per_row > 0.0f, "%s: no step was measured", what);
+        /* 256 rows of a 135M-parameter model are about 70 GFLOP: never 1 ms
+         * on a CPU (the synthetic models are too small to say) */
+        if (strstr(label, "SmolLM2") != NULL)
+            CHECK(st.step_token_budget < 256, "%s: the bound did not shrink the step", what);
         tdm_engine_destroy(e);
     }
     /* Too few blocks for all five at once: sequences are preempted and
