@@ -16,6 +16,7 @@ BIN=${TANDEM_BIN_DIR:?set TANDEM_BIN_DIR to the bin dir of the build}
 SRC=$(cd "$(dirname "$0")" && pwd)
 TANDEM=$BIN/tandem
 PY=$(command -v python3) || { echo "skip: no python3"; exit 77; }
+. "$(dirname "$0")/lib/check.sh"
 [ -x "$TANDEM" ] || { echo "FAIL: no $TANDEM"; exit 1; }
 
 tmp=$(mktemp -d)
@@ -31,17 +32,7 @@ done
 : >"$tmp/model.gguf"
 # 16 ports free now, below the ephemeral range (32768 up) where other
 # tests' client connections land.
-base=$("$PY" -c '
-import random, socket, sys
-for _ in range(50):
-    b = 20000 + random.randrange(750) * 16
-    try:
-        for p in range(b, b + 16):
-            s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
-        print(b); sys.exit(0)
-    except OSError:
-        s.close()
-sys.exit(1)') || { echo "FAIL: no 16 free ports found"; exit 1; }
+base=$(free_port_block "$PY") || { echo "FAIL: no 16 free ports found"; exit 1; }
 PORT=$base GRPC=$((base + 1)) PB=$((base + 2))
 RUN=$tmp/run
 holder_pid=
@@ -57,12 +48,6 @@ fake_pids() {
         alive "${p#/proc/}" && echo "${p#/proc/}"
     done
 }
-alive() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    [ "${s:0:1}" != Z ] && [ "${s:0:1}" != X ]
-}
 dead() { ! alive "$1"; }
 cleanup() {
     [ -f "$RUN/cluster.json" ] && timeout 20 "$TANDEM" down --run-dir "$RUN" --timeout 2 >/dev/null 2>&1
@@ -73,18 +58,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass=0 fail=0
-check() { # check NAME COMMAND...: ok/FAIL line
-    local name=$1
-    shift
-    if "$@"; then
-        echo "ok   $name"
-        pass=$((pass + 1))
-    else
-        echo "FAIL $name"
-        fail=$((fail + 1))
-    fi
-}
 up() { timeout 60 "$TANDEM" up -m "$tmp/model.gguf" --port "$PORT" --grpc-port "$GRPC" \
     --port-base "$PB" --kv-capacity 1MiB --timeout 20 "$@"; }
 status_json() { timeout 30 "$TANDEM" status --run-dir "$RUN" --json; }

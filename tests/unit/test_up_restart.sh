@@ -11,6 +11,7 @@ set -u
 BIN=${TANDEM_BIN_DIR:?set TANDEM_BIN_DIR to the bin dir of the build}
 TANDEM=$BIN/tandem
 PY=$(command -v python3) || { echo "skip: no python3"; exit 77; }
+. "$(dirname "$0")/lib/check.sh"
 [ -x "$TANDEM" ] || { echo "FAIL: no $TANDEM"; exit 1; }
 for role in router prefill decode kvstore; do
     [ -x "$BIN/tandem-$role" ] || { echo "skip: no $BIN/tandem-$role (built without UCX?)"; exit 77; }
@@ -30,24 +31,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass=0 fail=0
-check() { # check NAME COMMAND...: ok/FAIL line
-    local name=$1
-    shift
-    if "$@"; then
-        echo "ok   $name"
-        pass=$((pass + 1))
-    else
-        echo "FAIL $name"
-        fail=$((fail + 1))
-    fi
-}
-alive() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    [ "${s:0:1}" != Z ] && [ "${s:0:1}" != X ]
-}
 dead() { ! alive "$1"; }
 wait_until() { # wait_until SECONDS COMMAND...
     local end=$((SECONDS + $1))
@@ -102,17 +85,7 @@ except Exception as e:
 }
 
 # 16 ports free now, below the ephemeral range.
-base=$("$PY" -c '
-import random, socket, sys
-for _ in range(50):
-    b = 20000 + random.randrange(750) * 16
-    try:
-        for p in range(b, b + 16):
-            s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
-        print(b); sys.exit(0)
-    except OSError:
-        s.close()
-sys.exit(1)') || { echo "FAIL: no 16 free ports found"; exit 1; }
+base=$(free_port_block "$PY") || { echo "FAIL: no 16 free ports found"; exit 1; }
 PORT=$base PB=$((base + 2))
 
 t0=$SECONDS
