@@ -15,7 +15,7 @@
 #      (F16 and Q4_1 weights, made by `tandem mkmodel --preset llama3-8b`)
 #   8. a short table (tests/gpu/summary.py); JSON and logs in $OUT
 # The machine needs nvcc, cmake and python3. Our Debian libraries (PCRE2,
-# xxHash, pkg-config) come from .gpu-deps, made here by
+# xxHash, LZ4, pkg-config) come from .gpu-deps, made here by
 # tests/gpu/prepare-deps.sh and carried along.
 # Env: OUT (results dir), TANDEM_GPU_ARCH (default 90), TANDEM_GPU_SKIP_BENCH=1.
 set -uo pipefail
@@ -43,7 +43,7 @@ log "build ($BUILD, sm_$ARCH, $JOBS jobs)"
 if ! cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DTANDEM_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES="$ARCH" > "$OUT/configure.log" 2>&1; then
     tail -30 "$OUT/configure.log"
-    echo "configure failed (missing PCRE2/xxHash? run tests/gpu/prepare-deps.sh and carry .gpu-deps)"
+    echo "configure failed (missing PCRE2/xxHash/LZ4? run tests/gpu/prepare-deps.sh and carry .gpu-deps)"
     exit 1
 fi
 if ! cmake --build "$BUILD" -j "$JOBS" --target tandem test_cuda_ops test_cuda_sample test_cuda_model \
