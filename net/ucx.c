@@ -364,22 +364,31 @@ static void ep_error_cb(void *arg, ucp_ep_h ep, ucs_status_t status)
     conn_fail(c, from_ucs(status));
 }
 
-/* A connection with a fresh id, known to the id map (not yet linked). */
-static tdm_conn_t *conn_new(tdm_net_t *net, const char *peer)
+/* A connection id that no connection of net has. */
+static uint64_t fresh_id(tdm_net_t *net)
+{
+    uint64_t id;
+    do
+        id = random_u64();
+    while (id_map_find(net, id) != NULL);
+    return id;
+}
+
+/* A connection with id, known to the id map and linked. */
+static tdm_conn_t *conn_new(tdm_net_t *net, const char *peer, uint64_t id)
 {
     tdm_conn_t *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return NULL;
     c->net = net;
+    c->id = id;
     c->queued_tail = &c->queued;
     snprintf(c->peer, sizeof(c->peer), "%s", peer);
-    do
-        c->id = random_u64();
-    while (id_map_find(net, c->id) != NULL);
     if (id_map_put(net, c->id, c) != TDM_OK) {
         free(c);
         return NULL;
     }
+    conn_link(net, c);
     return c;
 }
 
@@ -923,17 +932,11 @@ static void hs_finish(hs_run_t *h)
         return;
     }
     /* server: a new connection with the id the client already uses */
-    c = calloc(1, sizeof(*c));
-    if (c == NULL || id_map_put(net, h->my_id, c) != TDM_OK) {
-        free(c);
+    c = conn_new(net, h->peer, h->my_id);
+    if (c == NULL) {
         hs_end(h);
         return;
     }
-    c->net = net;
-    c->id = h->my_id;
-    c->queued_tail = &c->queued;
-    snprintf(c->peer, sizeof(c->peer), "%s", h->peer);
-    conn_link(net, c);
     tdm_status_t st = conn_up(c, addr, peer_id);
     hs_end(h);
     if (st != TDM_OK) {
@@ -1036,11 +1039,7 @@ static int accept_all(tdm_net_t *net)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        uint64_t id;
-        do
-            id = random_u64();
-        while (id_map_find(net, id) != NULL);
-        hs_run_t *h = hs_start(net, fd, true, peer, id);
+        hs_run_t *h = hs_start(net, fd, true, peer, fresh_id(net));
         if (h == NULL) {
             close(fd);
             continue;
@@ -1172,13 +1171,14 @@ tdm_status_t tdm_net_connect(tdm_net_t *net, const char *host, int port, tdm_con
                           strerror(errno));
         connecting = true;
     }
-    tdm_conn_t *c = conn_new(net, peer);
+    tdm_conn_t *c = conn_new(net, peer, fresh_id(net));
     if (c == NULL) {
         close(fd);
         return TDM_ERR_NOMEM;
     }
     hs_run_t *h = hs_start(net, fd, false, peer, c->id);
     if (h == NULL) {
+        conn_unlink(net, c);
         id_map_del(net, c->id);
         free(c);
         close(fd);
@@ -1187,7 +1187,6 @@ tdm_status_t tdm_net_connect(tdm_net_t *net, const char *host, int port, tdm_con
     h->conn = c;
     h->connecting = connecting;
     c->hs = h;
-    conn_link(net, c);
     *out = c;
     return TDM_OK;
 }

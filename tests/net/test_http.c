@@ -8,7 +8,6 @@
  * left open after destroy. Every port is picked by the kernel (port 0). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -114,18 +113,6 @@ static const char *header(const http_result_t *r, const char *name, char out[256
     return out;
 }
 
-static int count_fds(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    if (d == NULL)
-        return -1;
-    int n = 0;
-    while (readdir(d) != NULL)
-        n++;
-    closedir(d);
-    return n;
-}
-
 /* ---- what the server serves ---- */
 
 typedef struct role {
@@ -201,7 +188,7 @@ static void *client_main(void *arg)
 
 int main(void)
 {
-    int fds_before = count_fds();
+    int fds_before = t_count_fds();
     static http_result_t r;
     char h[256];
 
@@ -363,7 +350,7 @@ int main(void)
     tdm_http_server_destroy(srv);
 
     tdm_metrics_registry_destroy(reg);
-    int fds_after = count_fds();
+    int fds_after = t_count_fds();
     CHECK(fds_after == fds_before, "descriptors: %d before, %d after", fds_before, fds_after);
     return t_finish();
 }

@@ -12,7 +12,6 @@
 #include "../unit/test_util.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -79,18 +78,6 @@ static int want_msgs;
 static bool got_msgs(void *arg)
 {
     return ((side_t *)arg)->n_msgs >= want_msgs;
-}
-
-static int count_fds(void)
-{
-    int n = 0;
-    DIR *d = opendir("/proc/self/fd");
-    if (d == NULL)
-        return -1;
-    while (readdir(d) != NULL)
-        n++;
-    closedir(d);
-    return n;
 }
 
 static tdm_net_t *make_net(const char *name, const char *token, side_t *s)
@@ -229,7 +216,7 @@ int main(void)
 
     /* connect / close cycles leave nothing behind */
     int cycles = t_sanitized() ? 100 : 300;
-    int fds0 = count_fds();
+    int fds0 = t_count_fds();
     int ok = 0;
     for (int i = 0; i < cycles; i++) {
         side_t s2 = {.in_order = true};
@@ -250,7 +237,7 @@ int main(void)
         pump(server, client, 5, NULL, NULL);
     }
     pump(server, client, 500, NULL, NULL);
-    int fds1 = count_fds();
+    int fds1 = t_count_fds();
     CHECK(ok == cycles, "%d of %d cycles worked", ok, cycles);
     CHECK(fds1 <= fds0 + 4, "file descriptors: %d before %d cycles, %d after", fds0, cycles, fds1);
     printf("%d connect/close cycles: fds %d -> %d\n", cycles, fds0, fds1);

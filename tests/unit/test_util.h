@@ -2,6 +2,7 @@
 #ifndef TANDEM_TEST_UTIL_H
 #define TANDEM_TEST_UTIL_H
 
+#include <dirent.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +66,19 @@ static inline int t_mkmodel(char *out, size_t cap, const char *args)
     snprintf(cmd, sizeof(cmd), "%s/tandem mkmodel -o %s %s 2>/dev/null", bin ? bin : "build/bin",
              out, args);
     return system(cmd);
+}
+
+/* File descriptors this process has open (for leak checks), -1 on error. */
+static inline int t_count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    while (readdir(d) != NULL)
+        n++;
+    closedir(d);
+    return n;
 }
 
 static inline int t_sanitized(void)
