@@ -50,38 +50,66 @@
  * largest model we run fit several times over. */
 #define TDM_CUDA_SCRATCH_INIT ((size_t)64 << 20)
 
+/* The graph capture open on this thread, if any: errors inside it are
+ * recorded there instead of aborting (cuda_graph_capture). */
+static thread_local tdm_cuda_backend_t *tl_capture;
+static thread_local cudaError_t tl_capture_err;
+/* The device current on this thread as tandem set it; -1: none yet. */
+static thread_local int tl_device = -1;
+
 extern "C" void tdm_cuda_check_at(cudaError_t err, const char *what, const char *file, int line)
 {
     if (err == cudaSuccess)
         return;
+    if (tl_capture != NULL) {
+        if (tl_capture_err == cudaSuccess) {
+            tl_capture_err = err;
+            tdm_log_warn(MOD, "CUDA error inside a graph capture at %s:%d: %s: %s (%s)", file, line,
+                         what, cudaGetErrorString(err), cudaGetErrorName(err));
+        }
+        return;
+    }
     tdm_log_error(MOD, "CUDA error at %s:%d: %s: %s (%s); the GPU context is lost, stopping", file,
                   line, what, cudaGetErrorString(err), cudaGetErrorName(err));
     abort();
 }
 
+extern "C" void tdm_cuda_use_device(int device)
+{
+    if (tl_device == device)
+        return;
+    TDM_CUDA_CHECK(cudaSetDevice(device));
+    tl_device = device;
+}
+
+static void *scratch_alloc(void *ctx, size_t bytes)
+{
+    (void)ctx;
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        (void)cudaGetLastError(); /* out of memory is not sticky */
+        return NULL;
+    }
+    return p;
+}
+
+/* after the work queued so far: no op can still be reading p */
+static void scratch_release(void *ctx, void *p)
+{
+    tdm_cuda_backend_t *cb = (tdm_cuda_backend_t *)ctx;
+    TDM_CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    TDM_CUDA_CHECK(cudaFree(p));
+}
+
 extern "C" void *tdm_cuda_scratch(tdm_cuda_backend_t *cb, size_t bytes)
 {
-    if (bytes <= cb->scratch_bytes)
-        return cb->scratch;
-    if (cb->capturing) {
-        tdm_log_error(MOD,
-                      "an op asked for %zu bytes of scratch during a graph capture (%zu exist): "
-                      "run an uncaptured step of the largest shape before capturing",
-                      bytes, cb->scratch_bytes);
+    void *p = tdm_scratch_get(&cb->scratch, bytes);
+    if (p == NULL && !cb->scratch.capturing) {
+        tdm_log_error(MOD, "cannot grow the scratch buffer to %zu bytes on GPU %d: out of memory",
+                      bytes, cb->device);
         abort();
     }
-    size_t want = cb->scratch_bytes ? cb->scratch_bytes : TDM_CUDA_SCRATCH_INIT;
-    while (want < bytes)
-        want *= 2;
-    /* the old buffer may still be read by queued work */
-    TDM_CUDA_CHECK(cudaStreamSynchronize(cb->stream));
-    if (cb->scratch != NULL)
-        TDM_CUDA_CHECK(cudaFree(cb->scratch));
-    cb->scratch = NULL;
-    cb->scratch_bytes = 0;
-    TDM_CUDA_CHECK(cudaMalloc(&cb->scratch, want));
-    cb->scratch_bytes = want;
-    return cb->scratch;
+    return p;
 }
 
 /* ---- memory ---- */
@@ -103,7 +131,7 @@ static void *cuda_buf_alloc(tdm_backend_t *be, size_t bytes)
 
 static void cuda_buf_free(tdm_backend_t *be, void *buf)
 {
-    (void)be;
+    (void)tdm_cuda_of(be);
     if (buf != NULL)
         TDM_CUDA_CHECK(cudaFree(buf));
 }
@@ -133,7 +161,7 @@ static void cuda_sync(tdm_backend_t *be)
  * overlap compute. */
 static void *cuda_host_alloc(tdm_backend_t *be, size_t bytes)
 {
-    (void)be;
+    (void)tdm_cuda_of(be);
     void *p = NULL;
     if (cudaMallocHost(&p, bytes ? bytes : 1) != cudaSuccess) {
         (void)cudaGetLastError();
@@ -144,7 +172,7 @@ static void *cuda_host_alloc(tdm_backend_t *be, size_t bytes)
 
 static void cuda_host_free(tdm_backend_t *be, void *p)
 {
-    (void)be;
+    (void)tdm_cuda_of(be);
     if (p != NULL)
         (void)cudaFreeHost(p);
 }
@@ -190,26 +218,45 @@ static void cuda_weight_free(tdm_backend_t *be, tdm_bweight_t *w)
 
 /* ---- graphs ---- */
 
+/* Captures fn's ops into a graph. Anything that goes wrong inside (an op
+ * that needs more scratch than exists, a call capture does not allow, a
+ * launch error) fails the capture, never the process: the caller runs the
+ * step op by op and this shape is never captured again. */
 static void *cuda_graph_capture(tdm_backend_t *be, void (*fn)(void *arg), void *arg)
 {
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
-    TDM_CUDA_CHECK(cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeThreadLocal));
-    cb->capturing = true;
-    fn(arg);
-    cb->capturing = false;
-    cudaGraph_t g = NULL;
-    cudaError_t err = cudaStreamEndCapture(cb->stream, &g);
-    cudaGraphExec_t x = NULL;
-    if (err == cudaSuccess)
-        err = cudaGraphInstantiate(&x, g, 0);
-    if (g != NULL)
-        (void)cudaGraphDestroy(g);
+    cudaError_t err = cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeThreadLocal);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
-        tdm_log_warn(MOD, "cannot capture a decode step into a CUDA graph (%s); it runs op by op",
+        tdm_log_warn(MOD, "cannot start a CUDA graph capture (%s); steps run op by op",
                      cudaGetErrorString(err));
         return NULL;
     }
+    tdm_scratch_capture_begin(&cb->scratch);
+    tl_capture = cb;
+    tl_capture_err = cudaSuccess;
+    fn(arg);
+    tl_capture = NULL;
+    const bool scratch_ok = tdm_scratch_capture_end(&cb->scratch);
+    cudaGraph_t g = NULL;
+    err = cudaStreamEndCapture(cb->stream, &g);
+    if (err == cudaSuccess)
+        err = tl_capture_err;
+    cudaGraphExec_t x = NULL;
+    if (err == cudaSuccess && scratch_ok)
+        err = cudaGraphInstantiate(&x, g, 0);
+    if (g != NULL)
+        (void)cudaGraphDestroy(g);
+    if (err != cudaSuccess || !scratch_ok) {
+        (void)cudaGetLastError();
+        if (x != NULL)
+            (void)cudaGraphExecDestroy(x);
+        tdm_log_warn(MOD, "cannot capture a decode step into a CUDA graph (%s); it runs op by op",
+                     !scratch_ok ? "an op needed more scratch than exists"
+                                 : cudaGetErrorString(err));
+        return NULL;
+    }
+    tdm_scratch_graph_hold(&cb->scratch);
     return (void *)x;
 }
 
@@ -220,9 +267,13 @@ static void cuda_graph_launch(tdm_backend_t *be, void *graph)
 
 static void cuda_graph_free(tdm_backend_t *be, void *graph)
 {
-    (void)be;
-    if (graph != NULL)
-        (void)cudaGraphExecDestroy((cudaGraphExec_t)graph);
+    tdm_cuda_backend_t *cb = tdm_cuda_of(be);
+    if (graph == NULL)
+        return;
+    /* a launch of it may still run: buffers retired under it go after */
+    TDM_CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    (void)cudaGraphExecDestroy((cudaGraphExec_t)graph);
+    tdm_scratch_graph_drop(&cb->scratch);
 }
 
 /* ---- life cycle ---- */
@@ -232,8 +283,7 @@ static void cuda_destroy(tdm_backend_t *be)
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
     (void)cudaStreamSynchronize(cb->stream);
     tdm_cuda_kv_transfer_fini(cb);
-    if (cb->scratch != NULL)
-        (void)cudaFree(cb->scratch);
+    tdm_scratch_fini(&cb->scratch);
     (void)cudaStreamDestroy(cb->copy);
     (void)cudaStreamDestroy(cb->stream);
     free(cb);
@@ -253,7 +303,7 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
         tdm_log_error(MOD, "GPU %d does not exist (this machine has %d)", device, count);
         return TDM_ERR_INVALID;
     }
-    TDM_CUDA_CHECK(cudaSetDevice(device));
+    tdm_cuda_use_device(device);
     cudaDeviceProp prop;
     TDM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     if (prop.major < 8) {
@@ -269,6 +319,7 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
     cb->cc_major = prop.major;
     cb->cc_minor = prop.minor;
     cb->smem_optin = prop.sharedMemPerBlockOptin;
+    tdm_scratch_init(&cb->scratch, scratch_alloc, scratch_release, cb, TDM_CUDA_SCRATCH_INIT);
     TDM_CUDA_CHECK(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking));
     TDM_CUDA_CHECK(cudaStreamCreateWithFlags(&cb->copy, cudaStreamNonBlocking));
     tdm_cuda_kv_transfer_init(cb);
@@ -318,6 +369,6 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
 extern "C" tdm_status_t tdm_backend_cuda_mem_info(tdm_backend_t *be, size_t *free_bytes,
                                                   size_t *total_bytes)
 {
-    (void)be;
+    (void)tdm_cuda_of(be);
     return cudaMemGetInfo(free_bytes, total_bytes) == cudaSuccess ? TDM_OK : TDM_ERR_IO;
 }

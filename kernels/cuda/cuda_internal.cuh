@@ -25,7 +25,12 @@
  *
  * Errors: a failed launch or CUDA call is a dead context; tdm_cuda_check
  * logs it once with file and line and aborts (the node's supervisor
- * restarts it; requests fail over). */
+ * restarts it; requests fail over). Inside a graph capture an error only
+ * fails the capture: the step then runs op by op, where a real fault
+ * aborts as above.
+ *
+ * Threads: CUDA's current device is per thread, so every entry point goes
+ * through tdm_cuda_of, which makes the backend's device current. */
 #ifndef TANDEM_CUDA_INTERNAL_CUH
 #define TANDEM_CUDA_INTERNAL_CUH
 
@@ -34,6 +39,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "scratch.h"
 #include "tandem/dtype.h"
 #include "tandem/kernels.h"
 
@@ -45,12 +51,11 @@ typedef struct tdm_cuda_backend {
     int device;
     int n_sm; /* multiprocessors */
     int cc_major, cc_minor;
-    size_t smem_optin;   /* max dynamic shared memory per block (opt-in) */
-    cudaStream_t stream; /* every op runs here, in order */
-    cudaStream_t copy;   /* KV block transfers (kv_out, kv_in: kv_transfer.cu) */
-    void *scratch;       /* device scratch for split partials (see tdm_cuda_scratch) */
-    size_t scratch_bytes;
-    bool capturing; /* a graph capture is open: scratch cannot grow */
+    size_t smem_optin;     /* max dynamic shared memory per block (opt-in) */
+    cudaStream_t stream;   /* every op runs here, in order */
+    cudaStream_t copy;     /* KV block transfers (kv_out, kv_in: kv_transfer.cu) */
+    tdm_scratch_t scratch; /* device scratch (tdm_cuda_scratch; lifetime rule in scratch.h) */
+    int mm_slots[16];      /* matmul.cu: decode CTAs resident at once, by weight type; 0: unknown */
     /* kv_transfer.cu: the copy stream's own device staging, the event that
      * orders it after the compute stream, and one event per ticket (a ring:
      * a slot reused by a later ticket is waited for as that one). */
@@ -70,24 +75,34 @@ struct tdm_bweight {
     void *data;
 };
 
-static inline tdm_cuda_backend_t *tdm_cuda_of(tdm_backend_t *be)
-{
-    return (tdm_cuda_backend_t *)be;
-}
-
 #ifdef __cplusplus
 extern "C" {
 #endif
-/* Logs "CUDA error at FILE:LINE: what" and aborts when err != cudaSuccess. */
+/* Logs "CUDA error at FILE:LINE: what" and aborts when err != cudaSuccess;
+ * inside a graph capture on this thread it records the first error
+ * instead, and the capture falls back to running op by op. */
 void tdm_cuda_check_at(cudaError_t err, const char *what, const char *file, int line);
 /* Device scratch of at least bytes, valid until the next call on this
- * backend (ops use it within one launch sequence). Grows outside a graph
- * capture; during one a request larger than what exists aborts with a
- * message (run one uncaptured step of the largest shape first). */
+ * backend (ops use it within one launch sequence). Never freed under a
+ * live graph; inside a capture it does not grow, and a larger request
+ * fails the capture (scratch.h). */
 void *tdm_cuda_scratch(tdm_cuda_backend_t *cb, size_t bytes);
+/* Makes device the current one of the calling thread (CUDA's current
+ * device is per thread: the node's stepping thread and the network thread
+ * both issue work). Cheap when it already is. */
+void tdm_cuda_use_device(int device);
 #ifdef __cplusplus
 }
 #endif
+
+/* Every op and table function starts here: the backend of the table, with
+ * its device made current on the calling thread. */
+static inline tdm_cuda_backend_t *tdm_cuda_of(tdm_backend_t *be)
+{
+    tdm_cuda_backend_t *cb = (tdm_cuda_backend_t *)be;
+    tdm_cuda_use_device(cb->device);
+    return cb;
+}
 
 #define TDM_CUDA_CHECK(call) tdm_cuda_check_at((call), #call, __FILE__, __LINE__)
 /* After a kernel launch: the launch's own error (bad configuration). */
