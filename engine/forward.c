@@ -21,6 +21,7 @@
  * graphs (tests hold the padding to the same answers on the CPU);
  * TANDEM_GRAPHS=0 turns graphs off. */
 #include <math.h>
+#include <stdint.h>
 
 #include "engine_internal.h"
 
@@ -119,6 +120,24 @@ static int32_t decode_bucket(const tdm_engine_t *e, int32_t n_rows, int32_t n_ta
     return b;
 }
 
+/* The longest and shortest runs of consecutive rows reading one table:
+ * the attention hints (a decode step: 1 and 1; a lone prefill chunk: n). */
+static void table_runs(const int32_t *table_of_row, int64_t n, int32_t *longest, int32_t *shortest)
+{
+    int32_t lo = INT32_MAX, hi = 0;
+    for (int64_t t = 0; t < n;) {
+        int64_t u = t + 1;
+        while (u < n && table_of_row[u] == table_of_row[t])
+            u++;
+        int32_t len = (int32_t)(u - t);
+        lo = len < lo ? len : lo;
+        hi = len > hi ? len : hi;
+        t = u;
+    }
+    *longest = hi;
+    *shortest = n > 0 ? lo : 0;
+}
+
 tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_tables, int32_t n_logits,
                                 bool to_host)
 {
@@ -168,6 +187,7 @@ tdm_status_t tdm_engine_forward(tdm_engine_t *e, int32_t n_rows, int32_t n_table
                 .bt_stride = e->max_blocks,
             },
     };
+    table_runs(e->h_table, n, &args.ap.longest_run, &args.ap.shortest_run);
     int slot = -1;
     if (bucket > 0 && e->use_graphs)
         for (slot = 0; (1 << slot) < bucket; slot++) {

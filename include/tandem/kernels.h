@@ -51,6 +51,11 @@ typedef struct tdm_attn_params {
     const int32_t *block_tables; /* [n_tables][bt_stride] block ids */
     const int32_t *table_of_row; /* [n]: which table each row reads */
     int32_t bt_stride;
+    /* Optional hints (0: unknown), true when given: the longest and the
+     * shortest run of consecutive rows reading one table (a decode step:
+     * both 1; one prefill chunk: both n). A backend may skip the kernels
+     * that no row needs; the result never depends on them. */
+    int32_t longest_run, shortest_run;
 } tdm_attn_params_t;
 
 /* One logits row's sampling for ops->sample: a request's parameters and

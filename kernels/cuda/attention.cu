@@ -24,7 +24,8 @@
  * rows of the batch share its table (a prefill chunk); those rows go to the
  * tile kernel, all others (decode rows) to the row kernel. Both kernels
  * compute the classification from table_of_row alone, so each row is done
- * by exactly one of them.
+ * by exactly one of them. The host launches only the kernels some row
+ * needs when the params' run hints say so (a decode step: no tile kernel).
  *  - attn_tile_kernel (prefill): a block of 4 warps owns 64 mma rows: QR =
  *    64 / HG consecutive query rows x HG = min(group, 64) heads of one kv
  *    head; warp w holds mma rows 16w..16w+15 (Q fragments in registers,
@@ -686,7 +687,11 @@ template <int HD>
 static void attention_launch(tdm_cuda_backend_t *cb, attn_args_t a, const tdm_attn_params_t *p)
 {
     const int n_sm = cb->n_sm > 0 ? cb->n_sm : 132;
-    if (a.n >= ATT_RUN) {
+    /* the hints, where given, say which kernel has no row: a decode step
+     * launches no tile kernel, a lone prefill chunk no row kernel */
+    const bool no_runs = p->longest_run > 0 && p->longest_run < ATT_RUN;
+    const bool all_runs = p->shortest_run >= ATT_RUN;
+    if (a.n >= ATT_RUN && !no_runs) {
         a.hg = a.group < ATT_TILE_ROWS ? a.group : ATT_TILE_ROWS;
         a.slices = (a.group + a.hg - 1) / a.hg;
         const int qr = ATT_TILE_ROWS / a.hg;
@@ -708,6 +713,9 @@ static void attention_launch(tdm_cuda_backend_t *cb, attn_args_t a, const tdm_at
         attn_tile_kernel<HD><<<grid, ATT_TILE_WARPS * 32, smem, cb->stream>>>(a);
         TDM_CUDA_LAUNCHED("attn_tile_kernel");
     }
+
+    if (all_runs)
+        return;
 
     /* Chunk lanes for decode rows: only where the rows alone leave SMs idle.
      * The partials are indexed by chunk, at most maxch per row (the longest

@@ -21,7 +21,7 @@
  *  - Quantized: per 32-element block, p = mma(step 0) then mma(step 1) from
  *    zero; acc = fma(d, p, acc); Q4_1 also acc = fma(m, xsum, acc). F16:
  *    acc = mma(step) straight through.
- *  - K splits: S = mm_splits(rows, k) contiguous ranges of 256-element
+ *  - K splits: S = mm_splits(rows, k, slots) contiguous ranges of 256-element
  *    superchunks. Each split's sum starts from zero; the result is
  *    ((p0 + p1) + p2) + ... A block either walks all splits and adds them as
  *    they finish (prefill), or computes one split into the scratch buffer and
@@ -29,7 +29,17 @@
  *  Configurations (same arithmetic, different tiles):
  *    n <= 8:  4 warps x (16 rows x 8 tokens), KD 256 (F16: 128), 4 stages
  *    n <= 32: 4 warps x (16 rows x 32 tokens), KD 128 (F16: 64), 4 stages
- *    larger:  2x2 warps x (32 rows x 64 tokens), KD 32, 4 stages
+ *    larger:  2x2 warps x (32 rows x 64 tokens), KD 64, 3 stages
+ *  The accumulators and the running sum of finished splits live in
+ *  registers; only the prefill tile of the 4-bit types, where ptxas would
+ *  spill at 255 registers, keeps the running sum in shared memory (touched
+ *  at split ends only). Shared memory per prefill block: 90 KB for F16,
+ *  78-81 KB (+32 KB of sums for Q4_0/Q4_1) for the others, two blocks per
+ *  H100 SM, where registers cap it anyway (128 threads x 255). A is not
+ *  read with ldmatrix: its K order is the permuted one above (which lets
+ *  quantized blocks decode 4 codes per 32-bit load), and ldmatrix would
+ *  give the standard order, whose products the tensor cores may add in
+ *  another order than the decode configurations do.
  *  Bytes per call: the weights once per token tile (rows x row_bytes; once
  *  for n <= BN), activations n x kp x 2 per row tile (L2), y n x rows x 4
  *  (plus 2 x S x n x rows x 4 of split partials in scratch when split over
@@ -42,7 +52,8 @@
  * the same inputs (an mma's output element depends only on its own row of A
  * and column of B; the zero columns of absent tokens touch nothing else),
  * the same fma's with the same scales, then the fixed-order sum of the split
- * partials. S depends only on (rows, k). The products fma/add are written
+ * partials. S depends only on (rows, k) and the device (slots: its SMs x
+ * the decode configuration's blocks per SM). The products fma/add are written
  * with __fmaf_rn/__fadd_rn so no configuration contracts differently.
  *
  * F32 weights (rare, small): mm_f32_kernel, one warp per (row, token):
@@ -53,11 +64,14 @@
 #include "matmul.cuh"
 #include "quant.cuh"
 
-/* Split rule: enough 16-row tiles x splits to give every SM of an H100-class
- * GPU (132 SMs) about 8 warps of work in decode. A design constant, never
- * the device's SM count: the split decides the summation order. */
-#define MM_SPLIT_UNITS 1056
-#define MM_SPLIT_MAX   16
+/* Split rule (mm_splits): in decode a weight's row tiles alone leave most
+ * SMs idle, so K is split over blocks; the count is chosen so that row
+ * tiles x splits fill whole waves of the device's resident blocks. The
+ * split decides the summation order, so it reads only the weight's shape
+ * and the device (never n): every batch size sums alike on one GPU. */
+#define MM_SPLIT_MAX 16
+/* rows per block in every configuration (WM x MT x 16) */
+#define MM_BM 64
 /* Split boundaries fall on multiples of 8 blocks (256 elements), a multiple
  * of every configuration's stage, so every configuration sees the same
  * splits. */
@@ -70,17 +84,31 @@ TDM_HD int mm_nblocks(int64_t k)
     return (int)((k + 31) / 32);
 }
 
-/* The number of K splits of a [rows][k] weight. */
-TDM_HD int mm_splits(int64_t rows, int64_t k)
+/* The number of K splits of a [rows][k] weight on a device that holds
+ * `slots` blocks of the decode configuration at once (SMs x blocks per
+ * SM). With T row tiles, S splits take ceil(T S / slots) waves of work
+ * 1/S each: S minimizes waves / S (the smallest such S), at least 512
+ * elements per split, at most MM_SPLIT_MAX. When the row tiles alone fill
+ * the device, 1. Example: 4096 rows (64 tiles), 264 slots: S = 4, 256
+ * blocks in one wave (a fixed 5 would make 320: 1.2 waves). */
+TDM_HD int mm_splits(int64_t rows, int64_t k, int slots)
 {
-    int64_t nsc = (mm_nblocks(k) + MM_SC_BLOCKS - 1) / MM_SC_BLOCKS;
-    int64_t tiles = (rows + 15) / 16;
-    int64_t s = (MM_SPLIT_UNITS + tiles - 1) / tiles;
-    if (s > nsc / 2) /* at least 512 elements per split */
-        s = nsc / 2;
-    if (s > MM_SPLIT_MAX)
-        s = MM_SPLIT_MAX;
-    return s < 1 ? 1 : (int)s;
+    const int64_t nsc = (mm_nblocks(k) + MM_SC_BLOCKS - 1) / MM_SC_BLOCKS;
+    const int64_t tiles = (rows + MM_BM - 1) / MM_BM;
+    int64_t smax = nsc / 2 < MM_SPLIT_MAX ? nsc / 2 : MM_SPLIT_MAX;
+    if (slots < 1)
+        slots = 1;
+    if (smax <= 1 || tiles >= slots)
+        return 1;
+    int64_t best = 1, best_w = (tiles + slots - 1) / slots;
+    for (int64_t sp = 2; sp <= smax; sp++) {
+        const int64_t w = (tiles * sp + slots - 1) / slots;
+        if (w * best < best_w * sp) { /* w / sp < best_w / best */
+            best = sp;
+            best_w = w;
+        }
+    }
+    return (int)best;
 }
 
 /* First stage (of kb blocks) of split s, and one past its last. */
@@ -143,11 +171,14 @@ template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST> struct 
     static constexpr int B_BYTES = BN * G::RB;
     static constexpr int S_BYTES = WT == TDM_DTYPE_Q4_1 ? BN * G::KB * 4 : 0;
     static constexpr int STAGE = A_BYTES + B_BYTES + S_BYTES;
-    /* each lane's running sum of finished splits, [tile value][lane] per
-     * warp: registers would double the accumulators */
-    static constexpr int TOT_FLOATS = MT * NTW * 4 * 32;
-    static constexpr int SMEM = NST * STAGE + WM * WN * TOT_FLOATS * 4;
+    /* the running sum of finished splits: registers, except in the
+     * prefill tile of 4-bit types, where ptxas spills at 255 registers
+     * with it (the smem copy is touched only at split ends) */
+    static constexpr bool TOT_REG = MT * NTW <= 4 || (WT != TDM_DTYPE_Q4_0 && WT != TDM_DTYPE_Q4_1);
+    static constexpr int TOT_SMEM = TOT_REG ? 0 : WM * WN * MT * NTW * 4 * 32 * 4;
+    static constexpr int SMEM = NST * STAGE + TOT_SMEM;
     static_assert(KD % 32 == 0 && MM_SC_BLOCKS % (KD / 32) == 0, "stages must tile superchunks");
+    static_assert(BM == MM_BM, "mm_splits counts row tiles of MM_BM rows");
     static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0 && S_BYTES % 16 == 0, "16-byte granules");
 };
 
@@ -439,6 +470,25 @@ __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa
     }
 }
 
+/* The running sum of a lane's finished splits: registers (REG), or its
+ * lane's column of the warp's slice of shared memory past the stages. */
+template <bool REG, int MT, int NTW> struct mm_tot {
+    float v[MT][NTW][4];
+    __device__ __forceinline__ void bind(uint8_t *, int, int) {}
+    __device__ __forceinline__ float &at(int i, int j, int e) { return v[i][j][e]; }
+};
+template <int MT, int NTW> struct mm_tot<false, MT, NTW> {
+    float *p;
+    __device__ __forceinline__ void bind(uint8_t *base, int warp, int lane)
+    {
+        p = (float *)base + warp * MT * NTW * 4 * 32 + lane;
+    }
+    __device__ __forceinline__ float &at(int i, int j, int e)
+    {
+        return p[((i * NTW + j) * 4 + e) * 32];
+    }
+};
+
 template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST>
 __global__ void __launch_bounds__(WM *WN * 32, 2) mm_kernel(const mm_params_t p)
 {
@@ -476,7 +526,8 @@ __global__ void __launch_bounds__(WM *WN * 32, 2) mm_kernel(const mm_params_t p)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 acc[i][j][e] = 0.0f;
-    float *tot = (float *)(mm_smem + NST * C::STAGE) + warp * C::TOT_FLOATS + lane;
+    mm_tot<C::TOT_REG, MT, NTW> tot;
+    tot.bind(mm_smem + NST * C::STAGE, warp, lane);
 
 #pragma unroll
     for (int i = 0; i < NST - 1; i++) {
@@ -503,11 +554,11 @@ __global__ void __launch_bounds__(WM *WN * 32, 2) mm_kernel(const mm_params_t p)
         const int blk0 = c * G::KB;
         const int nblk = min(G::KB, p.nb - blk0);
         const uint32_t smis = (uint32_t)(((int64_t)blk0 * G::BB) & 15);
-        if (nblk == G::KB) {
+        if (nblk == G::KB && MT * NTW <= 4) {
 #pragma unroll
             for (int bi = 0; bi < G::KB; bi++)
                 mm_block<WT, WM, WN, MT, NTW, KD, NST>(p, sa, bi, blk0, rmis, smis, acc);
-        } else { /* the stage of a k tail */
+        } else { /* a k tail, or the prefill tile (its registers hold acc and tot) */
 #pragma unroll 1
             for (int bi = 0; bi < nblk; bi++)
                 mm_block<WT, WM, WN, MT, NTW, KD, NST>(p, sa, bi, blk0, rmis, smis, acc);
@@ -520,8 +571,8 @@ __global__ void __launch_bounds__(WM *WN * 32, 2) mm_kernel(const mm_params_t p)
                 for (int j = 0; j < NTW; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        float *tp = tot + ((i * NTW + j) * 4 + e) * 32;
-                        *tp = first ? acc[i][j][e] : __fadd_rn(*tp, acc[i][j][e]);
+                        tot.at(i, j, e) =
+                            first ? acc[i][j][e] : __fadd_rn(tot.at(i, j, e), acc[i][j][e]);
                         acc[i][j][e] = 0.0f;
                     }
             s_cur++;
@@ -539,7 +590,7 @@ __global__ void __launch_bounds__(WM *WN * 32, 2) mm_kernel(const mm_params_t p)
                 const int64_t rr = row0 + mm_frag_row<MT>(wm, i, 0, 0) + mm_acc_row(g, e);
                 const int64_t tt = tok0 + mm_frag_tok<NTW>(wn, j) + mm_acc_tok(t, e);
                 if (rr < p.rows && tt < p.n)
-                    out[tt * p.ldo + rr] = tot[((i * NTW + j) * 4 + e) * 32];
+                    out[tt * p.ldo + rr] = tot.at(i, j, e);
             }
         }
 }
@@ -671,16 +722,15 @@ static void mm_optin(int device)
 }
 
 template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST>
-static void mm_launch(tdm_cuda_backend_t *cb, mm_params_t p, float *y, int64_t ldy)
+static void mm_launch(tdm_cuda_backend_t *cb, mm_params_t p, float *y, int64_t ldy, int slots)
 {
     typedef mm_cfg<WT, WM, WN, MT, NTW, KD, NST> C;
     const int64_t ttiles = tdm_cuda_div_up(p.n, C::BN), rtiles = tdm_cuda_div_up(p.rows, C::BM);
     /* Split over blocks (partials in scratch, then mm_reduce) when the
-     * tiles alone leave SMs idle and the partials are small next to the
-     * work (few tokens); the sum is the same either way. */
+     * tiles alone leave resident blocks idle and the partials are small
+     * next to the work (few tokens); the sum is the same either way. */
     const size_t part_bytes = (size_t)p.S * (size_t)p.n * (size_t)p.rows * sizeof(float);
-    const int64_t fill = (C::BN <= 32 ? 2 : 1) * (int64_t)cb->n_sm;
-    const bool split_z = p.S > 1 && ttiles * rtiles < fill && part_bytes <= ((size_t)16 << 20);
+    const bool split_z = p.S > 1 && ttiles * rtiles < slots && part_bytes <= ((size_t)16 << 20);
     float *part = NULL;
     if (split_z) {
         part = (float *)tdm_cuda_scratch(cb, part_bytes);
@@ -712,12 +762,22 @@ static void mm_run(tdm_cuda_backend_t *cb, const tdm_bweight_t *w, const void *a
                    float *y, int64_t ldy)
 {
     constexpr bool F16 = WT == TDM_DTYPE_F16;
-    constexpr int KD_D = F16 ? 128 : 256, KD_M = F16 ? 64 : 128;
+    constexpr int KD_D = F16 ? 128 : 256, KD_M = F16 ? 64 : 128, KD_P = 64, NST_P = 3;
     /* all three on the first use, so that a graph capture later never
      * meets a configuration for the first time */
     mm_optin<WT, 4, 1, 1, 1, KD_D, 4>(cb->device);
     mm_optin<WT, 4, 1, 1, 4, KD_M, 4>(cb->device);
-    mm_optin<WT, 2, 2, 2, 8, 32, 4>(cb->device);
+    mm_optin<WT, 2, 2, 2, 8, KD_P, NST_P>(cb->device);
+    /* the device's resident decode blocks, which the split count fits */
+    int slots = cb->mm_slots[WT & 15];
+    if (slots == 0) {
+        int per_sm = 0;
+        TDM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, mm_kernel<WT, 4, 1, 1, 1, KD_D, 4>, 128,
+            (size_t)mm_cfg<WT, 4, 1, 1, 1, KD_D, 4>::SMEM));
+        slots = (per_sm > 0 ? per_sm : 1) * (cb->n_sm > 0 ? cb->n_sm : 1);
+        cb->mm_slots[WT & 15] = slots;
+    }
     mm_params_t p;
     p.w = (const uint8_t *)w->data;
     p.rows = w->rows;
@@ -727,7 +787,7 @@ static void mm_run(tdm_cuda_backend_t *cb, const tdm_bweight_t *w, const void *a
     p.nb = mm_nblocks(w->k);
     p.kp = p.nb * 32;
     p.nsc = (p.nb + MM_SC_BLOCKS - 1) / MM_SC_BLOCKS;
-    p.S = mm_splits(w->rows, w->k);
+    p.S = mm_splits(w->rows, w->k, slots);
     p.x = (const uint16_t *)act;
     p.xsum = WT == TDM_DTYPE_Q4_1 ? (const float *)(p.x + (size_t)n * (size_t)p.kp) : NULL;
     p.n = n;
@@ -737,11 +797,11 @@ static void mm_run(tdm_cuda_backend_t *cb, const tdm_bweight_t *w, const void *a
     p.zstride = 0;
     p.split_z = 0;
     if (n <= 8)
-        mm_launch<WT, 4, 1, 1, 1, KD_D, 4>(cb, p, y, ldy);
+        mm_launch<WT, 4, 1, 1, 1, KD_D, 4>(cb, p, y, ldy, slots);
     else if (n <= 32)
-        mm_launch<WT, 4, 1, 1, 4, KD_M, 4>(cb, p, y, ldy);
+        mm_launch<WT, 4, 1, 1, 4, KD_M, 4>(cb, p, y, ldy, slots);
     else
-        mm_launch<WT, 2, 2, 2, 8, 32, 4>(cb, p, y, ldy);
+        mm_launch<WT, 2, 2, 2, 8, KD_P, NST_P>(cb, p, y, ldy, slots);
 }
 
 extern "C" void cuda_matmul(tdm_backend_t *be, const tdm_bweight_t *w, const void *act, int64_t n,
