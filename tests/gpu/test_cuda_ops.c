@@ -96,13 +96,13 @@ static double rel_err(const float *a, const float *b, size_t n, size_t *bad)
 }
 
 static int n_ops;
-static char table[256][160];
+static char table[512][160];
 
 static void report(const char *what, double err, double limit, size_t bad)
 {
     CHECK(bad == 0 && err <= limit, "%s: rel err %.3g (limit %.1g), %zu unwritten/non-finite", what,
           err, limit, bad);
-    if (n_ops < 256)
+    if (n_ops < 512)
         snprintf(table[n_ops++], sizeof(table[0]), "%-58s %10.3g %8.1g %s", what, err, limit,
                  bad == 0 && err <= limit ? "ok" : "FAIL");
 }
@@ -269,24 +269,37 @@ static void test_row_op(row_op_t op, int64_t n, int64_t d, double limit)
 typedef struct attn_case {
     const char *name;
     int32_t n_heads, n_kv_heads, head_dim;
-    int32_t n_seqs;  /* decode: one row per sequence */
-    int32_t prefill; /* > 0: one sequence of this many rows after ... */
+    int32_t n_seqs;  /* decode: one row per sequence, first */
+    int32_t prefill; /* > 0: then one sequence of this many rows after ... */
     int32_t past;    /* ... this many positions already in the cache */
     int32_t max_ctx; /* decode contexts are random in [1, max_ctx] */
 } attn_case_t;
 
+/* The run hints of tdm_attn_params_t, counted here on the host. */
+static void runs_of(const int32_t *tor, int32_t n, int32_t *longest, int32_t *shortest)
+{
+    *longest = 0;
+    *shortest = n;
+    for (int32_t t = 0, u; t < n; t = u) {
+        for (u = t + 1; u < n && tor[u] == tor[t]; u++) {
+        }
+        *longest = u - t > *longest ? u - t : *longest;
+        *shortest = u - t < *shortest ? u - t : *shortest;
+    }
+}
+
 static void test_attention(const attn_case_t *c)
 {
     const int32_t bs = 16;
-    int32_t n_rows = c->prefill > 0 ? c->prefill : c->n_seqs;
-    int32_t n_tables = c->prefill > 0 ? 1 : c->n_seqs;
+    int32_t n_rows = c->n_seqs + c->prefill;
+    int32_t n_tables = c->n_seqs + (c->prefill > 0);
     int32_t *ctx = malloc((size_t)n_rows * sizeof(int32_t));
     int32_t *tor = malloc((size_t)n_rows * sizeof(int32_t));
     int32_t longest = 0;
     for (int32_t t = 0; t < n_rows; t++) {
-        if (c->prefill > 0) {
-            ctx[t] = c->past + t + 1;
-            tor[t] = 0;
+        if (t >= c->n_seqs) {
+            ctx[t] = c->past + (t - c->n_seqs) + 1;
+            tor[t] = c->n_seqs;
         } else {
             ctx[t] = 1 + (int32_t)(next_u64() % (uint64_t)c->max_ctx);
             tor[t] = t;
@@ -348,10 +361,25 @@ static void test_attention(const attn_case_t *c)
                                .block_tables = dtab,
                                .table_of_row = dtor,
                                .bt_stride = stride};
+        runs_of(tor, n_rows, &p.longest_run, &p.shortest_run);
         be->ops->attention(be, &p, dq, dk, dv, dout);
         be->ops->sync(be);
         out[b] = get(be, dout, obytes);
         kout[b] = get(be, dk, cache_elems * 2);
+        if (b == 1) {
+            /* the run hints only skip kernels no row needs: without them
+             * (0: unknown) every kernel runs, with the same bits */
+            float *dout0 = poisoned(be, obytes);
+            tdm_attn_params_t p0 = p;
+            p0.longest_run = p0.shortest_run = 0;
+            be->ops->attention(be, &p0, dq, dk, dv, dout0);
+            float *o0 = get(be, dout0, obytes);
+            CHECK(memcmp(o0, out[1], obytes) == 0,
+                  "attention %s: the run hints (%d, %d) change the result", c->name, p.longest_run,
+                  p.shortest_run);
+            free(o0);
+            be->ops->buf_free(be, dout0);
+        }
         if (b == 1) {
             /* batch invariance: the last row alone */
             int32_t last = n_rows - 1;
@@ -360,6 +388,7 @@ static void test_attention(const attn_case_t *c)
             float *dout1 = poisoned(be, (size_t)qd * 4);
             tdm_attn_params_t p1 = p;
             p1.n = 1;
+            p1.longest_run = p1.shortest_run = 1;
             p1.ctx_len = dctx1;
             p1.table_of_row = dtor1;
             be->ops->attention(be, &p1, dq1, dk, dv, dout1);
@@ -503,6 +532,119 @@ static void test_kv_transfer(int32_t n_layer, int32_t bs, int64_t kv_dim, int32_
     free(ntok);
 }
 
+/* ---- graphs: capture, replay after scratch growth, capture failure ---- */
+
+typedef struct graph_step {
+    tdm_backend_t *be;
+    tdm_bweight_t *w;
+    int64_t rows;
+    void *act;
+    float *y;
+    int64_t n;
+    bool bad; /* also call something a capture does not allow */
+    float *logits;
+} graph_step_t;
+
+static void graph_step(void *arg)
+{
+    graph_step_t *g = arg;
+    /* n = 1 on 4096 rows: a split over blocks, partials in scratch */
+    g->be->ops->matmul(g->be, g->w, g->act, g->n, g->y, g->rows);
+    if (g->bad) {
+        int32_t tok;
+        tdm_sample_row_t row = {.temperature = 0.0f, .top_p = 1.0f, .repetition_penalty = 1.0f};
+        /* waits for its result: not allowed while capturing */
+        g->be->ops->sample(g->be, g->logits, 1, 1000, &row, NULL, NULL, 0, &tok, NULL);
+    }
+}
+
+static void test_graphs(void)
+{
+    tdm_backend_t *be = gpu;
+    if (be->ops->graph_capture == NULL) {
+        printf("graphs: %s has none (the CPU stand-in): skipped here; tests/unit/test_scratch "
+               "holds the scratch rule they rely on\n",
+               be->ops->name);
+        return;
+    }
+    const int64_t rows = 4096, k = 4096;
+    const uint32_t wt = TDM_DTYPE_Q4_1;
+    float *wf = rand_f32((size_t)rows * (size_t)k, -1.0f, 1.0f);
+    size_t rb = tdm_dtype_row_bytes(wt, (uint64_t)k);
+    void *wq = malloc(rb * (size_t)rows);
+    for (int64_t r = 0; r < rows; r++)
+        tdm_dtype_from_f32(wt, wf + r * k, (char *)wq + (size_t)r * rb, (uint64_t)k);
+    float *x = rand_f32((size_t)k, -2.0f, 2.0f);
+    graph_step_t g = {.be = be, .rows = rows, .n = 1};
+    CHECK(be->ops->weight_load(be, wq, wt, rows, k, &g.w) == TDM_OK, "graphs: weight_load");
+    float *dx = put(be, x, (size_t)k * sizeof(float));
+    g.act = be->ops->buf_alloc(be, be->ops->act_size(wt, 1, k));
+    be->ops->act_prepare(be, wt, dx, 1, k, g.act);
+    g.y = poisoned(be, (size_t)rows * sizeof(float));
+    float *lg = rand_f32(1000, -5.0f, 5.0f);
+    g.logits = put(be, lg, 1000 * sizeof(float));
+    const size_t yb = (size_t)rows * sizeof(float);
+
+    graph_step(&g); /* eager first: the scratch reaches its size */
+    float *eager = get(be, g.y, yb);
+    void *graph = be->ops->graph_capture(be, graph_step, &g);
+    CHECK(graph != NULL, "graphs: capture of a matmul step failed");
+    if (graph != NULL) {
+        be->ops->copy_to(be, g.y, lg, sizeof(float)); /* scribble over the output */
+        be->ops->graph_launch(be, graph);
+        float *r1 = get(be, g.y, yb);
+        CHECK(memcmp(r1, eager, yb) == 0, "graphs: the replay differs from eager execution");
+        free(r1);
+        /* grow the scratch past what the graph was captured with: the
+         * sampler's history alone takes 2 x 48 MB */
+        const int64_t n_hist = 12 << 20;
+        int32_t *ht = calloc((size_t)n_hist, sizeof(int32_t));
+        int32_t *hc = calloc((size_t)n_hist, sizeof(int32_t));
+        int32_t tok = -1;
+        tdm_sample_row_t row = {.temperature = 0.0f, .top_p = 1.0f, .repetition_penalty = 1.0f};
+        be->ops->sample(be, g.logits, 1, 1000, &row, ht, hc, n_hist, &tok, NULL);
+        CHECK(tok >= 0 && tok < 1000, "graphs: sample with a long history");
+        free(ht);
+        free(hc);
+        /* the old scratch must still be there for the graph (under
+         * compute-sanitizer a freed one is an invalid access) */
+        be->ops->copy_to(be, g.y, lg, sizeof(float));
+        be->ops->graph_launch(be, graph);
+        float *r2 = get(be, g.y, yb);
+        CHECK(memcmp(r2, eager, yb) == 0, "graphs: the replay after scratch growth differs");
+        free(r2);
+        graph_step(&g); /* eager on the new scratch */
+        float *r3 = get(be, g.y, yb);
+        CHECK(memcmp(r3, eager, yb) == 0, "graphs: eager after scratch growth differs");
+        free(r3);
+        be->ops->graph_free(be, graph);
+        report("graph replay = eager, before and after scratch growth", 0, 0, 0);
+    }
+    /* a capture that fails inside returns NULL (a warning), and the
+     * process goes on: the step runs op by op with the same result */
+    g.bad = true;
+    void *bad = be->ops->graph_capture(be, graph_step, &g);
+    CHECK(bad == NULL, "graphs: a capture with a synchronizing op should fail");
+    if (bad != NULL)
+        be->ops->graph_free(be, bad);
+    g.bad = false;
+    graph_step(&g);
+    float *r4 = get(be, g.y, yb);
+    CHECK(memcmp(r4, eager, yb) == 0, "graphs: eager after a failed capture differs");
+    report("failed capture falls back to eager", memcmp(r4, eager, yb) == 0 ? 0 : 1, 0, 0);
+    free(r4);
+    free(eager);
+    be->ops->buf_free(be, dx);
+    be->ops->buf_free(be, g.act);
+    be->ops->buf_free(be, g.y);
+    be->ops->buf_free(be, g.logits);
+    be->ops->weight_free(be, g.w);
+    free(wf);
+    free(wq);
+    free(x);
+    free(lg);
+}
+
 int main(void)
 {
     /* TANDEM_TEST_SCALAR_AS_GPU=1: the scalar CPU backend stands in for the
@@ -522,20 +664,40 @@ int main(void)
 
     static const uint32_t types[] = {TDM_DTYPE_F16, TDM_DTYPE_Q8_0, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,
                                      TDM_DTYPE_F32};
-    static const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {4096, 4096}};
-    static const int64_t ns[] = {1, 3, 8, 17, 64, 300};
-    /* TANDEM_TEST_QUICK: the small shapes only (for compute-sanitizer, which
-     * runs kernels tens of times slower) */
-    bool quick = getenv("TANDEM_TEST_QUICK") != NULL;
+    /* rows x k: model shapes, then tails: rows not a multiple of the 64-row
+     * tile (77, 100, 200), k not a multiple of a 256-element superchunk
+     * (608: 19 blocks), and for F16 k not a multiple of 32 (100: the k-tail
+     * mask); quantized types need k in whole 32-element blocks */
+    static const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {4096, 4096},
+                                        {77, 576},  {200, 608},  {100, 100}};
+    /* n: decode (1, 3, 8), the 9..32 configuration (17), the prefill
+     * tile (33, 64, 300), each with token tails */
+    static const int64_t ns[] = {1, 3, 8, 17, 33, 64, 300};
+    /* TANDEM_TEST_QUICK: fewer, smaller cases (compute-sanitizer runs
+     * kernels tens of times slower), but every configuration and tail:
+     * n = 1, 3, 17, 33 and one prefill-sized n = 300 on small rows */
+    /* TANDEM_TEST_QUICK=2 (racecheck, synccheck: slower still): one small
+     * case per kernel configuration */
+    const char *qenv = getenv("TANDEM_TEST_QUICK");
+    bool quick = qenv != NULL, quick2 = quick && strcmp(qenv, "2") == 0;
     for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++)
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
             for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
-                if (shapes[s][0] == 4096 && (ns[i] > 64 || quick))
+                const int64_t rows = shapes[s][0], k = shapes[s][1], n = ns[i];
+                if (tdm_dtype_row_bytes(types[t], (uint64_t)k) == 0)
+                    continue; /* k not in whole blocks of this type */
+                if (rows == 4096 && (n > 64 || quick))
                     continue; /* the CPU reference would take long */
-                if (quick && ns[i] > 17)
+                if (quick && (n == 8 || n == 64 || (n == 300 && rows * k > 600 * 600)))
                     continue;
-                test_matmul(types[t], shapes[s][0], shapes[s][1], ns[i], 3e-3);
+                if (quick2 && (rows > 200 || (n != 1 && n != 17 && n != 33)))
+                    continue;
+                test_matmul(types[t], rows, k, n, 3e-3);
             }
+    test_row_op(ROW_RMSNORM, 1, 100, 1e-5);
+    test_row_op(ROW_SWIGLU, 3, 33, 1e-5);
+    test_row_op(ROW_ADD, 17, 33, 1e-7);
+    test_row_op(ROW_GATHER, 33, 100, 0);
     test_row_op(ROW_RMSNORM, 37, 4096, 1e-5);
     test_row_op(ROW_RMSNORM, 5, 576, 1e-5);
     test_row_op(ROW_ROPE, 37, 4096, 1e-4);
@@ -550,13 +712,26 @@ int main(void)
         {"decode 32/8x128, 1 seq", 32, 8, 128, 1, 0, 0, 3000},
         {"prefill 9/3x64, 300 rows after 37", 9, 3, 64, 0, 300, 37, 0},
         {"prefill 32/8x128, 512 rows after 1500", 32, 8, 128, 0, 512, 1500, 0},
+        {"mixed 9/3x64, 3 decode + 70 prefill after 5", 9, 3, 64, 3, 70, 5, 300},
+        {"mixed 32/8x128, 2 decode + 33 prefill after 100", 32, 8, 128, 2, 33, 100, 900},
+        {"prefill 8/8x64, 17 rows after 0", 8, 8, 64, 0, 17, 0, 0},
+        {"decode 16/16x128, 3 seqs up to 70", 16, 16, 128, 3, 0, 0, 70},
     };
+    /* quick: the small cases, every kernel (the row kernel split and not,
+     * the tile kernel at head dims 64 and 128, mixed batches) */
+    static const bool in_quick[] = {true, false, true, false, false, true, true, true, true};
+    _Static_assert(sizeof(in_quick) / sizeof(in_quick[0]) == sizeof(cases) / sizeof(cases[0]),
+                   "one quick flag per case");
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        if (!quick || i % 2 == 0)
+        if ((!quick || in_quick[i]) &&
+            (!quick2 || strncmp(cases[i].name, "mixed", 5) == 0 || i == 0))
             test_attention(&cases[i]);
 
-    test_kv_transfer(32, 16, 1024, 64); /* 8B-shaped: 16-byte moves */
-    test_kv_transfer(3, 5, 20, 30);     /* odd rows: 2-byte moves */
+    if (!quick2) {
+        test_graphs();
+        test_kv_transfer(32, 16, 1024, 64); /* 8B-shaped: 16-byte moves */
+    }
+    test_kv_transfer(3, 5, 20, 30); /* odd rows: 2-byte moves */
 
     printf("\n%-58s %10s %8s\n", "op", "rel err", "limit");
     for (int i = 0; i < n_ops; i++)
