@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Prepares .gpu-deps/: the few Debian libraries tandem's core needs (PCRE2,
-# xxHash, LZ4: every pkg_check_modules(... REQUIRED) of the top-level
-# CMakeLists.txt) and pkg-config, unpacked from Debian's packages, for a GPU machine
-# that has nvcc, cmake and python but none of our Debian libraries. Run it
-# here (it uses apt-get download, no root needed), then carry .gpu-deps to
-# the GPU machine; tests/gpu/run.sh finds it. About 1 MB.
+# tests/gpu/prepare-deps.sh [DIR]: prepares DIR (default .gpu-deps/, an
+# absolute path otherwise): the few Debian libraries tandem's core needs
+# (PCRE2, xxHash, LZ4: every pkg_check_modules(... REQUIRED) of the
+# top-level CMakeLists.txt) and pkg-config, unpacked from Debian's packages,
+# for a GPU machine that has nvcc, cmake and python but none of our Debian
+# libraries. Run it here (apt-get download, no root needed);
+# tests/gpu/prebuild.sh builds against it and carries the libraries along,
+# and tests/gpu/run.sh's build stage uses it when .gpu-deps is carried.
+# About 1 MB. tests/unit/test_gpu_nodevice.sh checks that a configure with
+# only these libraries visible succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=.gpu-deps
-grep -qx '/.gpu-deps/' .git/info/exclude 2>/dev/null || echo '/.gpu-deps/' >> .git/info/exclude
+out=${1:-.gpu-deps}
+if [ "$out" = .gpu-deps ]; then
+    grep -qx '/.gpu-deps/' .git/info/exclude 2>/dev/null || echo '/.gpu-deps/' >> .git/info/exclude
+fi
 rm -rf "$out" && mkdir -p "$out/debs"
 (cd "$out/debs" && apt-get download -q libpcre2-dev libpcre2-8-0 libxxhash-dev libxxhash0 \
     liblz4-dev liblz4-1 pkgconf pkgconf-bin libpkgconf3 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)

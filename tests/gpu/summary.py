@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""The table tests/gpu/run.sh prints last: test outcomes, then the engine on
-the Llama-3-8B-shaped synthetic models against the ceilings measured in the
-same run (HBM copy bandwidth, cuBLAS GEMM). Reads $OUT/status.txt,
-ceilings.json and engine-{f16,q4_1}.json; writes summary.json beside them."""
+"""The table a bench stage of tests/gpu/run.sh prints last: the items'
+outcomes, then the engine on the Llama-3-8B-shaped synthetic models against
+the ceilings measured in the same call (HBM copy bandwidth, cuBLAS GEMM).
+Reads $OUT/status.txt (STAGE ITEM RESULT DETAIL lines), ceilings.json and
+engine-{f16,q4_1}.json; writes summary.json beside them. Information only:
+run.sh's exit status says what passed."""
 import json
 import os
 import sys
@@ -26,15 +28,15 @@ def load(path):
 def main(out):
     rows = []
     try:
-        status = [ln.split() for ln in open(os.path.join(out, "status.txt")) if ln.strip()]
+        status = [ln.split(None, 3) for ln in open(os.path.join(out, "status.txt")) if ln.strip()]
     except OSError:
         status = []
     print("\n== tandem on the GPU ==")
-    for name, rc in status:
-        ok = {"0": "pass", "ok": "pass", "77": "skip", "missing": "not run"}.get(rc, f"FAIL ({rc})")
-        print(f"  {name:<18} {ok}")
+    for f in status:
+        stage, item, result = f[0], f[1], f[2]
+        print(f"  {stage:<9} {item:<22} {result}")
     ceil = load(os.path.join(out, "ceilings.json"))
-    summary = {"status": dict(status), "ceilings": ceil, "engine": {}}
+    summary = {"status": {f"{f[0]}/{f[1]}": f[2] for f in status}, "ceilings": ceil, "engine": {}}
     if ceil:
         print(f"  device {ceil['device']}: copy {ceil['copy_gbps']:.0f} GB/s (read+write), "
               f"cuBLAS f16 GEMM {ceil['gemm_layer_tflops']:.0f} TFLOP/s on an 8B layer "
