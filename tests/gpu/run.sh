@@ -118,6 +118,8 @@ run_item() {
         tail -5 "$OUT/$item.log"
     elif [ $HAVE_GPU = 0 ] && grep -q "no CUDA device" "$OUT/$item.log"; then
         record "$STAGE" "$item" no-device "exit $rc: no CUDA device"
+    elif [ $HAVE_GPU = 0 ] && grep -q "built without the CUDA backend" "$OUT/$item.log"; then
+        record "$STAGE" "$item" no-device "exit $rc: built without the CUDA backend"
     elif [ $rc -eq 77 ]; then
         record "$STAGE" "$item" fail "skipped (exit 77) on a machine with a GPU: ${last}"
         tail -5 "$OUT/$item.log"
