@@ -21,11 +21,11 @@
 #include "tandem/status.h"
 
 #define TDM_CLUSTER_AM_ID        8
-#define TDM_CLUSTER_VERSION      1
+#define TDM_CLUSTER_VERSION      2
 #define TDM_CLUSTER_MAX_MSG      (1u << 20) /* bytes of one message */
 #define TDM_CLUSTER_MAX_KEYS     4096       /* block keys in one job */
 #define TDM_CLUSTER_HEARTBEAT_MS 500
-#define TDM_CLUSTER_DEAD_MS      3000 /* no heartbeat for this long: the node is gone */
+#define TDM_CLUSTER_HELLO_MS     10000 /* a node waits this long for the router's Welcome */
 
 /* Packs and sends one message on conn (copied). */
 tdm_status_t tdm_cluster_send(tdm_conn_t *conn, const Tandem__Cluster__ClusterMsg *msg);

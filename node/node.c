@@ -52,6 +52,8 @@ typedef struct rconn {
     bool failed;
     int64_t next_try_ms;
     int backoff_ms;
+    int64_t last_heard_ms; /* the router's last message (or the connect) */
+    int32_t quiet_ms;      /* heard nothing for longer: the router is lost */
 } rconn_t;
 
 enum { J_LOOKUP, J_FETCH, J_RUN, J_PUT, J_DONE };
@@ -928,6 +930,7 @@ static void on_message(void *user, const tdm_net_msg_t *msg)
     rconn_t *rc = tdm_conn_owner(msg->conn);
     if (rc == NULL || rc->node != n)
         return;
+    rc->last_heard_ms = tdm_net_now_ms();
     char why[160];
     Tandem__Cluster__ClusterMsg *m = tdm_cluster_decode(msg, why, sizeof(why));
     if (m == NULL) {
@@ -940,6 +943,10 @@ static void on_message(void *user, const tdm_net_msg_t *msg)
         if (m->welcome->ok) {
             rc->state = RC_READY;
             rc->backoff_ms = BACKOFF_MIN_MS;
+            /* the router answers every heartbeat; silent past its own
+             * node timeout (and a second), it has forgotten this node */
+            rc->quiet_ms =
+                (m->welcome->node_timeout_ms > 0 ? m->welcome->node_timeout_ms : 3000) + 1000;
             tdm_log_info(MOD, "registered with the router at %s as %s %s (pool %s)", rc->addr,
                          n->role_name, n->name, n->pool);
         } else {
@@ -954,6 +961,7 @@ static void on_message(void *user, const tdm_net_msg_t *msg)
             on_job(n, rc, m->job);
         break;
     case TANDEM__CLUSTER__CLUSTER_MSG__BODY_CANCEL: on_cancel(n, rc, m->cancel->id); break;
+    case TANDEM__CLUSTER__CLUSTER_MSG__BODY_HEARTBEAT: break; /* the answer: it is there */
     default:
         tdm_log_warn(MOD, "unexpected message %d from the router at %s; ignored", m->body_case,
                      rc->addr);
@@ -992,6 +1000,16 @@ static void maintain_routers(node_t *n, int64_t now)
 {
     for (size_t i = 0; i < n->n_routers; i++) {
         rconn_t *rc = &n->routers[i];
+        if (!rc->failed && (rc->state == RC_HELLO || rc->state == RC_READY) &&
+            now - rc->last_heard_ms > rc->quiet_ms) {
+            tdm_log_warn(MOD,
+                         "the router at %s has said nothing for %lld ms (%s); taking it as "
+                         "lost, reconnecting",
+                         rc->addr, (long long)(now - rc->last_heard_ms),
+                         rc->state == RC_HELLO ? "no answer to Hello"
+                                               : "no answer to the heartbeats");
+            rc->failed = true;
+        }
         if (rc->failed)
             router_down(n, rc);
         if (rc->state == RC_DOWN && now >= rc->next_try_ms && !n->draining) {
@@ -1001,6 +1019,8 @@ static void maintain_routers(node_t *n, int64_t now)
                 continue;
             }
             tdm_conn_set_owner(rc->conn, rc, on_router_error);
+            rc->last_heard_ms = now;
+            rc->quiet_ms = TDM_CLUSTER_HELLO_MS;
             send_hello(n, rc);
             if (rc->state != RC_HELLO)
                 rc->failed = true;

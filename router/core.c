@@ -921,9 +921,21 @@ static void welcome(rnode_t *n, bool ok, const char *error)
     Tandem__Cluster__Welcome w = TANDEM__CLUSTER__WELCOME__INIT;
     w.ok = ok;
     w.error = (char *)error;
+    w.node_timeout_ms = (int32_t)n->core->cfg.node_timeout_ms;
     Tandem__Cluster__ClusterMsg msg = TANDEM__CLUSTER__CLUSTER_MSG__INIT;
     msg.body_case = TANDEM__CLUSTER__CLUSTER_MSG__BODY_WELCOME;
     msg.welcome = &w;
+    send_msg(n, &msg);
+}
+
+/* The answer to a node's heartbeat (an empty Heartbeat): this router still
+ * knows it. A node that stops hearing these reconnects (proto/cluster.proto). */
+static void send_heartbeat_answer(rnode_t *n)
+{
+    Tandem__Cluster__Heartbeat hb = TANDEM__CLUSTER__HEARTBEAT__INIT;
+    Tandem__Cluster__ClusterMsg msg = TANDEM__CLUSTER__CLUSTER_MSG__INIT;
+    msg.body_case = TANDEM__CLUSTER__CLUSTER_MSG__BODY_HEARTBEAT;
+    msg.heartbeat = &hb;
     send_msg(n, &msg);
 }
 
@@ -1010,6 +1022,8 @@ static void on_message(void *user, const tdm_net_msg_t *msg)
                 tdm_log_info(MOD, "node %s is draining: no new work goes to it", n->name);
                 count_nodes(c);
             }
+            if (n->state == N_READY)
+                send_heartbeat_answer(n);
             break;
         }
         case TANDEM__CLUSTER__CLUSTER_MSG__BODY_EVENT: on_job_event(c, n, m->event); break;

@@ -13,7 +13,9 @@ sequential run of the same prompts:
   - kill -9 of the prefill node (prompts go to the decode nodes);
   - kill -9 of a store (the blocks it held are recomputed);
   - SIGSTOP of a decode node for 5 s, longer than the timeout: the router
-    declares it lost within the timeout and moves its requests.
+    declares it lost within the timeout and moves its requests;
+  - SIGSTOP of the router for 6 s: the nodes stop hearing it, take it as
+    lost, and register again when it resumes.
 Under ASan the load is 40 requests, 8 at a time; every property stays.
 
 The prompts are prefixes (20 to 600 words) of eight word lists, each
@@ -30,7 +32,7 @@ import time
 
 import pytest
 
-from cluster import Cluster, default_model, sanitized
+from cluster import Cluster, default_model, http_get, sanitized
 
 pytestmark = pytest.mark.skipif(not os.path.exists(default_model()),
                                 reason="needs the default model")
@@ -270,6 +272,49 @@ def test_sigstop_decode(cluster, baseline, report):
            f"declared lost after {seen['lost']:.2f} s (timeout {NODE_TIMEOUT_S:.0f} s), "
            f"{int(moved)} requests moved")
     wait_nodes(c, decode=2, prefill=1)  # it registers again once it runs
+
+
+def test_sigstop_router(cluster, baseline, report):
+    """The router stopped for 6 s: every node stops hearing the answers to
+    its heartbeats and takes the router as lost (its /ready says so) within
+    the router's timeout plus a second; once the router runs again, every
+    node registers again and requests are answered as before."""
+    c = cluster
+    wait_nodes(c, decode=2, prefill=1)
+    nodes = [p for p in c.procs if p.role in ("prefill", "decode") and p.alive()]
+    assert len(nodes) == 3, f"{len(nodes)} nodes alive, not 3"
+    deadline = time.monotonic() + 30
+    while not all(p.ready() for p in nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in nodes:
+        assert p.ready(), (f"{p.role} {p.index} not ready before the router stopped: "
+                           f"{http_get(p.health_port, p.ready_path)}")
+    router = c.get("router")
+    lost_at = {}
+    t0 = time.monotonic()
+    router.signal(signal.SIGSTOP)
+    try:
+        while time.monotonic() - t0 < 6.0:
+            for p in nodes:
+                if p not in lost_at and not p.ready():
+                    lost_at[p] = time.monotonic() - t0
+            time.sleep(0.05)
+    finally:
+        router.signal(signal.SIGCONT)
+    quiet = NODE_TIMEOUT_S + 1.0
+    assert len(lost_at) == len(nodes), \
+        f"{len(nodes) - len(lost_at)} nodes still said ready 6 s after the router stopped"
+    worst = max(lost_at.values())
+    assert worst <= quiet + 1.0, f"a node took the router as lost only after {worst:.2f} s"
+    t1 = time.monotonic()
+    wait_nodes(c, decode=2, prefill=1, timeout=60)
+    back = time.monotonic() - t1
+    q = PROMPTS[0]
+    text, _ = c.chat_stream(q, MAX_TOKENS, timeout=120)
+    assert text == baseline["want"][0], "after the router's pause the answer differs"
+    report(f"SIGSTOP router for 6 s: all {len(nodes)} nodes took it as lost after "
+           f"{min(lost_at.values()):.2f}-{worst:.2f} s (quiet limit {quiet:.0f} s) and "
+           f"registered again {back:.1f} s after it resumed; answers unchanged")
 
 
 @pytest.mark.skipif(sanitized(), reason="Release build only")
