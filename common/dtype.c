@@ -1,6 +1,7 @@
 #include "tandem/dtype.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -14,6 +15,11 @@ int tdm_dtype_supported(uint32_t type)
     case TDM_DTYPE_Q8_0: return 1;
     default: return 0;
     }
+}
+
+int tdm_dtype_known(uint32_t type)
+{
+    return tdm_dtype_block_bytes(type) != 0;
 }
 
 const char *tdm_dtype_name(uint32_t type)
@@ -37,10 +43,21 @@ size_t tdm_dtype_block_elems(uint32_t type)
 {
     switch (type) {
     case TDM_DTYPE_F32:
-    case TDM_DTYPE_F16: return 1;
+    case TDM_DTYPE_F16:
+    case TDM_DTYPE_BF16: return 1;
     case TDM_DTYPE_Q4_0:
     case TDM_DTYPE_Q4_1:
-    case TDM_DTYPE_Q8_0: return TDM_QK;
+    case TDM_DTYPE_Q5_0:
+    case TDM_DTYPE_Q5_1:
+    case TDM_DTYPE_Q8_0:
+    case TDM_DTYPE_IQ4_NL: return TDM_QK;
+    case TDM_DTYPE_Q2_K:
+    case TDM_DTYPE_Q3_K:
+    case TDM_DTYPE_Q4_K:
+    case TDM_DTYPE_Q5_K:
+    case TDM_DTYPE_Q6_K:
+    case TDM_DTYPE_Q8_K:
+    case TDM_DTYPE_IQ4_XS: return TDM_QKK;
     default: return 0;
     }
 }
@@ -53,6 +70,17 @@ size_t tdm_dtype_block_bytes(uint32_t type)
     case TDM_DTYPE_Q4_0: return sizeof(tdm_block_q4_0_t);
     case TDM_DTYPE_Q4_1: return sizeof(tdm_block_q4_1_t);
     case TDM_DTYPE_Q8_0: return sizeof(tdm_block_q8_0_t);
+    case TDM_DTYPE_BF16: return 2;
+    case TDM_DTYPE_Q5_0: return 22;
+    case TDM_DTYPE_Q5_1: return 24;
+    case TDM_DTYPE_IQ4_NL: return 18;
+    case TDM_DTYPE_Q2_K: return 84;
+    case TDM_DTYPE_Q3_K: return 110;
+    case TDM_DTYPE_Q4_K: return 144;
+    case TDM_DTYPE_Q5_K: return 176;
+    case TDM_DTYPE_Q6_K: return 210;
+    case TDM_DTYPE_Q8_K: return 292;
+    case TDM_DTYPE_IQ4_XS: return 136;
     default: return 0;
     }
 }
@@ -118,8 +146,137 @@ uint16_t tdm_f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
+/* ---- dequantization of the layouts tandem reads (dtype.h) ----
+ * Each computes in the order of GGML's reference (and gguf.quants):
+ * products of two floats rounded to f32 one at a time, never fused
+ * (-ffp-contract=off). */
+
+static float h2f(const uint8_t *p) /* little-endian f16 at p */
+{
+    return tdm_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+}
+
+static const int8_t iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
+
+static void deq_q5(const uint8_t *b, float *y, bool has_min)
+{
+    const float d = h2f(b), m = has_min ? h2f(b + 2) : 0.0f;
+    const uint8_t *qhp = b + (has_min ? 4 : 2), *qs = qhp + 4;
+    const uint32_t qh =
+        (uint32_t)qhp[0] | (uint32_t)qhp[1] << 8 | (uint32_t)qhp[2] << 16 | (uint32_t)qhp[3] << 24;
+    for (int e = 0; e < TDM_QK; e++) {
+        int q = ((qs[e % 16] >> (e / 16 * 4)) & 0x0f) | (int)((qh >> e) & 1) << 4;
+        y[e] = has_min ? d * (float)q + m : d * (float)(q - 16);
+    }
+}
+
+static void deq_iq4_nl(const uint8_t *b, float *y)
+{
+    const float d = h2f(b);
+    for (int e = 0; e < TDM_QK; e++)
+        y[e] = d * (float)iq4_values[(b[2 + e % 16] >> (e / 16 * 4)) & 0x0f];
+}
+
+static void deq_q2_k(const uint8_t *b, float *y)
+{
+    const uint8_t *scales = b, *qs = b + 16;
+    const float d = h2f(b + 80), dmin = h2f(b + 82);
+    for (int e = 0; e < TDM_QKK; e++) {
+        const int h = e / 128, s = e / 32 % 4, j = e % 32, g = e / 16;
+        const float dl = d * (float)(scales[g] & 0x0f), ml = dmin * (float)(scales[g] >> 4);
+        const float q = (float)((qs[h * 32 + j] >> (2 * s)) & 3);
+        y[e] = dl * q - ml;
+    }
+}
+
+static void deq_q3_k(const uint8_t *b, float *y)
+{
+    const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
+    const float d = h2f(b + 108);
+    float dl[16];
+    for (int i = 0; i < 16; i++) {
+        const int lo = (sc[i % 8] >> (i / 8 * 4)) & 0x0f, hi = (sc[8 + i % 4] >> (i / 4 * 2)) & 3;
+        dl[i] = d * (float)((int8_t)(lo | hi << 4) - 32);
+    }
+    for (int e = 0; e < TDM_QKK; e++) {
+        const int h = e / 128, s = e / 32 % 4, j = e % 32;
+        const int ql = (qs[h * 32 + j] >> (2 * s)) & 3;
+        const int qh = ((hmask[j] >> (e / 32)) & 1) ^ 1;
+        y[e] = dl[e / 16] * (float)(ql - (qh << 2));
+    }
+}
+
+/* The 6-bit scales and mins of Q4_K and Q5_K, 8 of each. */
+static void k_scale_min(const uint8_t *sc, int i, int *scale, int *min)
+{
+    if (i < 4) {
+        *scale = sc[i] & 0x3f;
+        *min = sc[4 + i] & 0x3f;
+    } else {
+        *scale = (sc[8 + i - 4] & 0x0f) | ((sc[i - 4] >> 2) & 0x30);
+        *min = (sc[8 + i - 4] >> 4) | ((sc[i] >> 2) & 0x30);
+    }
+}
+
+static void deq_q45_k(const uint8_t *b, float *y, bool five)
+{
+    const float d = h2f(b), dmin = h2f(b + 2);
+    const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+    for (int sb = 0; sb < 8; sb++) {
+        int scale, min;
+        k_scale_min(sc, sb, &scale, &min);
+        const float ds = d * (float)scale, dm = dmin * (float)min;
+        for (int j = 0; j < 32; j++) {
+            const int e = sb * 32 + j;
+            int q = (qs[sb / 2 * 32 + j] >> (sb % 2 * 4)) & 0x0f;
+            if (five)
+                q |= ((qh[j] >> sb) & 1) << 4;
+            y[e] = ds * (float)q - dm;
+        }
+    }
+}
+
+static void deq_q6_k(const uint8_t *b, float *y)
+{
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *scales = (const int8_t *)(b + 192);
+    const float d = h2f(b + 208);
+    for (int e = 0; e < TDM_QKK; e++) {
+        const int h = e / 128, r = e % 128;
+        const int lo = (ql[h * 64 + r % 64] >> (r / 64 * 4)) & 0x0f;
+        const int hi = (qh[h * 32 + r % 32] >> (r / 32 * 2)) & 3;
+        const float dl = d * (float)scales[e / 16];
+        y[e] = dl * (float)((int8_t)(lo | hi << 4) - 32);
+    }
+}
+
+static void deq_q8_k(const uint8_t *b, float *y)
+{
+    float d;
+    memcpy(&d, b, sizeof(d));
+    for (int e = 0; e < TDM_QKK; e++)
+        y[e] = d * (float)(int8_t)b[4 + e];
+}
+
+static void deq_iq4_xs(const uint8_t *b, float *y)
+{
+    const float d = h2f(b);
+    const unsigned scales_h = (unsigned)(b[2] | b[3] << 8);
+    const uint8_t *scales_l = b + 4, *qs = b + 8;
+    for (int ib = 0; ib < 8; ib++) {
+        const int lo = (scales_l[ib / 2] >> (ib % 2 * 4)) & 0x0f;
+        const int hi = (scales_h >> (2 * ib)) & 3;
+        const float dl = d * (float)((int8_t)(lo | hi << 4) - 32);
+        for (int j = 0; j < 32; j++)
+            y[ib * 32 + j] = dl * (float)iq4_values[(qs[ib * 16 + j % 16] >> (j / 16 * 4)) & 0x0f];
+    }
+}
+
 void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n)
 {
+    const uint8_t *s8 = src;
+    const size_t bb = tdm_dtype_block_bytes(type), be = tdm_dtype_block_elems(type);
     switch (type) {
     case TDM_DTYPE_F32: memcpy(dst, src, n * sizeof(float)); break;
     case TDM_DTYPE_F16: {
@@ -159,6 +316,39 @@ void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n)
         }
         break;
     }
+    case TDM_DTYPE_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)(s8[2 * i] | s8[2 * i + 1] << 8) << 16;
+            memcpy(&dst[i], &u, sizeof(u));
+        }
+        break;
+    case TDM_DTYPE_Q5_0:
+    case TDM_DTYPE_Q5_1:
+    case TDM_DTYPE_IQ4_NL:
+    case TDM_DTYPE_Q2_K:
+    case TDM_DTYPE_Q3_K:
+    case TDM_DTYPE_Q4_K:
+    case TDM_DTYPE_Q5_K:
+    case TDM_DTYPE_Q6_K:
+    case TDM_DTYPE_Q8_K:
+    case TDM_DTYPE_IQ4_XS:
+        for (uint64_t i = 0; i < n / be; i++) {
+            const uint8_t *b = s8 + i * bb;
+            float *y = dst + i * be;
+            switch (type) {
+            case TDM_DTYPE_Q5_0: deq_q5(b, y, false); break;
+            case TDM_DTYPE_Q5_1: deq_q5(b, y, true); break;
+            case TDM_DTYPE_IQ4_NL: deq_iq4_nl(b, y); break;
+            case TDM_DTYPE_Q2_K: deq_q2_k(b, y); break;
+            case TDM_DTYPE_Q3_K: deq_q3_k(b, y); break;
+            case TDM_DTYPE_Q4_K: deq_q45_k(b, y, false); break;
+            case TDM_DTYPE_Q5_K: deq_q45_k(b, y, true); break;
+            case TDM_DTYPE_Q6_K: deq_q6_k(b, y); break;
+            case TDM_DTYPE_Q8_K: deq_q8_k(b, y); break;
+            default: deq_iq4_xs(b, y); break;
+            }
+        }
+        break;
     default: memset(dst, 0, n * sizeof(float)); break;
     }
 }

@@ -8,6 +8,21 @@
  *   Q4_1: f16 d; f16 m; u8 qs[16]  x = d * q + m   (same nibble order)
  *   Q8_0: f16 d; i8 qs[32]      x = d * q
  *
+ * Layouts tandem reads and dequantizes (tdm_dtype_to_f32) but does not
+ * compute with yet (tdm_dtype_supported says which it computes with),
+ * exactly as GGML stores them; bits of scales are GGML's packings:
+ *   Q5_0 (22 B / 32): f16 d; u32 qh; u8 qs[16]   x = d * (q - 16), q = nibble | bit << 4
+ *   Q5_1 (24 B / 32): f16 d; f16 m; u32 qh; u8 qs[16]   x = d * q + m
+ *   IQ4_NL (18 B / 32): f16 d; u8 qs[16]          x = d * kvalue[nibble]
+ *   Q2_K (84 B / 256): u8 scales[16]; u8 qs[64]; f16 d; f16 dmin
+ *   Q3_K (110 B / 256): u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d
+ *   Q4_K (144 B / 256): f16 d; f16 dmin; u8 scales[12]; u8 qs[128]
+ *   Q5_K (176 B / 256): f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]
+ *   Q6_K (210 B / 256): u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
+ *   Q8_K (292 B / 256): f32 d; i8 qs[256]; i16 bsums[16]   x = d * q
+ *   IQ4_XS (136 B / 256): f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]
+ *   BF16 (2 B): the high half of an f32
+ *
  * A row's length must be a multiple of the block size. */
 #ifndef TANDEM_DTYPE_H
 #define TANDEM_DTYPE_H
@@ -19,14 +34,26 @@
 extern "C" {
 #endif
 
-#define TDM_QK 32
+#define TDM_QK  32
+#define TDM_QKK 256 /* elements of a K-quant or IQ4_XS super-block */
 
 typedef enum tdm_dtype {
     TDM_DTYPE_F32 = 0,
     TDM_DTYPE_F16 = 1,
     TDM_DTYPE_Q4_0 = 2,
     TDM_DTYPE_Q4_1 = 3,
+    TDM_DTYPE_Q5_0 = 6,
+    TDM_DTYPE_Q5_1 = 7,
     TDM_DTYPE_Q8_0 = 8,
+    TDM_DTYPE_Q2_K = 10,
+    TDM_DTYPE_Q3_K = 11,
+    TDM_DTYPE_Q4_K = 12,
+    TDM_DTYPE_Q5_K = 13,
+    TDM_DTYPE_Q6_K = 14,
+    TDM_DTYPE_Q8_K = 15,
+    TDM_DTYPE_IQ4_NL = 20,
+    TDM_DTYPE_IQ4_XS = 23,
+    TDM_DTYPE_BF16 = 30,
     TDM_DTYPE_COUNT_ = 40, /* bound for GGML ids (unknown ones are refused) */
 } tdm_dtype_t;
 
@@ -48,6 +75,9 @@ typedef struct tdm_block_q8_0 {
 
 /* True for the types tandem can compute with. */
 int tdm_dtype_supported(uint32_t type);
+/* True for the types whose layout tandem knows: sizes and tdm_dtype_to_f32
+ * (every supported type, and those listed above). */
+int tdm_dtype_known(uint32_t type);
 /* Name as GGML spells it ("Q4_1"), or "type#N" for ids it does not know. */
 const char *tdm_dtype_name(uint32_t type);
 /* Elements per block (1 for float types); 0 for unknown types. */
@@ -62,7 +92,9 @@ float tdm_f16_to_f32(uint16_t h);
 uint16_t tdm_f32_to_f16(float f);
 
 /* Dequantizes or converts n elements (a multiple of the block size) of a
- * row of `type` to f32. Reference code, not for hot paths. */
+ * row of any known `type` to f32, with the float operations in the order
+ * GGML's reference dequantization (and the PyPI gguf package) uses, so the
+ * bits are the same. Reference code, not for hot paths. */
 void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n);
 /* Quantizes n f32 values (a multiple of the block size) into a row of type
  * (any supported type). Used by mkmodel and tests. */
