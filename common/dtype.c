@@ -273,10 +273,47 @@ static void deq_iq4_xs(const uint8_t *b, float *y)
     }
 }
 
+static void deq_q5_0(const uint8_t *b, float *y)
+{
+    deq_q5(b, y, false);
+}
+
+static void deq_q5_1(const uint8_t *b, float *y)
+{
+    deq_q5(b, y, true);
+}
+
+static void deq_q4_k(const uint8_t *b, float *y)
+{
+    deq_q45_k(b, y, false);
+}
+
+static void deq_q5_k(const uint8_t *b, float *y)
+{
+    deq_q45_k(b, y, true);
+}
+
+/* The block dequantizer of a layout above; NULL for the others. */
+static void (*block_dequant(uint32_t type))(const uint8_t *b, float *y)
+{
+    switch (type) {
+    case TDM_DTYPE_Q5_0: return deq_q5_0;
+    case TDM_DTYPE_Q5_1: return deq_q5_1;
+    case TDM_DTYPE_IQ4_NL: return deq_iq4_nl;
+    case TDM_DTYPE_Q2_K: return deq_q2_k;
+    case TDM_DTYPE_Q3_K: return deq_q3_k;
+    case TDM_DTYPE_Q4_K: return deq_q4_k;
+    case TDM_DTYPE_Q5_K: return deq_q5_k;
+    case TDM_DTYPE_Q6_K: return deq_q6_k;
+    case TDM_DTYPE_Q8_K: return deq_q8_k;
+    case TDM_DTYPE_IQ4_XS: return deq_iq4_xs;
+    default: return NULL;
+    }
+}
+
 void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n)
 {
     const uint8_t *s8 = src;
-    const size_t bb = tdm_dtype_block_bytes(type), be = tdm_dtype_block_elems(type);
     switch (type) {
     case TDM_DTYPE_F32: memcpy(dst, src, n * sizeof(float)); break;
     case TDM_DTYPE_F16: {
@@ -322,34 +359,17 @@ void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n)
             memcpy(&dst[i], &u, sizeof(u));
         }
         break;
-    case TDM_DTYPE_Q5_0:
-    case TDM_DTYPE_Q5_1:
-    case TDM_DTYPE_IQ4_NL:
-    case TDM_DTYPE_Q2_K:
-    case TDM_DTYPE_Q3_K:
-    case TDM_DTYPE_Q4_K:
-    case TDM_DTYPE_Q5_K:
-    case TDM_DTYPE_Q6_K:
-    case TDM_DTYPE_Q8_K:
-    case TDM_DTYPE_IQ4_XS:
-        for (uint64_t i = 0; i < n / be; i++) {
-            const uint8_t *b = s8 + i * bb;
-            float *y = dst + i * be;
-            switch (type) {
-            case TDM_DTYPE_Q5_0: deq_q5(b, y, false); break;
-            case TDM_DTYPE_Q5_1: deq_q5(b, y, true); break;
-            case TDM_DTYPE_IQ4_NL: deq_iq4_nl(b, y); break;
-            case TDM_DTYPE_Q2_K: deq_q2_k(b, y); break;
-            case TDM_DTYPE_Q3_K: deq_q3_k(b, y); break;
-            case TDM_DTYPE_Q4_K: deq_q45_k(b, y, false); break;
-            case TDM_DTYPE_Q5_K: deq_q45_k(b, y, true); break;
-            case TDM_DTYPE_Q6_K: deq_q6_k(b, y); break;
-            case TDM_DTYPE_Q8_K: deq_q8_k(b, y); break;
-            default: deq_iq4_xs(b, y); break;
-            }
+    default: {
+        void (*deq)(const uint8_t *, float *) = block_dequant(type);
+        const size_t bb = tdm_dtype_block_bytes(type), be = tdm_dtype_block_elems(type);
+        if (deq == NULL) {
+            memset(dst, 0, n * sizeof(float));
+            break;
         }
+        for (uint64_t i = 0; i < n / be; i++)
+            deq(s8 + i * bb, dst + i * be);
         break;
-    default: memset(dst, 0, n * sizeof(float)); break;
+    }
     }
 }
 

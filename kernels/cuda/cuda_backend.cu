@@ -50,9 +50,9 @@
  * largest model we run fit several times over. */
 #define TDM_CUDA_SCRATCH_INIT ((size_t)64 << 20)
 
-/* The graph capture open on this thread, if any: errors inside it are
- * recorded there instead of aborting (cuda_graph_capture). */
-static thread_local tdm_cuda_backend_t *tl_capture;
+/* A graph capture is open on this thread: errors are recorded in
+ * tl_capture_err instead of aborting (cuda_graph_capture). */
+static thread_local bool tl_capturing;
 static thread_local cudaError_t tl_capture_err;
 /* The device current on this thread as tandem set it; -1: none yet. */
 static thread_local int tl_device = -1;
@@ -61,7 +61,7 @@ extern "C" void tdm_cuda_check_at(cudaError_t err, const char *what, const char 
 {
     if (err == cudaSuccess)
         return;
-    if (tl_capture != NULL) {
+    if (tl_capturing) {
         if (tl_capture_err == cudaSuccess) {
             tl_capture_err = err;
             tdm_log_warn(MOD, "CUDA error inside a graph capture at %s:%d: %s: %s (%s)", file, line,
@@ -233,10 +233,10 @@ static void *cuda_graph_capture(tdm_backend_t *be, void (*fn)(void *arg), void *
         return NULL;
     }
     tdm_scratch_capture_begin(&cb->scratch);
-    tl_capture = cb;
+    tl_capturing = true;
     tl_capture_err = cudaSuccess;
     fn(arg);
-    tl_capture = NULL;
+    tl_capturing = false;
     const bool scratch_ok = tdm_scratch_capture_end(&cb->scratch);
     cudaGraph_t g = NULL;
     err = cudaStreamEndCapture(cb->stream, &g);
