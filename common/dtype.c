@@ -1,4 +1,5 @@
 #include "tandem/dtype.h"
+#include "tandem/qform.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -7,14 +8,15 @@
 
 int tdm_dtype_supported(uint32_t type)
 {
-    switch (type) {
-    case TDM_DTYPE_F32:
-    case TDM_DTYPE_F16:
-    case TDM_DTYPE_Q4_0:
-    case TDM_DTYPE_Q4_1:
-    case TDM_DTYPE_Q8_0: return 1;
-    default: return 0;
-    }
+    tdm_qform_t f;
+    return type == TDM_DTYPE_F32 || type == TDM_DTYPE_F16 || type == TDM_DTYPE_BF16 ||
+           tdm_qform_of(type, &f);
+}
+
+const char *tdm_dtype_supported_list(void)
+{
+    return "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, "
+           "IQ4_XS";
 }
 
 int tdm_dtype_known(uint32_t type)
@@ -156,8 +158,8 @@ static float h2f(const uint8_t *p) /* little-endian f16 at p */
     return tdm_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
 
-static const int8_t iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                      1,    13,   25,  38,  53,  69,  89,  113};
+const int8_t tdm_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                   1,    13,   25,  38,  53,  69,  89,  113};
 
 static void deq_q5(const uint8_t *b, float *y, bool has_min)
 {
@@ -175,7 +177,7 @@ static void deq_iq4_nl(const uint8_t *b, float *y)
 {
     const float d = h2f(b);
     for (int e = 0; e < TDM_QK; e++)
-        y[e] = d * (float)iq4_values[(b[2 + e % 16] >> (e / 16 * 4)) & 0x0f];
+        y[e] = d * (float)tdm_iq4_values[(b[2 + e % 16] >> (e / 16 * 4)) & 0x0f];
 }
 
 static void deq_q2_k(const uint8_t *b, float *y)
@@ -269,7 +271,8 @@ static void deq_iq4_xs(const uint8_t *b, float *y)
         const int hi = (scales_h >> (2 * ib)) & 3;
         const float dl = d * (float)((int8_t)(lo | hi << 4) - 32);
         for (int j = 0; j < 32; j++)
-            y[ib * 32 + j] = dl * (float)iq4_values[(qs[ib * 16 + j % 16] >> (j / 16 * 4)) & 0x0f];
+            y[ib * 32 + j] =
+                dl * (float)tdm_iq4_values[(qs[ib * 16 + j % 16] >> (j / 16 * 4)) & 0x0f];
     }
 }
 

@@ -442,9 +442,9 @@ static tdm_status_t parse_tensor_info(gguf_parser_t *p, tdm_gguf_t *g, uint64_t 
         char name[GGUF_NAME_SHOW + 4];
         return fail_plain(p, TDM_ERR_UNSUPPORTED,
                           "tensor '%s' (type at byte %" PRIu64
-                          ") has type %s, which tandem does not support "
-                          "(supported: F32, F16, Q4_0, Q4_1, Q8_0)",
-                          show_str(t->name, name, sizeof(name)), at, tdm_dtype_name(t->type));
+                          ") has type %s, which tandem does not support (supported: %s)",
+                          show_str(t->name, name, sizeof(name)), at, tdm_dtype_name(t->type),
+                          tdm_dtype_supported_list());
     } else {
         t->nbytes = 0; /* size unknown to tandem; data stays NULL */
     }

@@ -8,9 +8,9 @@
  *   Q4_1: f16 d; f16 m; u8 qs[16]  x = d * q + m   (same nibble order)
  *   Q8_0: f16 d; i8 qs[32]      x = d * q
  *
- * Layouts tandem reads and dequantizes (tdm_dtype_to_f32) but does not
- * compute with yet (tdm_dtype_supported says which it computes with),
- * exactly as GGML stores them; bits of scales are GGML's packings:
+ * The other layouts tandem computes with (and Q8_K, which it only reads),
+ * exactly as GGML stores them; bits of scales are GGML's packings (their
+ * integer form, what kernels pack from, is in tandem/qform.h):
  *   Q5_0 (22 B / 32): f16 d; u32 qh; u8 qs[16]   x = d * (q - 16), q = nibble | bit << 4
  *   Q5_1 (24 B / 32): f16 d; f16 m; u32 qh; u8 qs[16]   x = d * q + m
  *   IQ4_NL (18 B / 32): f16 d; u8 qs[16]          x = d * kvalue[nibble]
@@ -73,8 +73,13 @@ typedef struct tdm_block_q8_0 {
     int8_t qs[TDM_QK];
 } tdm_block_q8_0_t;
 
+/* The 16 values an IQ4_NL or IQ4_XS nibble selects. */
+extern const int8_t tdm_iq4_values[16];
+
 /* True for the types tandem can compute with. */
 int tdm_dtype_supported(uint32_t type);
+/* Their names, for messages: "F32, F16, ...". */
+const char *tdm_dtype_supported_list(void);
 /* True for the types whose layout tandem knows: sizes and tdm_dtype_to_f32
  * (every supported type, and those listed above). */
 int tdm_dtype_known(uint32_t type);

@@ -12,6 +12,7 @@
 
 #include "cpu_internal.h"
 #include "tandem/log.h"
+#include "tandem/qform.h"
 #include "tandem/threadpool.h"
 
 /* Elementwise work (elements) under which an op runs on the caller alone:
@@ -61,7 +62,8 @@ static void split_range(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi)
 
 static int is_quant(uint32_t wtype)
 {
-    return wtype == TDM_DTYPE_Q4_0 || wtype == TDM_DTYPE_Q4_1 || wtype == TDM_DTYPE_Q8_0;
+    tdm_qform_t f;
+    return tdm_qform_of(wtype, &f);
 }
 
 /* ---- memory ---- */
@@ -104,6 +106,70 @@ static void cpu_sync(tdm_backend_t *be) {}
 
 /* ---- weights ---- */
 
+/* Packs a quantized weight (see cpu_internal.h) from its integer form. */
+static tdm_status_t pack_weight(tdm_bweight_t *w, const void *data)
+{
+    const uint32_t pk = w->pk;
+    const int64_t nb = w->k / TDM_QK, k = w->k;
+    const int nsub = pk & TDM_CPU_PK_SUB16 ? 2 : 1;
+    const size_t qbytes = pk & TDM_CPU_PK_NIB ? 256 : 512; /* packed qs per block of 16 rows */
+    const size_t ssz = pk & TDM_CPU_PK_SC32 ? 4 : 2;
+    const size_t table = (size_t)nb * (size_t)nsub * TDM_CPU_RG * ssz;
+    w->nb = nb;
+    w->n_groups = (w->rows + TDM_CPU_RG - 1) / TDM_CPU_RG;
+    w->d_off = (size_t)nb * qbytes;
+    w->m_off = w->d_off + table;
+    size_t end = pk & TDM_CPU_PK_MIN ? w->m_off + table : w->m_off;
+    w->group_bytes = (end + 63) & ~(size_t)63;
+    const size_t total = (size_t)w->n_groups * w->group_bytes;
+    w->owned = cpu_alloc(total);
+    uint8_t *u = malloc((size_t)k);
+    float *sc = malloc((size_t)(k / 16) * sizeof(float) * 2), *mn = sc + k / 16;
+    if (w->owned == NULL || u == NULL || sc == NULL) {
+        free(w->owned);
+        w->owned = NULL;
+        free(u);
+        free(sc);
+        return TDM_ERR_NOMEM;
+    }
+    memset(w->owned, 0, total);
+    const size_t row_bytes = tdm_dtype_row_bytes(w->wtype, (uint64_t)k);
+    for (int64_t r = 0; r < w->rows; r++) {
+        uint8_t *grp = (uint8_t *)w->owned + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
+        const int64_t i = r % TDM_CPU_RG;
+        tdm_qform_decode(w->wtype, (const uint8_t *)data + (size_t)r * row_bytes, (uint64_t)k, u,
+                         sc, mn);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *qs = grp + (size_t)b * qbytes + (size_t)i * 4;
+            const uint8_t *ub = u + b * TDM_QK;
+            for (int e = 0; e < TDM_QK; e++) {
+                if (pk & TDM_CPU_PK_NIB)
+                    qs[(e % 16) / 4 * 64 + e % 4] |= (uint8_t)(ub[e] << (e / 16 * 4));
+                else
+                    qs[e / 4 * 64 + e % 4] = ub[e];
+            }
+            for (int h = 0; h < nsub; h++) {
+                const size_t si = (size_t)((b * nsub + h) * TDM_CPU_RG + i);
+                const float *pair[2] = {sc, mn};
+                for (int m = 0; m < (pk & TDM_CPU_PK_MIN ? 2 : 1); m++) {
+                    float v = pair[m][b * nsub + h];
+                    uint8_t *dst = grp + (m ? w->m_off : w->d_off);
+                    if (ssz == 4) {
+                        memcpy(dst + 4 * si, &v, 4);
+                    } else {
+                        uint16_t hv = tdm_f32_to_f16(v); /* exact: the form says f16 */
+                        memcpy(dst + 2 * si, &hv, 2);
+                    }
+                }
+            }
+        }
+    }
+    free(u);
+    free(sc);
+    w->data = w->owned;
+    return TDM_OK;
+}
+
 static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_t wtype,
                                     int64_t rows, int64_t k, tdm_bweight_t **out)
 {
@@ -116,9 +182,10 @@ static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_
         tdm_log_error("kernels", "weight type %s is not supported", tdm_dtype_name(wtype));
         return TDM_ERR_UNSUPPORTED;
     }
-    if (is_quant(wtype) && k % TDM_QK != 0) {
-        tdm_log_error("kernels", "%s weight row length %lld is not a multiple of %d",
-                      tdm_dtype_name(wtype), (long long)k, TDM_QK);
+    const size_t be_elems = tdm_dtype_block_elems(wtype);
+    if (k % (int64_t)be_elems != 0 || (is_quant(wtype) && k % TDM_QK != 0)) {
+        tdm_log_error("kernels", "%s weight row length %lld is not a multiple of its block (%zu)",
+                      tdm_dtype_name(wtype), (long long)k, be_elems);
         return TDM_ERR_INVALID;
     }
     tdm_bweight_t *w = calloc(1, sizeof(*w));
@@ -127,58 +194,18 @@ static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_
     w->wtype = wtype;
     w->rows = rows;
     w->k = k;
-    if (!is_quant(wtype)) {
+    if (!tdm_cpu_pack_of(wtype, &w->pk, &w->bias)) {
         w->data = data;
         *out = w;
         return TDM_OK;
     }
-    const int q8 = wtype == TDM_DTYPE_Q8_0;
-    const int64_t nb = k / TDM_QK;
-    const size_t qbytes = q8 ? 512 : 256; /* packed qs per block of 16 rows */
-    w->nb = nb;
-    w->n_groups = (rows + TDM_CPU_RG - 1) / TDM_CPU_RG;
-    w->d_off = (size_t)nb * qbytes;
-    w->m_off = w->d_off + (size_t)nb * TDM_CPU_RG * 2;
-    size_t end = wtype == TDM_DTYPE_Q4_1 ? w->m_off + (size_t)nb * TDM_CPU_RG * 2 : w->m_off;
-    w->group_bytes = (end + 63) & ~(size_t)63;
-    w->owned = cpu_alloc((size_t)w->n_groups * w->group_bytes);
-    if (w->owned == NULL) {
+    tdm_status_t st = pack_weight(w, data);
+    if (st != TDM_OK) {
         free(w);
         tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight", (long long)rows,
                       (long long)k, tdm_dtype_name(wtype));
-        return TDM_ERR_NOMEM;
+        return st;
     }
-    memset(w->owned, 0, (size_t)w->n_groups * w->group_bytes);
-    const size_t row_bytes = tdm_dtype_row_bytes(wtype, (uint64_t)k);
-    for (int64_t r = 0; r < rows; r++) {
-        uint8_t *grp = (uint8_t *)w->owned + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
-        const int64_t i = r % TDM_CPU_RG;
-        const uint8_t *src = (const uint8_t *)data + (size_t)r * row_bytes;
-        uint16_t *dsc = (uint16_t *)(grp + w->d_off);
-        uint16_t *msc = (uint16_t *)(grp + w->m_off);
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *qs = grp + (size_t)b * qbytes + (size_t)i * 4;
-            if (q8) {
-                const tdm_block_q8_0_t *blk = (const tdm_block_q8_0_t *)src + b;
-                for (int c = 0; c < 8; c++)
-                    for (int m = 0; m < 4; m++)
-                        qs[c * 64 + m] = (uint8_t)blk->qs[4 * c + m] ^ 0x80;
-                dsc[b * TDM_CPU_RG + i] = blk->d;
-            } else if (wtype == TDM_DTYPE_Q4_0) {
-                const tdm_block_q4_0_t *blk = (const tdm_block_q4_0_t *)src + b;
-                for (int c = 0; c < 4; c++)
-                    memcpy(qs + c * 64, blk->qs + 4 * c, 4);
-                dsc[b * TDM_CPU_RG + i] = blk->d;
-            } else {
-                const tdm_block_q4_1_t *blk = (const tdm_block_q4_1_t *)src + b;
-                for (int c = 0; c < 4; c++)
-                    memcpy(qs + c * 64, blk->qs + 4 * c, 4);
-                dsc[b * TDM_CPU_RG + i] = blk->d;
-                msc[b * TDM_CPU_RG + i] = blk->m;
-            }
-        }
-    }
-    w->data = w->owned;
     *out = w;
     return TDM_OK;
 }
@@ -202,7 +229,8 @@ static size_t cpu_act_size(uint32_t wtype, int64_t n, int64_t k)
 
 typedef struct act_task {
     const tdm_cpu_kernels_t *k;
-    uint32_t wtype;
+    int32_t bias;
+    int has_min;
     const float *x;
     int64_t n, kk;
     uint8_t *act;
@@ -215,7 +243,7 @@ static void act_task_fn(void *arg, int ith, int nth)
     split_range(t->n, ith, nth, &lo, &hi);
     size_t stride = tdm_cpu_act_stride(t->kk);
     for (int64_t r = lo; r < hi; r++)
-        t->k->act_quant(t->wtype, t->x + r * t->kk, t->kk, t->act + (size_t)r * stride);
+        t->k->act_quant(t->bias, t->has_min, t->x + r * t->kk, t->kk, t->act + (size_t)r * stride);
 }
 
 static void cpu_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n, int64_t k,
@@ -227,7 +255,9 @@ static void cpu_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, i
             memcpy(act, x, (size_t)n * (size_t)k * sizeof(float));
         return;
     }
-    act_task_t t = {cb->k, wtype, x, n, k, act};
+    tdm_qform_t f;
+    tdm_qform_of(wtype, &f);
+    act_task_t t = {cb->k, tdm_cpu_act_bias(wtype), f.has_min, x, n, k, act};
     if (n * k < TDM_CPU_SMALL_OP)
         act_task_fn(&t, 0, 1);
     else
@@ -318,32 +348,43 @@ static void embed_row(const tdm_bweight_t *w, int64_t r, float *out)
             out[j] = tdm_f16_to_f32(s[j]);
         return;
     }
+    if (w->wtype == TDM_DTYPE_BF16) {
+        const uint16_t *s = (const uint16_t *)w->data + r * k;
+        for (int64_t j = 0; j < k; j++)
+            out[j] = tdm_cpu_u2f((uint32_t)s[j] << 16);
+        return;
+    }
+    /* The integer form's order (tandem/qform.h): the same bits as the
+     * GGUF dequantization. */
+    const uint32_t pk = w->pk;
+    const int nsub = pk & TDM_CPU_PK_SUB16 ? 2 : 1;
     const uint8_t *grp = (const uint8_t *)w->data + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
     const int64_t i = r % TDM_CPU_RG;
-    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
-    const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
     for (int64_t b = 0; b < w->nb; b++) {
-        float d = tdm_f16_to_f32(dsc[b * TDM_CPU_RG + i]);
-        float *o = out + b * TDM_QK;
-        if (w->wtype == TDM_DTYPE_Q8_0) {
-            const uint8_t *qs = grp + (size_t)b * 512 + (size_t)i * 4;
-            for (int c = 0; c < 8; c++)
-                for (int m = 0; m < 4; m++)
-                    o[4 * c + m] = d * (float)(int8_t)(qs[c * 64 + m] ^ 0x80);
-        } else {
-            const uint8_t *qs = grp + (size_t)b * 256 + (size_t)i * 4;
-            float mn = w->wtype == TDM_DTYPE_Q4_1 ? tdm_f16_to_f32(msc[b * TDM_CPU_RG + i]) : 0;
-            for (int c = 0; c < 4; c++)
-                for (int m = 0; m < 4; m++) {
-                    uint8_t v = qs[c * 64 + m];
-                    if (w->wtype == TDM_DTYPE_Q4_0) {
-                        o[4 * c + m] = d * (float)((v & 15) - 8);
-                        o[16 + 4 * c + m] = d * (float)((v >> 4) - 8);
-                    } else {
-                        o[4 * c + m] = d * (float)(v & 15) + mn;
-                        o[16 + 4 * c + m] = d * (float)(v >> 4) + mn;
-                    }
+        const uint8_t *qs = grp + (size_t)b * (pk & TDM_CPU_PK_NIB ? 256 : 512) + (size_t)i * 4;
+        for (int e = 0; e < TDM_QK; e++) {
+            const size_t si = (size_t)((b * nsub + e / (TDM_QK / nsub)) * TDM_CPU_RG + i);
+            float d, m = 0.0f;
+            if (pk & TDM_CPU_PK_SC32) {
+                memcpy(&d, grp + w->d_off + 4 * si, 4);
+                if (pk & TDM_CPU_PK_MIN)
+                    memcpy(&m, grp + w->m_off + 4 * si, 4);
+            } else {
+                uint16_t h;
+                memcpy(&h, grp + w->d_off + 2 * si, 2);
+                d = tdm_f16_to_f32(h);
+                if (pk & TDM_CPU_PK_MIN) {
+                    memcpy(&h, grp + w->m_off + 2 * si, 2);
+                    m = tdm_f16_to_f32(h);
                 }
+            }
+            int32_t u;
+            if (pk & TDM_CPU_PK_NIB)
+                u = (qs[(e % 16) / 4 * 64 + e % 4] >> (e / 16 * 4)) & 15;
+            else
+                u = qs[e / 4 * 64 + e % 4];
+            float v = d * (float)(u - w->bias);
+            out[b * TDM_QK + e] = pk & TDM_CPU_PK_MIN ? v + m : v;
         }
     }
 }

@@ -6,13 +6,18 @@
  * AVX2 and AVX-512 kernels do the same operations in the same order):
  *
  * - Quantized matmul, per output y[t][r]: acc = 0; for each 32-block b in
- *   increasing order: isum = corr[t][b] + sum_i wq[r][b][i] * aq[t][b][i]
- *   (exact int32: wq unsigned as packed, at most 255, and |aq| <= 32767, so
- *   |isum| < 2^29 whatever the order of the terms), then
- *       acc = fmaf(dw[r][b] * da[t][b], (float)isum, acc)
- *   and for Q4_1 also acc = fmaf(mw[r][b], dsa[t][b], acc).
- *   corr is -8 * sum(aq) for Q4_0 and -128 * sum(aq) for Q8_0 (stored
- *   biased by +128 in the pack); 0 for Q4_1, whose dsa = da * (float)sum(aq).
+ *   increasing order, and within it each sub-block h of the weight's
+ *   scales (one of 32 elements, or two of 16): isum = corr + sum_i
+ *   wq[r][i] * aq[t][i] over the sub-block's elements (exact int32: wq is
+ *   the packed unsigned code, at most 255, |aq| <= 32767, and the
+ *   correction is at most 128 * 32767 * 32, so |isum| < 2^29 whatever the
+ *   order of the terms), then
+ *       acc = fmaf(dw[r][b][h] * da[t][b], (float)isum, acc)
+ *   and for weights with mins also acc = fmaf(mw[r][b][h], dsa, acc).
+ *   corr = -bias * sum(aq) over the sub-block (bias of the type's integer
+ *   form, tandem/qform.h: 8 for Q4_0, 128 for Q8_0, ...), 0 with mins,
+ *   whose dsa = da[t][b] * (float)sum(aq). The activation row carries both
+ *   per 32-block and per 16-half (see below).
  *   The SIMD kernels widen the packed bytes to 16 bits in registers and
  *   use vpdpwssd (AVX-512 VNNI, AVX-VNNI) or vpmaddwd + vpaddd (plain
  *   AVX2): the same exact isum, since integer sums do not round.
@@ -43,6 +48,7 @@
 
 #include "tandem/dtype.h"
 #include "tandem/kernels.h"
+#include "tandem/qform.h"
 
 #define TDM_CPU_RG          16  /* rows per packed group of a quantized weight */
 #define TDM_CPU_LANES       16  /* canonical float lanes */
@@ -51,17 +57,25 @@
 #define TDM_CPU_MAX_HD      256 /* largest head_dim the SIMD attention takes */
 #define TDM_CPU_MAX_HEADS_G 16  /* most query heads of one attention work item */
 
+/* How a quantized weight is packed (tdm_bweight.pk): from its type's
+ * integer form (tandem/qform.h). */
+#define TDM_CPU_PK_NIB   1u /* 4-bit codes (else one byte each) */
+#define TDM_CPU_PK_MIN   2u /* a min per scale */
+#define TDM_CPU_PK_SC32  4u /* scales and mins as f32 (else f16) */
+#define TDM_CPU_PK_SUB16 8u /* a scale per 16 elements (else per 32) */
+
 /* A weight as the CPU backend keeps it.
  *
- * F32/F16: the caller's [rows][k] data, not copied.
- * Q4_0/Q4_1/Q8_0: groups of 16 rows (the last one padded with zero rows),
+ * F32/F16/BF16: the caller's [rows][k] data, not copied.
+ * Quantized types: groups of 16 rows (the last one padded with zero rows),
  * group g at packed + g * group_bytes (64-byte aligned), laid out as
- *   Q4: qs [nb][4 chunks][16 rows][4 bytes]: chunk c of row i holds the
- *       GGUF bytes qs[4c..4c+3] of that row's block, i.e. elements 4c..4c+3
- *       in the low nibbles and 16+4c..16+4c+3 in the high nibbles;
- *       then f16 d[nb][16] at d_off, then (Q4_1) f16 m[nb][16] at m_off.
- *   Q8: qs [nb][8 chunks][16 rows][4 bytes] of (q + 128) as u8, elements
- *       4c..4c+3; then f16 d[nb][16] at d_off.
+ *   NIB: qs [nb][4 chunks][16 rows][4 bytes]: chunk c of row i holds the
+ *       codes of elements 4c..4c+3 in the low nibbles and 16+4c..16+4c+3
+ *       in the high nibbles (for Q4_0/Q4_1 the GGUF bytes qs[4c..4c+3]);
+ *   bytes: qs [nb][8 chunks][16 rows][4 bytes], elements 4c..4c+3;
+ *   then the scales [nb][S][16] at d_off (S = 2 with SUB16, else 1; f16
+ *   or f32 as SC32 says) and, with MIN, the mins in the same shape at
+ *   m_off. The codes are the integer form's u (code + bias).
  * One 64-byte chunk is one zmm (or two ymm): 16 rows x 4 bytes; an in-lane
  * byte shuffle makes it two zmm of 16 rows x 2 u16 (elements 4c, 4c+1 and
  * 4c+2, 4c+3), the shape vpdpwssd wants with a broadcast of 2 activations. */
@@ -70,23 +84,90 @@ struct tdm_bweight {
     int64_t rows, k;
     int64_t nb;          /* 32-blocks per row (quantized) */
     int64_t n_groups;    /* ceil(rows / 16) (quantized) */
+    uint32_t pk;         /* TDM_CPU_PK_* (quantized) */
+    int32_t bias;        /* of the integer form (for embed) */
     size_t group_bytes;  /* stride between packed groups */
-    size_t d_off, m_off; /* offsets of the f16 scales and mins in a group */
-    const void *data;    /* F32/F16 rows, or the packed groups */
+    size_t d_off, m_off; /* offsets of the scales and mins in a group */
+    const void *data;    /* F32/F16/BF16 rows, or the packed groups */
     void *owned;         /* what weight_free frees (the packed groups) */
 };
+
+/* Every pack some type uses, for the SIMD kernels' one function per pack:
+ * X(name, pk). Q4_0; Q4_1; Q8_0, Q5_0, IQ4_NL; Q5_1; IQ4_XS; Q5_K; Q4_K;
+ * Q6_K; Q3_K; Q2_K. */
+#define TDM_CPU_FOR_EACH_PACK(X)                                                                   \
+    X(qmm_pk1, 1)                                                                                  \
+    X(qmm_pk3, 3)                                                                                  \
+    X(qmm_pk0, 0)                                                                                  \
+    X(qmm_pk2, 2)                                                                                  \
+    X(qmm_pk4, 4)                                                                                  \
+    X(qmm_pk6, 6)                                                                                  \
+    X(qmm_pk7, 7)                                                                                  \
+    X(qmm_pk12, 12)                                                                                \
+    X(qmm_pk13, 13)                                                                                \
+    X(qmm_pk15, 15)
+
+/* The pack of a quantized type and its bias; 0 for types not packed. */
+static inline int tdm_cpu_pack_of(uint32_t wtype, uint32_t *pk, int32_t *bias)
+{
+    tdm_qform_t f;
+    if (!tdm_qform_of(wtype, &f))
+        return 0;
+    *pk = (f.nib ? TDM_CPU_PK_NIB : 0) | (f.has_min ? TDM_CPU_PK_MIN : 0) |
+          (f.f16 ? 0 : TDM_CPU_PK_SC32) | (f.sub == 16 ? TDM_CPU_PK_SUB16 : 0);
+    *bias = f.bias;
+    return 1;
+}
 
 #define TDM_CPU_ACT_QMAX   32767.0f /* largest |q| of a quantized activation */
 #define TDM_CPU_ACT_QBYTES 64       /* bytes of q per 32-block: int16 */
 
 /* Quantized activation row, stride tdm_cpu_act_stride(k) bytes (a multiple
  * of 64): int16 q[nb][32] (64-byte aligned blocks), then f32 d[nb], then
- * aux[nb]: int32 corr for Q4_0/Q8_0 weights or f32 dsa for Q4_1 (see
- * above). */
+ * aux[nb], then aux16[nb][2] (the same per half of 16 elements), each
+ * 4 bytes: int32 corr for weights without mins, f32 dsa for weights with
+ * them (see above; written by tdm_cpu_act_aux for the weight type). */
 static inline size_t tdm_cpu_act_stride(int64_t k)
 {
     size_t nb = (size_t)(k / TDM_QK);
-    return (nb * (TDM_CPU_ACT_QBYTES + 8) + 63) & ~(size_t)63;
+    return (nb * (TDM_CPU_ACT_QBYTES + 16) + 63) & ~(size_t)63;
+}
+
+/* The byte offsets of d, aux and aux16 in an activation row. */
+#define TDM_CPU_ACT_D(nb)     ((size_t)(nb)*TDM_CPU_ACT_QBYTES)
+#define TDM_CPU_ACT_AUX(nb)   ((size_t)(nb) * (TDM_CPU_ACT_QBYTES + 4))
+#define TDM_CPU_ACT_AUX16(nb) ((size_t)(nb) * (TDM_CPU_ACT_QBYTES + 8))
+
+/* What act_quant needs of the weight type: its bias and whether it has
+ * mins (-1: not a quantized type). */
+static inline int32_t tdm_cpu_act_bias(uint32_t wtype)
+{
+    tdm_qform_t f;
+    if (!tdm_qform_of(wtype, &f))
+        return -1;
+    return f.has_min ? 0 : f.bias;
+}
+
+/* Block b's d and corrections from its scale db and the sums s0, s1 of its
+ * two halves' q; bias from tdm_cpu_act_bias (0 with mins: then dsa). Every
+ * ISA's act_quant ends with this. */
+static inline void tdm_cpu_act_aux(uint8_t *act, int64_t nb, int64_t b, int32_t bias, int has_min,
+                                   float db, int32_t s0, int32_t s1)
+{
+    float *d = (float *)(act + TDM_CPU_ACT_D(nb));
+    uint8_t *aux = act + TDM_CPU_ACT_AUX(nb) + 4 * b, *aux16 = act + TDM_CPU_ACT_AUX16(nb) + 8 * b;
+    d[b] = db;
+    if (has_min) {
+        float v = db * (float)(s0 + s1), v0 = db * (float)s0, v1 = db * (float)s1;
+        memcpy(aux, &v, 4);
+        memcpy(aux16, &v0, 4);
+        memcpy(aux16 + 4, &v1, 4);
+    } else {
+        int32_t c = -bias * (s0 + s1), c0 = -bias * s0, c1 = -bias * s1;
+        memcpy(aux, &c, 4);
+        memcpy(aux16, &c0, 4);
+        memcpy(aux16 + 4, &c1, 4);
+    }
 }
 
 static inline uint32_t tdm_cpu_f2u(float f)
@@ -194,11 +275,12 @@ typedef struct tdm_cpu_kernels {
      * tdm_cpu_act_stride(w->k) bytes. */
     void (*qmatmul)(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
                     int64_t g0, int64_t g1);
-    /* F32/F16 weights: y[t][r] for r in [r0, r1), x is [n][k] f32. */
+    /* F32/F16/BF16 weights: y[t][r] for r in [r0, r1), x is [n][k] f32. */
     void (*fmatmul)(const tdm_bweight_t *w, const float *x, int64_t n, float *y, int64_t ldy,
                     int64_t r0, int64_t r1);
-    /* One activation row of k floats into the quantized row layout. */
-    void (*act_quant)(uint32_t wtype, const float *x, int64_t k, uint8_t *act);
+    /* One activation row of k floats into the quantized row layout, for
+     * weights of bias and mins as tdm_cpu_act_bias says. */
+    void (*act_quant)(int32_t bias, int has_min, const float *x, int64_t k, uint8_t *act);
     /* Sum of squares of x[0..d) in the canonical 16-lane order. */
     float (*sumsq)(const float *x, int64_t d);
     /* out[i] = (x[i] * scale) * w[i]. */

@@ -78,12 +78,18 @@ AI float hmax8(__m256 v)
 
 #include "qmatmul_avx2.h"
 
-static QMATMUL_FN(qmatmul_avx2, 0)
+#define QMATMUL_VNNI 0
+QMATMUL_FN(static, qmatmul_avx2)
 
-    /* ---- float matmul: R rows x T tokens, each 16 lanes as two ymm ---- */
+/* ---- float matmul: R rows x T tokens, each 16 lanes as two ymm ----
+ * f16: 0 for F32 weights, 1 for F16, 2 for BF16. */
 
-    AI __m256 wload8(const void *base, int64_t idx, const int f16)
+AI __m256 wload8(const void *base, int64_t idx, const int f16)
 {
+    if (f16 == 2) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + idx));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
     if (f16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + idx)));
     return _mm256_loadu_ps((const float *)base + idx);
@@ -123,9 +129,11 @@ AI void ftile(const tdm_bweight_t *w, const float *x, int64_t r, int64_t t, cons
         for (int i = 0; i < R; i++)
             for (int l = 0; l < 16; l++) {
                 int64_t jj = j + l;
-                wp[i][l] = jj >= k ? 0.0f
-                           : f16   ? tdm_f16_to_f32(((const uint16_t *)w->data)[(r + i) * k + jj])
-                                   : ((const float *)w->data)[(r + i) * k + jj];
+                const uint16_t *h = (const uint16_t *)w->data + (r + i) * k + jj;
+                wp[i][l] = jj >= k    ? 0.0f
+                           : f16 == 2 ? tdm_cpu_u2f((uint32_t)*h << 16)
+                           : f16      ? tdm_f16_to_f32(*h)
+                                      : ((const float *)w->data)[(r + i) * k + jj];
             }
         for (int u = 0; u < T; u++)
             for (int l = 0; l < 16; l++)
@@ -149,7 +157,7 @@ AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y
                      int64_t r0, int64_t r1, const int f16)
 {
     /* Prefetch the rows two tiles ahead: at small n the weights stream. */
-    const size_t es = f16 ? 2 : 4, tile_bytes = (size_t)w->k * es * 2;
+    const size_t es = f16 != 0 ? 2 : 4, tile_bytes = (size_t)w->k * es * 2;
     int64_t r = r0;
     for (; r + 2 <= r1; r += 2) {
         if (r + 3 * 2 <= r1) {
@@ -177,17 +185,26 @@ static void fmatmul_avx2(const tdm_bweight_t *w, const float *x, int64_t n, floa
 {
     if (w->wtype == TDM_DTYPE_F16)
         fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
+    else if (w->wtype == TDM_DTYPE_BF16)
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 2);
     else
         fmatmul_type(w, x, n, y, ldy, r0, r1, 0);
 }
 
 /* ---- activation quantization ---- */
 
-static void act_quant_avx2(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
+/* The sum of a vector's 8 int32 lanes. */
+AI int32_t hsum8i(__m256i s)
+{
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s4);
+}
+
+static void act_quant_avx2(int32_t bias, int has_min, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
-    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
-    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 qlo = _mm256_set1_ps(-TDM_CPU_ACT_QMAX), qhi = _mm256_set1_ps(TDM_CPU_ACT_QMAX);
     for (int64_t b = 0; b < nb; b++) {
@@ -215,15 +232,8 @@ static void act_quant_avx2(uint32_t wtype, const float *x, int64_t k, uint8_t *a
         __m256i p1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
         _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES), p0);
         _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES + 32), p1);
-        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-        int32_t sum = _mm_cvtsi128_si32(s4);
-        d[b] = db;
-        int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;
-        float dsa = db * (float)sum;
-        memcpy(aux + 4 * b, wtype == TDM_DTYPE_Q4_1 ? (const void *)&dsa : (const void *)&corr, 4);
+        tdm_cpu_act_aux(act, nb, b, bias, has_min, db, hsum8i(_mm256_add_epi32(q[0], q[1])),
+                        hsum8i(_mm256_add_epi32(q[2], q[3])));
     }
 }
 

@@ -63,10 +63,6 @@ AI int32_t load32(const void *p)
  * exact block sum. With few tokens a token's products rotate over S
  * accumulators (shorter dependency chains; integer adds are exact). */
 
-#define WT_Q4_0 0
-#define WT_Q4_1 1
-#define WT_Q8_0 2
-
 /* In-lane byte shuffles: row r's bytes (b0, b1) and (b2, b3) as u16 pairs. */
 AI __m512i pairs01(void)
 {
@@ -80,30 +76,54 @@ AI __m512i pairs23(void)
         _mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128, 14, -128, 15, -128));
 }
 
-/* Pair vector j of a block (16 rows x 2 u16) times the 2 activations at
- * ap (+ t * astride for token t), into accumulator j % S of each token. */
-AI void dot_pairs(__m512i acc[8][4], int j, const int S, const int T, __m512i wv, const uint8_t *ap,
-                  size_t astride)
+/* Accumulator of pair vector j (in half hf of the block) of each token:
+ * with one scale per block the pairs rotate over all S; with one per half
+ * each half has its own S / 2 (at least 1). */
+AI int acc_slot(int j, int hf, const int S, const int sub16)
 {
+    if (!sub16)
+        return j % S;
+    const int sh = S >= 2 ? S / 2 : 1;
+    return hf * sh + j % sh;
+}
+
+/* Pair vector j of a block (16 rows x 2 u16) times the 2 activations at
+ * ap (+ t * astride for token t), into its accumulator of each token. */
+AI void dot_pairs(__m512i acc[8][4], int j, int hf, const int S, const int sub16, const int T,
+                  __m512i wv, const uint8_t *ap, size_t astride)
+{
+    const int s = acc_slot(j, hf, S, sub16);
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
-        acc[t][j % S] =
-            _mm512_dpwssd_epi32(acc[t][j % S], wv, _mm512_set1_epi32(load32(ap + t * astride)));
+        acc[t][s] = _mm512_dpwssd_epi32(acc[t][s], wv, _mm512_set1_epi32(load32(ap + t * astride)));
+}
+
+/* 16 scales (or mins) of one block half at p: f32 or f16. */
+AI __m512 wscales(const uint8_t *p, const int sc32)
+{
+    if (sc32)
+        return _mm512_load_ps((const void *)p);
+    return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p));
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, size_t astride,
-              const int T, const int wt, float *y, int64_t ldy, __mmask16 smask, const uint8_t *pf)
+              const int T, const uint32_t pk, float *y, int64_t ldy, __mmask16 smask,
+              const uint8_t *pf)
 {
     /* pf: where to prefetch (a later group) while this one is computed;
      * spread over the blocks, one block's share of lines per block. */
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
+    const int nib = (pk & TDM_CPU_PK_NIB) != 0, has_min = (pk & TDM_CPU_PK_MIN) != 0;
+    const int sc32 = (pk & TDM_CPU_PK_SC32) != 0, sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
+    const int nsub = sub16 ? 2 : 1;
     const int S = T == 1 ? 4 : T <= 4 ? 2 : 1;
+    const int sh = sub16 ? (S >= 2 ? S / 2 : 1) : S; /* accumulators per half */
     const __m512i m4 = _mm512_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
-    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
-    const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
-    const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
-    const size_t doff = (size_t)nb * TDM_CPU_ACT_QBYTES, xoff = doff + (size_t)nb * 4;
+    const size_t ssz = sc32 ? 4 : 2;
+    const size_t qbytes = nib ? 256 : 512;
+    const size_t doff = TDM_CPU_ACT_D(nb);
+    const size_t xoff = sub16 ? TDM_CPU_ACT_AUX16(nb) : TDM_CPU_ACT_AUX(nb);
     __m512 facc[8];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
@@ -118,19 +138,23 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
         __m512i acc[8][4];
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
-            acc[t][0] = wt == WT_Q4_1 ? _mm512_setzero_si512()
-                                      : _mm512_set1_epi32(load32(act + t * astride + xoff + 4 * b));
 #pragma GCC unroll 4
-            for (int s = 1; s < S; s++)
+            for (int s = 0; s < 4; s++)
                 acc[t][s] = _mm512_setzero_si512();
+            if (!has_min)
+#pragma GCC unroll 2
+                for (int h = 0; h < nsub; h++)
+                    acc[t][h * sh] = _mm512_set1_epi32(
+                        load32(act + t * astride + xoff + 4 * ((size_t)b * nsub + h)));
         }
-        if (wt == WT_Q8_0) {
+        if (!nib) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++) {
                 __m512i raw = _mm512_load_si512((const void *)(qs + 64 * c));
-                dot_pairs(acc, 2 * c, S, T, _mm512_shuffle_epi8(raw, p01), ab + 8 * c, astride);
-                dot_pairs(acc, 2 * c + 1, S, T, _mm512_shuffle_epi8(raw, p23), ab + 8 * c + 4,
+                dot_pairs(acc, 2 * c, c / 4, S, sub16, T, _mm512_shuffle_epi8(raw, p01), ab + 8 * c,
                           astride);
+                dot_pairs(acc, 2 * c + 1, c / 4, S, sub16, T, _mm512_shuffle_epi8(raw, p23),
+                          ab + 8 * c + 4, astride);
             }
         } else {
 #pragma GCC unroll 4
@@ -139,34 +163,47 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
                 __m512i lo = _mm512_and_si512(raw, m4);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
                 /* elements 4c.., then 16 + 4c.. (bytes 2 * element) */
-                dot_pairs(acc, 4 * c, S, T, _mm512_shuffle_epi8(lo, p01), ab + 8 * c, astride);
-                dot_pairs(acc, 4 * c + 1, S, T, _mm512_shuffle_epi8(lo, p23), ab + 8 * c + 4,
+                dot_pairs(acc, 4 * c, 0, S, sub16, T, _mm512_shuffle_epi8(lo, p01), ab + 8 * c,
                           astride);
-                dot_pairs(acc, 4 * c + 2, S, T, _mm512_shuffle_epi8(hi, p01), ab + 32 + 8 * c,
-                          astride);
-                dot_pairs(acc, 4 * c + 3, S, T, _mm512_shuffle_epi8(hi, p23), ab + 36 + 8 * c,
-                          astride);
+                dot_pairs(acc, 4 * c + 1, 0, S, sub16, T, _mm512_shuffle_epi8(lo, p23),
+                          ab + 8 * c + 4, astride);
+                dot_pairs(acc, 4 * c + 2, 1, S, sub16, T, _mm512_shuffle_epi8(hi, p01),
+                          ab + 32 + 8 * c, astride);
+                dot_pairs(acc, 4 * c + 3, 1, S, sub16, T, _mm512_shuffle_epi8(hi, p23),
+                          ab + 36 + 8 * c, astride);
             }
         }
-        __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(dsc + b * TDM_CPU_RG)));
-        __m512 mw = _mm512_setzero_ps();
-        if (wt == WT_Q4_1)
-            mw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(msc + b * TDM_CPU_RG)));
+#pragma GCC unroll 2
+        for (int h = 0; h < nsub; h++) {
+            const size_t si = ((size_t)b * nsub + h) * TDM_CPU_RG * ssz;
+            __m512 dw = wscales(grp + w->d_off + si, sc32);
+            __m512 mw = _mm512_setzero_ps();
+            if (has_min)
+                mw = wscales(grp + w->m_off + si, sc32);
 #pragma GCC unroll 8
-        for (int t = 0; t < T; t++) {
-            const uint8_t *arow = act + t * astride;
-            __m512i isum = acc[t][0];
+            for (int t = 0; t < T; t++) {
+                const uint8_t *arow = act + t * astride;
+                __m512i isum;
+                if (sub16) {
+                    isum = acc[t][h * sh];
+#pragma GCC unroll 2
+                    for (int s = 1; s < sh; s++)
+                        isum = _mm512_add_epi32(isum, acc[t][h * sh + s]);
+                } else {
+                    isum = acc[t][0];
 #pragma GCC unroll 4
-            for (int s = 1; s < S; s++)
-                isum = _mm512_add_epi32(isum, acc[t][s]);
-            float da;
-            memcpy(&da, arow + doff + 4 * b, 4);
-            __m512 cc = _mm512_mul_ps(dw, _mm512_set1_ps(da));
-            facc[t] = _mm512_fmadd_ps(cc, _mm512_cvtepi32_ps(isum), facc[t]);
-            if (wt == WT_Q4_1) {
-                float dsa;
-                memcpy(&dsa, arow + xoff + 4 * b, 4);
-                facc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa), facc[t]);
+                    for (int s = 1; s < S; s++)
+                        isum = _mm512_add_epi32(isum, acc[t][s]);
+                }
+                float da;
+                memcpy(&da, arow + doff + 4 * b, 4);
+                __m512 cc = _mm512_mul_ps(dw, _mm512_set1_ps(da));
+                facc[t] = _mm512_fmadd_ps(cc, _mm512_cvtepi32_ps(isum), facc[t]);
+                if (has_min) {
+                    float dsa;
+                    memcpy(&dsa, arow + xoff + 4 * ((size_t)b * nsub + h), 4);
+                    facc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsa), facc[t]);
+                }
             }
         }
     }
@@ -175,8 +212,8 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
         _mm512_mask_storeu_ps(y + t * ldy, smask, facc[t]);
 }
 
-AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
-                     int64_t g0, int64_t g1, const int wt)
+AI void qmatmul_pack(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
+                     int64_t g0, int64_t g1, const uint32_t pk)
 {
     const size_t astride = tdm_cpu_act_stride(w->k);
     /* Weights stream from memory (decode, big matrices): prefetch about 8 KB
@@ -198,57 +235,54 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
         const uint8_t *pf = g + pf_groups < g1 ? grp + pf_groups * w->group_bytes : NULL;
         int64_t t = 0;
         for (; t + 8 <= n; t += 8) {
-            qtile(w, grp, act + t * astride, astride, 8, wt, yg + t * ldy, ldy, smask, pf);
+            qtile(w, grp, act + t * astride, astride, 8, pk, yg + t * ldy, ldy, smask, pf);
             pf = NULL;
         }
         const uint8_t *at = act + t * astride;
         float *yt = yg + t * ldy;
         switch (n - t) {
-        case 7: qtile(w, grp, at, astride, 7, wt, yt, ldy, smask, pf); break;
-        case 6: qtile(w, grp, at, astride, 6, wt, yt, ldy, smask, pf); break;
-        case 5: qtile(w, grp, at, astride, 5, wt, yt, ldy, smask, pf); break;
-        case 4: qtile(w, grp, at, astride, 4, wt, yt, ldy, smask, pf); break;
-        case 3: qtile(w, grp, at, astride, 3, wt, yt, ldy, smask, pf); break;
-        case 2: qtile(w, grp, at, astride, 2, wt, yt, ldy, smask, pf); break;
-        case 1: qtile(w, grp, at, astride, 1, wt, yt, ldy, smask, pf); break;
+        case 7: qtile(w, grp, at, astride, 7, pk, yt, ldy, smask, pf); break;
+        case 6: qtile(w, grp, at, astride, 6, pk, yt, ldy, smask, pf); break;
+        case 5: qtile(w, grp, at, astride, 5, pk, yt, ldy, smask, pf); break;
+        case 4: qtile(w, grp, at, astride, 4, pk, yt, ldy, smask, pf); break;
+        case 3: qtile(w, grp, at, astride, 3, pk, yt, ldy, smask, pf); break;
+        case 2: qtile(w, grp, at, astride, 2, pk, yt, ldy, smask, pf); break;
+        case 1: qtile(w, grp, at, astride, 1, pk, yt, ldy, smask, pf); break;
         default: break;
         }
     }
 }
 
-static void qmatmul_q4_0(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
-                         int64_t ldy, int64_t g0, int64_t g1)
-{
-    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_0);
-}
-
-static void qmatmul_q4_1(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
-                         int64_t ldy, int64_t g0, int64_t g1)
-{
-    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_1);
-}
-
-static void qmatmul_q8_0(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
-                         int64_t ldy, int64_t g0, int64_t g1)
-{
-    qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q8_0);
-}
+/* One function per pack (each with its own constants folded in). */
+#define PACK_FN(name, pk)                                                                          \
+    static void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy, \
+                     int64_t g0, int64_t g1)                                                       \
+    {                                                                                              \
+        qmatmul_pack(w, act, n, y, ldy, g0, g1, pk);                                               \
+    }
+TDM_CPU_FOR_EACH_PACK(PACK_FN)
 
 static void qmatmul_avx512(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
                            int64_t ldy, int64_t g0, int64_t g1)
 {
-    switch (w->wtype) {
-    case TDM_DTYPE_Q4_0: qmatmul_q4_0(w, act, n, y, ldy, g0, g1); break;
-    case TDM_DTYPE_Q4_1: qmatmul_q4_1(w, act, n, y, ldy, g0, g1); break;
-    case TDM_DTYPE_Q8_0: qmatmul_q8_0(w, act, n, y, ldy, g0, g1); break;
+#define PACK_CASE(name, pk)                                                                        \
+    case pk: name(w, act, n, y, ldy, g0, g1); break;
+    switch (w->pk) {
+        TDM_CPU_FOR_EACH_PACK(PACK_CASE)
     default: break;
     }
+#undef PACK_CASE
 }
 
 /* ---- float matmul: R rows x T tokens of 16-lane accumulators ---- */
 
+/* f16: 0 for F32 weights, 1 for F16, 2 for BF16. */
 AI __m512 wload(const void *base, int64_t idx, const int f16, __mmask16 m)
 {
+    if (f16 == 2) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + idx);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
     if (f16)
         return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + idx));
     return _mm512_maskz_loadu_ps(m, (const float *)base + idx);
@@ -289,7 +323,7 @@ AI void fmatmul_type(const tdm_bweight_t *w, const float *x, int64_t n, float *y
                      int64_t r0, int64_t r1, const int f16)
 {
     /* Prefetch the rows two tiles ahead: at small n the weights stream. */
-    const size_t es = f16 ? 2 : 4, tile_bytes = (size_t)w->k * es * 4;
+    const size_t es = f16 != 0 ? 2 : 4, tile_bytes = (size_t)w->k * es * 4;
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         if (r + 3 * 4 <= r1) {
@@ -317,17 +351,17 @@ static void fmatmul_avx512(const tdm_bweight_t *w, const float *x, int64_t n, fl
 {
     if (w->wtype == TDM_DTYPE_F16)
         fmatmul_type(w, x, n, y, ldy, r0, r1, 1);
+    else if (w->wtype == TDM_DTYPE_BF16)
+        fmatmul_type(w, x, n, y, ldy, r0, r1, 2);
     else
         fmatmul_type(w, x, n, y, ldy, r0, r1, 0);
 }
 
 /* ---- activation quantization ---- */
 
-static void act_quant_avx512(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
+static void act_quant_avx512(int32_t bias, int has_min, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
-    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
-    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
     const __m512 qlo = _mm512_set1_ps(-TDM_CPU_ACT_QMAX), qhi = _mm512_set1_ps(TDM_CPU_ACT_QMAX);
     for (int64_t b = 0; b < nb; b++) {
         __m512 x0 = _mm512_loadu_ps(x + b * TDM_QK), x1 = _mm512_loadu_ps(x + b * TDM_QK + 16);
@@ -348,11 +382,8 @@ static void act_quant_avx512(uint32_t wtype, const float *x, int64_t k, uint8_t 
         _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES), _mm512_cvtepi32_epi16(q0));
         _mm256_store_si256((__m256i *)(act + b * TDM_CPU_ACT_QBYTES + 32),
                            _mm512_cvtepi32_epi16(q1));
-        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        d[b] = db;
-        int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;
-        float dsa = db * (float)sum;
-        memcpy(aux + 4 * b, wtype == TDM_DTYPE_Q4_1 ? (const void *)&dsa : (const void *)&corr, 4);
+        tdm_cpu_act_aux(act, nb, b, bias, has_min, db, _mm512_reduce_add_epi32(q0),
+                        _mm512_reduce_add_epi32(q1));
     }
 }
 

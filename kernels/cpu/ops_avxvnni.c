@@ -3,4 +3,5 @@
  * up the instruction; chosen only when CPUID reports AVX-VNNI. */
 #include "qmatmul_avx2.h"
 
-QMATMUL_FN(tdm_cpu_qmatmul_avx2_vnni, 1)
+#define QMATMUL_VNNI 1
+QMATMUL_FN(, tdm_cpu_qmatmul_avx2_vnni)

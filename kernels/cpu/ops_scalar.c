@@ -9,50 +9,67 @@
 
 /* ---- quantized matmul ---- */
 
+/* Scale (or min) h of block b of row i in a group's table at off. */
+static float wscale(const uint8_t *grp, size_t off, uint32_t pk, int64_t idx)
+{
+    if (pk & TDM_CPU_PK_SC32) {
+        float v;
+        memcpy(&v, grp + off + 4 * (size_t)idx, 4);
+        return v;
+    }
+    uint16_t h;
+    memcpy(&h, grp + off + 2 * (size_t)idx, 2);
+    return tdm_f16_to_f32(h);
+}
+
+/* Packed code of element e of row i in a block's qs. */
+static int32_t wcode(const uint8_t *qs, uint32_t pk, int64_t i, int e)
+{
+    if (pk & TDM_CPU_PK_NIB) {
+        uint8_t v = qs[(e % 16) / 4 * 64 + i * 4 + e % 4];
+        return e < 16 ? v & 15 : v >> 4;
+    }
+    return qs[e / 4 * 64 + i * 4 + e % 4];
+}
+
 static void qmatmul_scalar(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,
                            int64_t ldy, int64_t g0, int64_t g1)
 {
     const int64_t nb = w->nb;
     const size_t astride = tdm_cpu_act_stride(w->k);
-    const int q8 = w->wtype == TDM_DTYPE_Q8_0, q41 = w->wtype == TDM_DTYPE_Q4_1;
-    const size_t bbytes = q8 ? 512 : 256; /* packed qs bytes per block */
+    const uint32_t pk = w->pk;
+    const int nsub = pk & TDM_CPU_PK_SUB16 ? 2 : 1, sub = TDM_QK / nsub;
+    const size_t bbytes = pk & TDM_CPU_PK_NIB ? 256 : 512; /* packed qs bytes per block */
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *grp = (const uint8_t *)w->data + (size_t)g * w->group_bytes;
-        const uint16_t *dsc = (const uint16_t *)(grp + w->d_off);
-        const uint16_t *msc = (const uint16_t *)(grp + w->m_off);
         int64_t nr = w->rows - g * TDM_CPU_RG;
         if (nr > TDM_CPU_RG)
             nr = TDM_CPU_RG;
         for (int64_t t = 0; t < n; t++) {
             const uint8_t *arow = act + (size_t)t * astride;
             const int16_t *aq = (const int16_t *)arow;
-            const float *ad = (const float *)(arow + nb * TDM_CPU_ACT_QBYTES);
-            const int32_t *acorr = (const int32_t *)(arow + nb * (TDM_CPU_ACT_QBYTES + 4));
-            const float *adsa = (const float *)(arow + nb * (TDM_CPU_ACT_QBYTES + 4));
+            const float *ad = (const float *)(arow + TDM_CPU_ACT_D(nb));
+            /* per 32-block, or per half with SUB16 */
+            const uint8_t *aux = arow + (nsub == 1 ? TDM_CPU_ACT_AUX(nb) : TDM_CPU_ACT_AUX16(nb));
             for (int64_t i = 0; i < nr; i++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
-                    const uint8_t *qs = grp + (size_t)b * bbytes + (size_t)i * 4;
+                    const uint8_t *qs = grp + (size_t)b * bbytes;
                     const int16_t *a = aq + b * TDM_QK;
-                    /* |isum| < 2^29 in any order: 255 * 32767 * 32 plus a
-                     * correction of at most 128 * 32767 * 32. */
-                    int32_t isum = q41 ? 0 : acorr[b];
-                    if (q8) {
-                        for (int c = 0; c < 8; c++)
-                            for (int m = 0; m < 4; m++)
-                                isum += (int32_t)qs[c * 64 + m] * a[4 * c + m];
-                    } else {
-                        for (int c = 0; c < 4; c++)
-                            for (int m = 0; m < 4; m++) {
-                                uint8_t v = qs[c * 64 + m];
-                                isum += (int32_t)(v & 15) * a[4 * c + m];
-                                isum += (int32_t)(v >> 4) * a[16 + 4 * c + m];
-                            }
+                    for (int h = 0; h < nsub; h++) {
+                        const int64_t si = (b * nsub + h) * TDM_CPU_RG + i;
+                        int32_t corr;
+                        float dsa;
+                        memcpy(&corr, aux + 4 * (b * nsub + h), 4);
+                        memcpy(&dsa, aux + 4 * (b * nsub + h), 4);
+                        int32_t isum = pk & TDM_CPU_PK_MIN ? 0 : corr;
+                        for (int e = h * sub; e < (h + 1) * sub; e++)
+                            isum += wcode(qs, pk, i, e) * a[e];
+                        float cc = wscale(grp, w->d_off, pk, si) * ad[b];
+                        acc = fmaf(cc, (float)isum, acc);
+                        if (pk & TDM_CPU_PK_MIN)
+                            acc = fmaf(wscale(grp, w->m_off, pk, si), dsa, acc);
                     }
-                    float cc = tdm_f16_to_f32(dsc[b * TDM_CPU_RG + i]) * ad[b];
-                    acc = fmaf(cc, (float)isum, acc);
-                    if (q41)
-                        acc = fmaf(tdm_f16_to_f32(msc[b * TDM_CPU_RG + i]), adsa[b], acc);
                 }
                 y[t * ldy + g * TDM_CPU_RG + i] = acc;
             }
@@ -66,6 +83,8 @@ static float wval(const tdm_bweight_t *w, int64_t r, int64_t j)
 {
     if (w->wtype == TDM_DTYPE_F16)
         return tdm_f16_to_f32(((const uint16_t *)w->data)[r * w->k + j]);
+    if (w->wtype == TDM_DTYPE_BF16)
+        return tdm_cpu_u2f((uint32_t)((const uint16_t *)w->data)[r * w->k + j] << 16);
     return ((const float *)w->data)[r * w->k + j];
 }
 
@@ -89,19 +108,17 @@ static void fmatmul_scalar(const tdm_bweight_t *w, const float *x, int64_t n, fl
 
 /* ---- activation quantization ---- */
 
-static void act_quant_scalar(uint32_t wtype, const float *x, int64_t k, uint8_t *act)
+static void act_quant_scalar(int32_t bias, int has_min, const float *x, int64_t k, uint8_t *act)
 {
     const int64_t nb = k / TDM_QK;
     int16_t *q = (int16_t *)act;
-    float *d = (float *)(act + nb * TDM_CPU_ACT_QBYTES);
-    uint8_t *aux = act + nb * (TDM_CPU_ACT_QBYTES + 4);
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * TDM_QK;
         float amax = 0.0f;
         for (int j = 0; j < TDM_QK; j++)
             amax = tdm_cpu_maxps(fabsf(xb[j]), amax);
         float db = amax / TDM_CPU_ACT_QMAX;
-        int32_t sum = 0;
+        int32_t sum[2] = {0, 0};
         for (int j = 0; j < TDM_QK; j++) {
             int32_t v = 0;
             if (db != 0.0f) {
@@ -109,15 +126,11 @@ static void act_quant_scalar(uint32_t wtype, const float *x, int64_t k, uint8_t 
                 v = (int32_t)tdm_cpu_rint(tdm_cpu_minps(r, TDM_CPU_ACT_QMAX));
             }
             q[b * TDM_QK + j] = (int16_t)v;
-            sum += v;
+            sum[j / 16] += v;
         }
-        d[b] = db;
-        int32_t corr = wtype == TDM_DTYPE_Q8_0 ? -128 * sum : -8 * sum;
-        float dsa = db * (float)sum;
-        memcpy(aux + 4 * b, wtype == TDM_DTYPE_Q4_1 ? (const void *)&dsa : (const void *)&corr, 4);
+        tdm_cpu_act_aux(act, nb, b, bias, has_min, db, sum[0], sum[1]);
     }
 }
-
 /* ---- row ops ---- */
 
 static float sumsq_scalar(const float *x, int64_t d)

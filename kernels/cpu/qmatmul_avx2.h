@@ -37,10 +37,6 @@ AI float loadf(const void *p)
  * weights are at most 255 and |q| <= 32767). With few tokens a token's
  * products rotate over S accumulators (shorter dependency chains). */
 
-#define WT_Q4_0 0
-#define WT_Q4_1 1
-#define WT_Q8_0 2
-
 /* In-lane byte shuffles: row r's bytes (b0, b1) and (b2, b3) as u16 pairs. */
 AI __m256i pairs01(void)
 {
@@ -65,30 +61,53 @@ AI __m256i dp_s16(__m256i acc, __m256i w, __m256i a, const int vnni)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(w, a));
 }
 
-/* Pair vector j of a block (8 rows x 2 u16) times the 2 activations at ap
- * (+ t * astride for token t), into accumulator j % S of each token. */
-AI void dot_pairs(__m256i acc[4][4], int j, const int S, const int T, const int vnni, __m256i wv,
-                  const uint8_t *ap, size_t astride)
+/* Accumulator of pair vector j (in half hf of the block) of each token:
+ * with one scale per block the pairs rotate over all S; with one per half
+ * each half has its own S / 2 (at least 1). */
+AI int acc_slot(int j, int hf, const int S, const int sub16)
 {
+    if (!sub16)
+        return j % S;
+    const int sh = S >= 2 ? S / 2 : 1;
+    return hf * sh + j % sh;
+}
+
+/* Pair vector j of a block (8 rows x 2 u16) times the 2 activations at ap
+ * (+ t * astride for token t), into its accumulator of each token. */
+AI void dot_pairs(__m256i acc[4][4], int j, int hf, const int S, const int sub16, const int T,
+                  const int vnni, __m256i wv, const uint8_t *ap, size_t astride)
+{
+    const int s = acc_slot(j, hf, S, sub16);
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++)
-        acc[t][j % S] =
-            dp_s16(acc[t][j % S], wv, _mm256_set1_epi32(load32(ap + t * astride)), vnni);
+        acc[t][s] = dp_s16(acc[t][s], wv, _mm256_set1_epi32(load32(ap + t * astride)), vnni);
+}
+
+/* 8 scales (or mins) at p: f32 or f16. */
+AI __m256 wscales(const uint8_t *p, const int sc32)
+{
+    if (sc32)
+        return _mm256_load_ps((const float *)p);
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p));
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act, size_t astride,
-              const int T, const int wt, const int vnni, float *y, int64_t ldy, int64_t nvalid,
+              const int T, const uint32_t pk, const int vnni, float *y, int64_t ldy, int64_t nvalid,
               const uint8_t *pf)
 {
     /* pf: a later group to prefetch, one block's share of lines per block. */
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
+    const int nib = (pk & TDM_CPU_PK_NIB) != 0, has_min = (pk & TDM_CPU_PK_MIN) != 0;
+    const int sc32 = (pk & TDM_CPU_PK_SC32) != 0, sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
+    const int nsub = sub16 ? 2 : 1;
     const int S = T == 1 ? 4 : T == 2 ? 2 : 1;
+    const int sh = sub16 ? (S >= 2 ? S / 2 : 1) : S; /* accumulators per half */
     const __m256i m4 = _mm256_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
-    const uint16_t *dsc = (const uint16_t *)(grp + w->d_off) + 8 * h;
-    const uint16_t *msc = (const uint16_t *)(grp + w->m_off) + 8 * h;
-    const size_t qbytes = wt == WT_Q8_0 ? 512 : 256;
-    const size_t doff = (size_t)nb * TDM_CPU_ACT_QBYTES, xoff = doff + (size_t)nb * 4;
+    const size_t ssz = sc32 ? 4 : 2;
+    const size_t qbytes = nib ? 256 : 512;
+    const size_t doff = TDM_CPU_ACT_D(nb);
+    const size_t xoff = sub16 ? TDM_CPU_ACT_AUX16(nb) : TDM_CPU_ACT_AUX(nb);
     __m256 facc[4];
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++)
@@ -103,20 +122,23 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
         __m256i acc[4][4];
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
-            acc[t][0] = wt == WT_Q4_1 ? _mm256_setzero_si256()
-                                      : _mm256_set1_epi32(load32(act + t * astride + xoff + 4 * b));
 #pragma GCC unroll 4
-            for (int s = 1; s < S; s++)
+            for (int s = 0; s < 4; s++)
                 acc[t][s] = _mm256_setzero_si256();
+            if (!has_min)
+#pragma GCC unroll 2
+                for (int hf = 0; hf < nsub; hf++)
+                    acc[t][hf * sh] = _mm256_set1_epi32(
+                        load32(act + t * astride + xoff + 4 * ((size_t)b * nsub + hf)));
         }
-        if (wt == WT_Q8_0) {
+        if (!nib) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; c++) {
                 __m256i raw = _mm256_load_si256((const __m256i *)(qs + 64 * c));
-                dot_pairs(acc, 2 * c, S, T, vnni, _mm256_shuffle_epi8(raw, p01), ab + 8 * c,
-                          astride);
-                dot_pairs(acc, 2 * c + 1, S, T, vnni, _mm256_shuffle_epi8(raw, p23), ab + 8 * c + 4,
-                          astride);
+                dot_pairs(acc, 2 * c, c / 4, S, sub16, T, vnni, _mm256_shuffle_epi8(raw, p01),
+                          ab + 8 * c, astride);
+                dot_pairs(acc, 2 * c + 1, c / 4, S, sub16, T, vnni, _mm256_shuffle_epi8(raw, p23),
+                          ab + 8 * c + 4, astride);
             }
         } else {
 #pragma GCC unroll 4
@@ -125,31 +147,45 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
                 __m256i lo = _mm256_and_si256(raw, m4);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 /* elements 4c.., then 16 + 4c.. (bytes 2 * element) */
-                dot_pairs(acc, 4 * c, S, T, vnni, _mm256_shuffle_epi8(lo, p01), ab + 8 * c,
-                          astride);
-                dot_pairs(acc, 4 * c + 1, S, T, vnni, _mm256_shuffle_epi8(lo, p23), ab + 8 * c + 4,
-                          astride);
-                dot_pairs(acc, 4 * c + 2, S, T, vnni, _mm256_shuffle_epi8(hi, p01), ab + 32 + 8 * c,
-                          astride);
-                dot_pairs(acc, 4 * c + 3, S, T, vnni, _mm256_shuffle_epi8(hi, p23), ab + 36 + 8 * c,
-                          astride);
+                dot_pairs(acc, 4 * c, 0, S, sub16, T, vnni, _mm256_shuffle_epi8(lo, p01),
+                          ab + 8 * c, astride);
+                dot_pairs(acc, 4 * c + 1, 0, S, sub16, T, vnni, _mm256_shuffle_epi8(lo, p23),
+                          ab + 8 * c + 4, astride);
+                dot_pairs(acc, 4 * c + 2, 1, S, sub16, T, vnni, _mm256_shuffle_epi8(hi, p01),
+                          ab + 32 + 8 * c, astride);
+                dot_pairs(acc, 4 * c + 3, 1, S, sub16, T, vnni, _mm256_shuffle_epi8(hi, p23),
+                          ab + 36 + 8 * c, astride);
             }
         }
-        __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(dsc + b * TDM_CPU_RG)));
-        __m256 mw = _mm256_setzero_ps();
-        if (wt == WT_Q4_1)
-            mw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(msc + b * TDM_CPU_RG)));
+#pragma GCC unroll 2
+        for (int hf = 0; hf < nsub; hf++) {
+            const size_t si = (((size_t)b * nsub + hf) * TDM_CPU_RG + 8 * (size_t)h) * ssz;
+            __m256 dw = wscales(grp + w->d_off + si, sc32);
+            __m256 mw = _mm256_setzero_ps();
+            if (has_min)
+                mw = wscales(grp + w->m_off + si, sc32);
 #pragma GCC unroll 4
-        for (int t = 0; t < T; t++) {
-            const uint8_t *arow = act + t * astride;
-            __m256i isum = acc[t][0];
+            for (int t = 0; t < T; t++) {
+                const uint8_t *arow = act + t * astride;
+                __m256i isum;
+                if (sub16) {
+                    isum = acc[t][hf * sh];
+#pragma GCC unroll 2
+                    for (int s = 1; s < sh; s++)
+                        isum = _mm256_add_epi32(isum, acc[t][hf * sh + s]);
+                } else {
+                    isum = acc[t][0];
 #pragma GCC unroll 4
-            for (int s = 1; s < S; s++)
-                isum = _mm256_add_epi32(isum, acc[t][s]);
-            __m256 cc = _mm256_mul_ps(dw, _mm256_set1_ps(loadf(arow + doff + 4 * b)));
-            facc[t] = _mm256_fmadd_ps(cc, _mm256_cvtepi32_ps(isum), facc[t]);
-            if (wt == WT_Q4_1)
-                facc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(loadf(arow + xoff + 4 * b)), facc[t]);
+                    for (int s = 1; s < S; s++)
+                        isum = _mm256_add_epi32(isum, acc[t][s]);
+                }
+                __m256 cc = _mm256_mul_ps(dw, _mm256_set1_ps(loadf(arow + doff + 4 * b)));
+                facc[t] = _mm256_fmadd_ps(cc, _mm256_cvtepi32_ps(isum), facc[t]);
+                if (has_min)
+                    facc[t] = _mm256_fmadd_ps(
+                        mw, _mm256_set1_ps(loadf(arow + xoff + 4 * ((size_t)b * nsub + hf))),
+                        facc[t]);
+            }
         }
     }
 #pragma GCC unroll 4
@@ -164,8 +200,8 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
     }
 }
 
-AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
-                     int64_t g0, int64_t g1, const int wt, const int vnni)
+AI void qmatmul_pack(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,
+                     int64_t g0, int64_t g1, const uint32_t pk, const int vnni)
 {
     const size_t astride = tdm_cpu_act_stride(w->k);
     /* Weights stream from memory (decode, big matrices): prefetch about 8 KB
@@ -188,30 +224,41 @@ AI void qmatmul_type(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
                 h == 0 && g + pf_groups < g1 ? grp + pf_groups * w->group_bytes : NULL;
             int64_t t = 0;
             for (; t + 4 <= n; t += 4) {
-                qtile(w, grp, h, act + t * astride, astride, 4, wt, vnni, yg + t * ldy, ldy, nvalid,
+                qtile(w, grp, h, act + t * astride, astride, 4, pk, vnni, yg + t * ldy, ldy, nvalid,
                       pf);
                 pf = NULL;
             }
             const uint8_t *at = act + t * astride;
             float *yt = yg + t * ldy;
             switch (n - t) {
-            case 3: qtile(w, grp, h, at, astride, 3, wt, vnni, yt, ldy, nvalid, pf); break;
-            case 2: qtile(w, grp, h, at, astride, 2, wt, vnni, yt, ldy, nvalid, pf); break;
-            case 1: qtile(w, grp, h, at, astride, 1, wt, vnni, yt, ldy, nvalid, pf); break;
+            case 3: qtile(w, grp, h, at, astride, 3, pk, vnni, yt, ldy, nvalid, pf); break;
+            case 2: qtile(w, grp, h, at, astride, 2, pk, vnni, yt, ldy, nvalid, pf); break;
+            case 1: qtile(w, grp, h, at, astride, 1, pk, vnni, yt, ldy, nvalid, pf); break;
             default: break;
             }
         }
     }
 }
 
-#define QMATMUL_FN(name, vnni)                                                                     \
-    void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y, int64_t ldy,        \
-              int64_t g0, int64_t g1)                                                              \
+/* QMATMUL_FN(storage, name): one function per pack, then the table's
+ * qmatmul `name` that picks it; QMATMUL_VNNI says whether to use AVX-VNNI. */
+#define QMATMUL_PACK_FN(fname, pk)                                                                 \
+    static void fname(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,             \
+                      int64_t ldy, int64_t g0, int64_t g1)                                         \
     {                                                                                              \
-        switch (w->wtype) {                                                                        \
-        case TDM_DTYPE_Q4_0: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_0, vnni); break;        \
-        case TDM_DTYPE_Q4_1: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q4_1, vnni); break;        \
-        case TDM_DTYPE_Q8_0: qmatmul_type(w, act, n, y, ldy, g0, g1, WT_Q8_0, vnni); break;        \
+        qmatmul_pack(w, act, n, y, ldy, g0, g1, pk, QMATMUL_VNNI);                                 \
+    }
+#define QMATMUL_PACK_CASE(fname, pk)                                                               \
+    case pk:                                                                                       \
+        fname(w, act, n, y, ldy, g0, g1);                                                          \
+        break;
+#define QMATMUL_FN(storage, name)                                                                  \
+    TDM_CPU_FOR_EACH_PACK(QMATMUL_PACK_FN)                                                         \
+    storage void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,             \
+                      int64_t ldy, int64_t g0, int64_t g1)                                         \
+    {                                                                                              \
+        switch (w->pk) {                                                                           \
+            TDM_CPU_FOR_EACH_PACK(QMATMUL_PACK_CASE)                                               \
         default: break;                                                                            \
         }                                                                                          \
     }
