@@ -46,6 +46,12 @@ struct tdm_gguf {
     uint64_t n_tensors;
     tdm_gguf_tensor_t *tensors;              /* n_tensors, in file order */
     const tdm_gguf_tensor_t **tensor_sorted; /* n_tensors, by name */
+    /* A split model: shards[0..n_shards) are complete handles over their own
+     * maps; this handle borrows the kvs (and their indexes) of shards[0],
+     * owns the concatenated tensor table and `meta`, and base/size is meta. */
+    uint32_t n_shards;   /* 1 for one file */
+    tdm_gguf_t **shards; /* NULL for one file */
+    uint8_t *meta;       /* every shard's bytes before its data section */
 };
 
 typedef struct gguf_parser {
@@ -115,7 +121,7 @@ static const char *show_str(tdm_str_t s, char *buf, size_t buf_len)
 __attribute__((format(printf, 4, 0))) static tdm_status_t
 vfail(gguf_parser_t *p, tdm_status_t status, int with_ctx, const char *fmt, va_list ap)
 {
-    char msg[512];
+    char msg[1024];
     int n = 0;
     if (with_ctx && p->ctx[0] != '\0')
         n = snprintf(msg, sizeof(msg), "%s: ", p->ctx);
@@ -237,7 +243,12 @@ static int tensor_name_cmp(const void *a, const void *b)
     const tdm_gguf_tensor_t *x = *(const tdm_gguf_tensor_t *const *)a;
     const tdm_gguf_tensor_t *y = *(const tdm_gguf_tensor_t *const *)b;
     int c = str_cmp(x->name, y->name);
-    return c != 0 ? c : (x->info_offset < y->info_offset ? -1 : 1);
+    if (c != 0)
+        return c;
+    /* Ties by shard, then position, so the first of two duplicates comes first. */
+    if (x->shard != y->shard)
+        return x->shard < y->shard ? -1 : 1;
+    return x->info_offset < y->info_offset ? -1 : x->info_offset > y->info_offset ? 1 : 0;
 }
 
 static int tensor_offset_cmp(const void *a, const void *b)
@@ -648,6 +659,7 @@ static tdm_status_t open_buffer(const void *buf, size_t len, int mapped, bool al
         return fail_plain(&p, TDM_ERR_NOMEM, "out of memory");
     g->base = buf;
     g->size = len;
+    g->n_shards = 1;
     tdm_status_t s = parse(&p, g, allow_any_type);
     if (s != TDM_OK) {
         tdm_gguf_close(g); /* g->mapped is 0: the caller unmaps */
@@ -669,13 +681,18 @@ tdm_status_t tdm_gguf_open_memory(const void *buf, size_t len, bool allow_any_ty
     return open_buffer(buf, len, 0, allow_any_type, err, err_len, out);
 }
 
-tdm_status_t tdm_gguf_open(const char *path, bool allow_any_type, char *err, size_t err_len,
-                           tdm_gguf_t **out)
+/* Maps and parses one file. *sys_errno gets the errno of a failed open
+ * (0 otherwise), so a missing shard can be told from a broken one. */
+static tdm_status_t open_file(const char *path, bool allow_any_type, char *err, size_t err_len,
+                              tdm_gguf_t **out, int *sys_errno)
 {
     gguf_parser_t p = {.err = err, .err_len = err_len};
+    *sys_errno = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return fail_plain(&p, TDM_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    if (fd < 0) {
+        *sys_errno = errno;
+        return fail_plain(&p, TDM_ERR_IO, "cannot open '%s': %s", path, strerror(*sys_errno));
+    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
@@ -710,10 +727,342 @@ tdm_status_t tdm_gguf_open(const char *path, bool allow_any_type, char *err, siz
     return TDM_OK;
 }
 
+/* ---- split models (llama.cpp's gguf-split convention) ---- */
+
+#define SPLIT_SUFFIX_LEN 20 /* "-00001-of-00003.gguf" */
+#define SPLIT_MAX_COUNT  99999u
+
+/* Reads a run of 5 decimal digits; -1 if any is not a digit. */
+static long digits5(const char *s)
+{
+    long v = 0;
+    for (int i = 0; i < 5; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+/* Matches a shard name "PREFIX-00002-of-00003.gguf" (PREFIX not empty):
+ * sets *no (1-based), *count and *stem (bytes of path before the suffix). */
+static bool split_name(const char *path, uint32_t *no, uint32_t *count, size_t *stem)
+{
+    size_t len = strlen(path);
+    if (len <= SPLIT_SUFFIX_LEN)
+        return false;
+    const char *suf = path + len - SPLIT_SUFFIX_LEN;
+    if (suf[-1] == '/' || suf[0] != '-' || memcmp(suf + 6, "-of-", 4) != 0 ||
+        memcmp(suf + 15, ".gguf", 5) != 0)
+        return false;
+    long n = digits5(suf + 1), c = digits5(suf + 10);
+    if (n < 1 || c < 1 || n > c)
+        return false;
+    *no = (uint32_t)n;
+    *count = (uint32_t)c;
+    *stem = len - SPLIT_SUFFIX_LEN;
+    return true;
+}
+
+/* The path of shard no (1-based) of count: malloc'd, NULL without memory. */
+static char *shard_path(const char *path, size_t stem, uint32_t no, uint32_t count)
+{
+    char *p = malloc(stem + SPLIT_SUFFIX_LEN + 1);
+    if (p == NULL)
+        return NULL;
+    memcpy(p, path, stem);
+    snprintf(p + stem, SPLIT_SUFFIX_LEN + 1, "-%05" PRIu32 "-of-%05" PRIu32 ".gguf", no, count);
+    return p;
+}
+
+/* Reads split key `key` of g: 0 when absent, 1 when read, -1 when present
+ * but not a non-negative integer. */
+static int split_key(const tdm_gguf_t *g, const char *key, uint64_t *out)
+{
+    if (tdm_gguf_find_kv(g, key) == NULL)
+        return 0;
+    return tdm_gguf_get_u64(g, key, out) ? 1 : -1;
+}
+
+/* Checks that key of shard `at` (path `sp`) is an integer; *v gets it. */
+static tdm_status_t need_split_key(gguf_parser_t *p, const tdm_gguf_t *g, const char *key,
+                                   uint32_t no, uint32_t count, const char *sp, uint64_t *v)
+{
+    int r = split_key(g, key, v);
+    if (r == 1)
+        return TDM_OK;
+    if (r == 0)
+        return fail_plain(p, TDM_ERR_FORMAT,
+                          "shard %" PRIu32 " of %" PRIu32 " '%s' has no %s key (not a shard of "
+                          "this split model?)",
+                          no, count, sp, key);
+    return fail_plain(p, TDM_ERR_FORMAT,
+                      "shard %" PRIu32 " of %" PRIu32 " '%s': %s is not a non-negative integer", no,
+                      count, sp, key);
+}
+
+/* Builds the handle of a split model over its opened shards (taking them
+ * over): the kvs of the first, the tensor tables concatenated in shard
+ * order, and the concatenated headers for fingerprints. */
+static tdm_status_t join_shards(gguf_parser_t *p, tdm_gguf_t **shards, uint32_t count,
+                                char *const *paths, tdm_gguf_t **out)
+{
+    tdm_gguf_t *g = calloc(1, sizeof(*g));
+    if (g == NULL) {
+        for (uint32_t k = 0; k < count; k++)
+            tdm_gguf_close(shards[k]);
+        free(shards);
+        return fail_plain(p, TDM_ERR_NOMEM, "out of memory");
+    }
+    const tdm_gguf_t *first = shards[0];
+    g->n_shards = count;
+    g->shards = shards;
+    g->version = first->version;
+    g->alignment = first->alignment;
+    g->n_kv = first->n_kv;
+    g->kvs = first->kvs;
+    g->kv_strs = first->kv_strs;
+    g->kv_sorted = first->kv_sorted;
+    uint64_t meta_len = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        g->n_tensors += shards[k]->n_tensors;
+        meta_len += shards[k]->data_offset;
+    }
+    g->meta = malloc(meta_len > 0 ? (size_t)meta_len : 1);
+    if (g->n_tensors > 0) {
+        g->tensors = calloc((size_t)g->n_tensors, sizeof(*g->tensors));
+        g->tensor_sorted = calloc((size_t)g->n_tensors, sizeof(*g->tensor_sorted));
+    }
+    if (g->meta == NULL || (g->n_tensors > 0 && (g->tensors == NULL || g->tensor_sorted == NULL))) {
+        tdm_gguf_close(g);
+        return fail_plain(p, TDM_ERR_NOMEM, "out of memory joining %" PRIu32 " shards", count);
+    }
+    uint64_t at = 0, i = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        const tdm_gguf_t *sh = shards[k];
+        if (sh->data_offset > 0)
+            memcpy(g->meta + at, sh->base, (size_t)sh->data_offset);
+        at += sh->data_offset;
+        for (uint64_t j = 0; j < sh->n_tensors; j++, i++) {
+            g->tensors[i] = sh->tensors[j];
+            g->tensors[i].shard = k;
+        }
+    }
+    g->base = g->meta;
+    g->size = meta_len;
+    g->data_offset = meta_len;
+
+    for (i = 0; i < g->n_tensors; i++)
+        g->tensor_sorted[i] = &g->tensors[i];
+    if (g->n_tensors > 0)
+        qsort(g->tensor_sorted, (size_t)g->n_tensors, sizeof(*g->tensor_sorted), tensor_name_cmp);
+    for (i = 1; i < g->n_tensors; i++) {
+        const tdm_gguf_tensor_t *a = g->tensor_sorted[i - 1], *b = g->tensor_sorted[i];
+        if (str_cmp(a->name, b->name) != 0)
+            continue;
+        char name[GGUF_NAME_SHOW + 4];
+        tdm_status_t s =
+            fail_plain(p, TDM_ERR_FORMAT,
+                       "shard %" PRIu32 " of %" PRIu32 " '%s': tensor '%s' (info at byte %" PRIu64
+                       ") is also in shard %" PRIu32 " '%s' (info at byte %" PRIu64
+                       "): the shards are of different models",
+                       b->shard + 1, count, paths[b->shard], show_str(b->name, name, sizeof(name)),
+                       b->info_offset, a->shard + 1, paths[a->shard], a->info_offset);
+        tdm_gguf_close(g);
+        return s;
+    }
+    *out = g;
+    return TDM_OK;
+}
+
+/* Opens the shards 2..count beside the first (already open as first) and
+ * joins them. Takes over first. */
+static tdm_status_t open_split(gguf_parser_t *p, const char *path, size_t stem, tdm_gguf_t *first,
+                               uint32_t count, uint64_t total, bool allow_any_type,
+                               tdm_gguf_t **out)
+{
+    tdm_status_t s = TDM_OK;
+    tdm_gguf_t **shards = calloc(count, sizeof(*shards));
+    char **paths = calloc(count, sizeof(*paths));
+    if (shards == NULL || paths == NULL) {
+        s = fail_plain(p, TDM_ERR_NOMEM, "out of memory for %" PRIu32 " shards", count);
+        tdm_gguf_close(first);
+        goto out_free;
+    }
+    shards[0] = first;
+    uint64_t sum = first->n_tensors;
+    for (uint32_t k = 0; k < count && s == TDM_OK; k++) {
+        paths[k] = shard_path(path, stem, k + 1, count);
+        if (paths[k] == NULL)
+            s = fail_plain(p, TDM_ERR_NOMEM, "out of memory");
+    }
+    for (uint32_t k = 1; k < count && s == TDM_OK; k++) {
+        const char *sp = paths[k];
+        char msg[1024];
+        int e;
+        s = open_file(sp, allow_any_type, msg, sizeof(msg), &shards[k], &e);
+        if (s != TDM_OK) {
+            if (s == TDM_ERR_IO && e == ENOENT)
+                fail_plain(p, s, "shard %" PRIu32 " of %" PRIu32 " '%s' is missing: %s", k + 1,
+                           count, sp, strerror(e));
+            else
+                fail_plain(p, s, "shard %" PRIu32 " of %" PRIu32 " '%s': %s", k + 1, count, sp,
+                           msg);
+            break;
+        }
+        uint64_t no, cnt, tot;
+        if ((s = need_split_key(p, shards[k], "split.no", k + 1, count, sp, &no)) != TDM_OK ||
+            (s = need_split_key(p, shards[k], "split.count", k + 1, count, sp, &cnt)) != TDM_OK ||
+            (s = need_split_key(p, shards[k], "split.tensors.count", k + 1, count, sp, &tot)) !=
+                TDM_OK)
+            break;
+        if (cnt != count)
+            s = fail_plain(p, TDM_ERR_FORMAT,
+                           "shard %" PRIu32 " of %" PRIu32 " '%s': split.count is %" PRIu64
+                           ", expected %" PRIu32 " (a shard of another split?)",
+                           k + 1, count, sp, cnt, count);
+        else if (no != k)
+            s = fail_plain(p, TDM_ERR_FORMAT,
+                           "shard %" PRIu32 " of %" PRIu32 " '%s': split.no is %" PRIu64
+                           ", expected %" PRIu32 " (split.no counts from 0)",
+                           k + 1, count, sp, no, k);
+        else if (tot != total)
+            s = fail_plain(p, TDM_ERR_FORMAT,
+                           "shard %" PRIu32 " of %" PRIu32 " '%s': split.tensors.count is %" PRIu64
+                           " but the first shard '%s' says %" PRIu64 " (a shard of another model?)",
+                           k + 1, count, sp, tot, paths[0], total);
+        sum += shards[k]->n_tensors;
+    }
+    if (s == TDM_OK && sum != total)
+        s = fail_plain(p, TDM_ERR_FORMAT,
+                       "shard 1 of %" PRIu32 " '%s': split.tensors.count is %" PRIu64
+                       " but the %" PRIu32 " shards hold %" PRIu64
+                       " tensors (a shard of another model?)",
+                       count, paths[0], total, count, sum);
+    if (s != TDM_OK) {
+        for (uint32_t k = 0; k < count; k++)
+            tdm_gguf_close(shards[k]);
+        free(shards);
+    } else {
+        s = join_shards(p, shards, count, paths, out); /* takes the shards */
+    }
+out_free:
+    for (uint32_t k = 0; k < count && paths != NULL; k++)
+        free(paths[k]);
+    free(paths);
+    return s;
+}
+
+tdm_status_t tdm_gguf_open(const char *path, bool allow_any_type, char *err, size_t err_len,
+                           tdm_gguf_t **out)
+{
+    gguf_parser_t p = {.err = err, .err_len = err_len};
+    uint32_t name_no = 0, name_count = 0;
+    size_t stem = 0;
+    bool named = split_name(path, &name_no, &name_count, &stem) && name_count > 1;
+
+    char msg[1024];
+    int e;
+    tdm_gguf_t *g;
+    tdm_status_t s = open_file(path, allow_any_type, msg, sizeof(msg), &g, &e);
+    if (s != TDM_OK) {
+        if (named && s != TDM_ERR_IO) /* messages of I/O errors name the file already */
+            fail_plain(&p, s, "shard %" PRIu32 " of %" PRIu32 " '%s': %s", name_no, name_count,
+                       path, msg);
+        else if (err != NULL && err_len > 0)
+            snprintf(err, err_len, "%s", msg);
+        return s;
+    }
+
+    uint64_t count = 0, no = 0, total = 0;
+    int has_count = split_key(g, "split.count", &count);
+    int has_no = split_key(g, "split.no", &no);
+    int has_total = split_key(g, "split.tensors.count", &total);
+    if (has_count < 0 || has_no < 0 || has_total < 0) {
+        s = fail_plain(&p, TDM_ERR_FORMAT, "'%s': split.%s is not a non-negative integer", path,
+                       has_count < 0 ? "count"
+                       : has_no < 0  ? "no"
+                                     : "tensors.count");
+        goto err_close;
+    }
+    if (has_count == 0 || count <= 1) {
+        if (named) {
+            s = fail_plain(&p, TDM_ERR_FORMAT,
+                           "'%s' is named as shard %" PRIu32 " of %" PRIu32 " but %s", path,
+                           name_no, name_count,
+                           has_count ? "its split.count is 1" : "has no split.count key");
+            goto err_close;
+        }
+        *out = g; /* one file */
+        return TDM_OK;
+    }
+    if (count > SPLIT_MAX_COUNT) {
+        s = fail_plain(&p, TDM_ERR_FORMAT, "'%s': split.count %" PRIu64 " is over %u", path, count,
+                       SPLIT_MAX_COUNT);
+        goto err_close;
+    }
+    if (has_no == 0 || has_total == 0) {
+        s = fail_plain(&p, TDM_ERR_FORMAT, "'%s': split.count is %" PRIu64 " but %s is missing",
+                       path, count, has_no == 0 ? "split.no" : "split.tensors.count");
+        goto err_close;
+    }
+    if (no >= count) {
+        s = fail_plain(&p, TDM_ERR_FORMAT,
+                       "'%s': split.no %" PRIu64 " is not below split.count %" PRIu64, path, no,
+                       count);
+        goto err_close;
+    }
+    if (named && (name_count != count || name_no != no + 1)) {
+        s = fail_plain(&p, TDM_ERR_FORMAT,
+                       "'%s' is named as shard %" PRIu32 " of %" PRIu32
+                       " but its split.no is %" PRIu64 " and split.count %" PRIu64
+                       " (shard %" PRIu64 " of %" PRIu64 ")",
+                       path, name_no, name_count, no, count, no + 1, count);
+        goto err_close;
+    }
+    if (no != 0) {
+        if (named)
+            s = fail_plain(&p, TDM_ERR_FORMAT,
+                           "'%s' is shard %" PRIu64 " of %" PRIu64
+                           " of a split model: open the first shard '%.*s-00001-of-%05" PRIu64
+                           ".gguf' instead",
+                           path, no + 1, count, (int)stem, path, count);
+        else
+            s = fail_plain(&p, TDM_ERR_FORMAT,
+                           "'%s' is shard %" PRIu64 " of %" PRIu64
+                           " of a split model (split.no = %" PRIu64 "): open the first shard",
+                           path, no + 1, count, no);
+        goto err_close;
+    }
+    if (!named) {
+        s = fail_plain(&p, TDM_ERR_FORMAT,
+                       "'%s' is shard 1 of %" PRIu64
+                       " of a split model, but its name does not end in -00001-of-%05" PRIu64
+                       ".gguf, so the other shards cannot be found",
+                       path, count, count);
+        goto err_close;
+    }
+    return open_split(&p, path, stem, g, (uint32_t)count, total, allow_any_type, out);
+
+err_close:
+    tdm_gguf_close(g);
+    return s;
+}
+
 void tdm_gguf_close(tdm_gguf_t *g)
 {
     if (g == NULL)
         return;
+    if (g->shards != NULL) { /* split: the kvs belong to shards[0] */
+        free(g->tensors);
+        free(g->tensor_sorted);
+        free(g->meta);
+        for (uint32_t k = 0; k < g->n_shards; k++)
+            tdm_gguf_close(g->shards[k]);
+        free(g->shards);
+        free(g);
+        return;
+    }
     for (uint64_t i = 0; i < g->n_kv && g->kvs != NULL; i++)
         if (g->kvs[i].type == TDM_GGUF_TYPE_ARRAY && g->kvs[i].arr_type == TDM_GGUF_TYPE_STRING)
             free((void *)g->kvs[i].strs);
@@ -796,6 +1145,23 @@ const void *tdm_gguf_file_data(const tdm_gguf_t *g, size_t *len)
 uint64_t tdm_gguf_data_offset(const tdm_gguf_t *g)
 {
     return g->data_offset;
+}
+
+uint32_t tdm_gguf_n_shards(const tdm_gguf_t *g)
+{
+    return g->n_shards;
+}
+
+const void *tdm_gguf_shard_data(const tdm_gguf_t *g, uint32_t i, size_t *len, uint64_t *data_offset)
+{
+    if (i >= g->n_shards)
+        return NULL;
+    const tdm_gguf_t *sh = g->shards != NULL ? g->shards[i] : g;
+    if (len != NULL)
+        *len = (size_t)sh->size;
+    if (data_offset != NULL)
+        *data_offset = sh->data_offset;
+    return sh->base;
 }
 
 /* Reads one integer of an integer type as i64 (u64 values above INT64_MAX

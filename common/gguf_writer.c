@@ -1,13 +1,15 @@
 /* GGUF v3 writer: keeps kvs (already encoded) and tensors (copied) in
  * memory, then writes header, kvs, tensor infos, padding and the data, each
  * tensor at a multiple of the alignment (32, or general.alignment if it was
- * set as a u32 power of two). */
+ * set as a u32 power of two). It writes one file, or a split model: several
+ * such files, each holding a run of the tensors (docs/gguf-split.md). */
 #include "tandem/dtype.h"
 #include "tandem/gguf.h"
 #include "tandem/log.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -380,27 +382,103 @@ static void out_pad(gguf_out_t *o, uint64_t alignment)
     }
 }
 
-static tdm_status_t write_to(const tdm_gguf_writer_t *w, FILE *f)
+/* What one file holds: tensors [t0, t1) and, for a shard of a split, which
+ * kvs. A whole file has every kv as set and no split.* added. */
+typedef struct gguf_part {
+    size_t t0, t1;
+    int split;     /* write split.no, split.count, split.tensors.count */
+    int with_meta; /* every kv (split: but split.*), else only general.alignment */
+    uint32_t no, count;
+} gguf_part_t;
+
+static int is_split_key(const char *key)
 {
-    uint64_t align;
-    tdm_status_t s = writer_alignment(w, &align);
-    if (s != TDM_OK)
-        return s;
+    return strncmp(key, "split.", 6) == 0;
+}
+
+/* Whether kv goes into the part. */
+static int part_has_kv(const gguf_part_t *part, const gguf_wkv_t *kv)
+{
+    if (!part->split)
+        return 1;
+    if (is_split_key(kv->key))
+        return 0; /* replaced by this split's own */
+    return part->with_meta || strcmp(kv->key, "general.alignment") == 0;
+}
+
+static uint64_t kv_bytes(const gguf_wkv_t *kv)
+{
+    return 8 + strlen(kv->key) + 4 + kv->val.len;
+}
+
+static uint64_t tensor_info_bytes(const gguf_wtensor_t *t)
+{
+    return 8 + strlen(t->name) + 4 + 8 * (uint64_t)t->n_dims + 4 + 8;
+}
+
+static uint64_t align_up(uint64_t n, uint64_t align)
+{
+    return (n + align - 1) / align * align;
+}
+
+/* The split.* kvs as written: key length, key, type, value. */
+#define SPLIT_KVS_BYTES ((8 + 8 + 4 + 2) + (8 + 11 + 4 + 2) + (8 + 19 + 4 + 4))
+
+/* Bytes of the part's header, kvs and tensor infos, before the padding. */
+static uint64_t part_header_bytes(const tdm_gguf_writer_t *w, const gguf_part_t *part)
+{
+    uint64_t n = 24;
+    for (size_t i = 0; i < w->n_kv; i++)
+        if (part_has_kv(part, &w->kvs[i]))
+            n += kv_bytes(&w->kvs[i]);
+    if (part->split)
+        n += SPLIT_KVS_BYTES;
+    for (size_t i = part->t0; i < part->t1; i++)
+        n += tensor_info_bytes(&w->tensors[i]);
+    return n;
+}
+
+static void out_kv(gguf_out_t *o, const char *key, uint32_t type, const void *val, size_t len)
+{
+    size_t klen = strlen(key);
+    out_put_le(o, klen, 8);
+    out_put(o, key, klen);
+    out_put_le(o, type, 4);
+    out_put(o, val, len);
+}
+
+static tdm_status_t write_part(const tdm_gguf_writer_t *w, const gguf_part_t *part, uint64_t align,
+                               FILE *f)
+{
     gguf_out_t o = {.f = f};
+    uint64_t n_kv = 0;
+    for (size_t i = 0; i < w->n_kv; i++)
+        n_kv += (uint64_t)part_has_kv(part, &w->kvs[i]);
+    if (part->split)
+        n_kv += 3;
     out_put_le(&o, GGUF_MAGIC, 4);
     out_put_le(&o, GGUF_VERSION, 4);
-    out_put_le(&o, w->n_tensors, 8);
-    out_put_le(&o, w->n_kv, 8);
+    out_put_le(&o, part->t1 - part->t0, 8);
+    out_put_le(&o, n_kv, 8);
     for (size_t i = 0; i < w->n_kv; i++) {
         const gguf_wkv_t *kv = &w->kvs[i];
-        size_t klen = strlen(kv->key);
-        out_put_le(&o, klen, 8);
-        out_put(&o, kv->key, klen);
-        out_put_le(&o, kv->type, 4);
-        out_put(&o, kv->val.p, kv->val.len);
+        if (part_has_kv(part, kv))
+            out_kv(&o, kv->key, kv->type, kv->val.p, kv->val.len);
+    }
+    if (part->split) {
+        uint8_t v[4];
+        v[0] = (uint8_t)part->no;
+        v[1] = (uint8_t)(part->no >> 8);
+        out_kv(&o, "split.no", TDM_GGUF_TYPE_UINT16, v, 2);
+        v[0] = (uint8_t)part->count;
+        v[1] = (uint8_t)(part->count >> 8);
+        out_kv(&o, "split.count", TDM_GGUF_TYPE_UINT16, v, 2);
+        for (unsigned i = 0; i < 4; i++)
+            v[i] = (uint8_t)((uint64_t)w->n_tensors >> (8 * i));
+        out_kv(&o, "split.tensors.count", TDM_GGUF_TYPE_INT32, v, 4);
     }
     uint64_t offset = 0; /* of the next tensor, relative to the data section */
-    for (size_t i = 0; i < w->n_tensors; i++) {
+    for (size_t i = part->t0; i < part->t1; i++) {
         const gguf_wtensor_t *t = &w->tensors[i];
         size_t nlen = strlen(t->name);
         out_put_le(&o, nlen, 8);
@@ -410,14 +488,24 @@ static tdm_status_t write_to(const tdm_gguf_writer_t *w, FILE *f)
             out_put_le(&o, t->ne[d], 8);
         out_put_le(&o, t->type, 4);
         out_put_le(&o, offset, 8);
-        offset += (t->nbytes + align - 1) / align * align;
+        offset += align_up(t->nbytes, align);
     }
     out_pad(&o, align);
-    for (size_t i = 0; i < w->n_tensors; i++) {
+    for (size_t i = part->t0; i < part->t1; i++) {
         out_put(&o, w->tensors[i].data, (size_t)w->tensors[i].nbytes);
         out_pad(&o, align);
     }
     return o.failed ? TDM_ERR_IO : TDM_OK;
+}
+
+static tdm_status_t write_to(const tdm_gguf_writer_t *w, FILE *f)
+{
+    uint64_t align;
+    tdm_status_t s = writer_alignment(w, &align);
+    if (s != TDM_OK)
+        return s;
+    gguf_part_t whole = {.t0 = 0, .t1 = w->n_tensors};
+    return write_part(w, &whole, align, f);
 }
 
 tdm_status_t tdm_gguf_writer_write_memory(const tdm_gguf_writer_t *w, void **out, size_t *out_len)
@@ -444,36 +532,190 @@ tdm_status_t tdm_gguf_writer_write_memory(const tdm_gguf_writer_t *w, void **out
     return TDM_OK;
 }
 
+/* The temporary file a file is written to before it is renamed. */
+static char *tmp_path(const char *path)
+{
+    size_t n = strlen(path) + 32;
+    char *tmp = malloc(n);
+    if (tmp != NULL)
+        snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    return tmp;
+}
+
+/* Writes the part into the file tmp (removed again on failure); a message
+ * goes to err. */
+static tdm_status_t write_file(const tdm_gguf_writer_t *w, const gguf_part_t *part, uint64_t align,
+                               const char *tmp, char *err, size_t err_len)
+{
+    FILE *f = fopen(tmp, "wb");
+    if (f == NULL) {
+        snprintf(err, err_len, "cannot create '%s': %s", tmp, strerror(errno));
+        return TDM_ERR_IO;
+    }
+    tdm_status_t s = write_part(w, part, align, f);
+    int e = errno;
+    if (fclose(f) != 0 && s == TDM_OK) {
+        e = errno;
+        s = TDM_ERR_IO;
+    }
+    if (s != TDM_OK) {
+        snprintf(err, err_len, "cannot write '%s': %s", tmp, strerror(e));
+        unlink(tmp);
+    }
+    return s;
+}
+
 tdm_status_t tdm_gguf_writer_write(const tdm_gguf_writer_t *w, const char *path)
 {
     /* Write beside the target and rename, so a reader never sees half a file. */
-    size_t n = strlen(path) + 32;
-    char *tmp = malloc(n);
+    uint64_t align;
+    tdm_status_t s = writer_alignment(w, &align);
+    if (s != TDM_OK)
+        return s;
+    char *tmp = tmp_path(path);
     if (tmp == NULL)
         return TDM_ERR_NOMEM;
-    snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
-    tdm_status_t s = TDM_OK;
-    FILE *f = fopen(tmp, "wb");
-    if (f == NULL) {
-        tdm_log_error("gguf", "cannot create '%s': %s", tmp, strerror(errno));
-        s = TDM_ERR_IO;
-        goto out_free_tmp;
-    }
-    s = write_to(w, f);
-    int err = errno;
-    if (fclose(f) != 0 && s == TDM_OK) {
-        err = errno;
-        s = TDM_ERR_IO;
-    }
-    if (s == TDM_ERR_IO)
-        tdm_log_error("gguf", "cannot write '%s': %s", tmp, strerror(err));
+    char err[512];
+    gguf_part_t whole = {.t0 = 0, .t1 = w->n_tensors};
+    s = write_file(w, &whole, align, tmp, err, sizeof(err));
+    if (s != TDM_OK)
+        tdm_log_error("gguf", "%s", err);
     if (s == TDM_OK && rename(tmp, path) != 0) {
         tdm_log_error("gguf", "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+        unlink(tmp);
         s = TDM_ERR_IO;
     }
-    if (s != TDM_OK)
-        unlink(tmp);
-out_free_tmp:
     free(tmp);
+    return s;
+}
+
+__attribute__((format(printf, 3, 4))) static tdm_status_t split_fail(char *err, size_t err_len,
+                                                                     const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    tdm_log_debug("gguf", "%s", msg);
+    if (err != NULL && err_len > 0)
+        snprintf(err, err_len, "%s", msg);
+    return TDM_ERR_INVALID;
+}
+
+tdm_status_t tdm_gguf_writer_write_split(const tdm_gguf_writer_t *w, const char *prefix,
+                                         uint64_t max_bytes, int *n_shards_out, char *err,
+                                         size_t err_len)
+{
+    char msg[1024];
+    uint64_t align;
+    if (writer_alignment(w, &align) != TDM_OK)
+        return split_fail(err, err_len, "general.alignment must be a u32 power of two");
+    if (prefix == NULL || prefix[0] == '\0' || prefix[strlen(prefix) - 1] == '/')
+        return split_fail(err, err_len, "split: the prefix '%s' names no file",
+                          prefix ? prefix : "(null)");
+    if (max_bytes == 0)
+        return split_fail(err, err_len, "split: the size limit is 0 bytes");
+    if (w->n_tensors > (size_t)INT32_MAX)
+        return split_fail(err, err_len, "split: %zu tensors do not fit split.tensors.count (i32)",
+                          w->n_tensors);
+
+    /* Plan: fill each shard in order while its whole file stays within
+     * max_bytes; a shard takes at least one tensor (the first shard may
+     * hold none only when there are none). */
+    size_t cap = w->n_tensors > 0 ? w->n_tensors : 1;
+    gguf_part_t *parts = calloc(cap, sizeof(*parts));
+    if (parts == NULL) {
+        if (err != NULL && err_len > 0)
+            snprintf(err, err_len, "split: out of memory");
+        return TDM_ERR_NOMEM;
+    }
+    size_t n_parts = 0, t = 0;
+    do {
+        gguf_part_t part = {.t0 = t, .t1 = t, .split = 1, .with_meta = n_parts == 0};
+        uint64_t head = part_header_bytes(w, &part), data = 0;
+        while (part.t1 < w->n_tensors) {
+            const gguf_wtensor_t *next = &w->tensors[part.t1];
+            uint64_t h = head + tensor_info_bytes(next);
+            uint64_t d = data + align_up(next->nbytes, align);
+            if (part.t1 > part.t0 && align_up(h, align) + d > max_bytes)
+                break;
+            part.t1++;
+            head = h;
+            data = d;
+        }
+        parts[n_parts++] = part;
+        t = part.t1;
+    } while (t < w->n_tensors);
+    tdm_status_t s = TDM_OK;
+    if (n_parts > 65535) {
+        s = split_fail(err, err_len,
+                       "split: %zu shards needed at %" PRIu64
+                       " bytes each, more than split.count (u16) holds",
+                       n_parts, max_bytes);
+        free(parts);
+        return s;
+    }
+
+    /* Write every shard to a temporary file, then rename them all, so a
+     * failure leaves no partial set behind. */
+    char **paths = calloc(n_parts, sizeof(*paths));
+    char **tmps = calloc(n_parts, sizeof(*tmps));
+    size_t written = 0, renamed = 0;
+    if (paths == NULL || tmps == NULL) {
+        s = TDM_ERR_NOMEM;
+        goto out;
+    }
+    size_t plen = strlen(prefix) + 32;
+    for (size_t i = 0; i < n_parts; i++) {
+        parts[i].no = (uint32_t)i;
+        parts[i].count = (uint32_t)n_parts;
+        paths[i] = malloc(plen);
+        if (paths[i] == NULL) {
+            s = TDM_ERR_NOMEM;
+            goto out;
+        }
+        snprintf(paths[i], plen, "%s-%05zu-of-%05zu.gguf", prefix, i + 1, n_parts);
+        tmps[i] = tmp_path(paths[i]);
+        if (tmps[i] == NULL) {
+            s = TDM_ERR_NOMEM;
+            goto out;
+        }
+    }
+    for (; written < n_parts; written++) {
+        s = write_file(w, &parts[written], align, tmps[written], msg, sizeof(msg));
+        if (s != TDM_OK)
+            goto out;
+    }
+    for (; renamed < n_parts; renamed++) {
+        if (rename(tmps[renamed], paths[renamed]) != 0) {
+            snprintf(msg, sizeof(msg), "cannot rename '%s' to '%s': %s", tmps[renamed],
+                     paths[renamed], strerror(errno));
+            s = TDM_ERR_IO;
+            goto out;
+        }
+    }
+    if (n_shards_out != NULL)
+        *n_shards_out = (int)n_parts;
+
+out:
+    if (s != TDM_OK) {
+        if (s == TDM_ERR_NOMEM)
+            snprintf(msg, sizeof(msg), "split: out of memory");
+        tdm_log_debug("gguf", "%s", msg);
+        if (err != NULL && err_len > 0)
+            snprintf(err, err_len, "%s", msg);
+        for (size_t i = 0; i < renamed; i++)
+            unlink(paths[i]);
+        for (size_t i = renamed; i < written; i++)
+            unlink(tmps[i]);
+    }
+    for (size_t i = 0; i < n_parts && paths != NULL; i++)
+        free(paths[i]);
+    for (size_t i = 0; i < n_parts && tmps != NULL; i++)
+        free(tmps[i]);
+    free(paths);
+    free(tmps);
+    free(parts);
     return s;
 }

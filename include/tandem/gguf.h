@@ -25,7 +25,25 @@
  * The reader never crashes on any input and never reads outside the map.
  *
  * Lifetime: strings and data pointers returned point into the map and stay
- * valid until tdm_gguf_close(). */
+ * valid until tdm_gguf_close().
+ *
+ * Split models (llama.cpp's gguf-split convention; docs/gguf-split.md):
+ * PREFIX-00001-of-00003.gguf, PREFIX-00002-of-00003.gguf, ... in one
+ * directory, each a complete GGUF file holding some of the tensors, with
+ * offsets relative to its own data section. Every shard has the kvs
+ * split.no (u16, 0-based), split.count (u16) and split.tensors.count (i32,
+ * tensors over all shards); the first also has all the model's metadata.
+ * tdm_gguf_open() of the first shard maps every shard, validates each as a
+ * file and all together (names, split.* keys, tensor counts, no tensor name
+ * in two shards), and presents one model:
+ *   - kvs: the first shard's, the split.* keys included, as in the file;
+ *     kv file_offset is in the first shard;
+ *   - tensors: every shard's in shard order (tdm_gguf_tensor_t.shard says
+ *     which); data points into that shard's map; offset and info_offset are
+ *     in that shard's file;
+ *   - tdm_gguf_file_data / tdm_gguf_data_offset: see there.
+ * Errors name the shard ("shard 2 of 3 'PATH' is missing: ..."); opening a
+ * later shard directly is refused with a message naming the first. */
 #ifndef TANDEM_GGUF_H
 #define TANDEM_GGUF_H
 
@@ -84,6 +102,7 @@ typedef struct tdm_gguf_tensor {
     uint64_t nbytes;
     const void *data;     /* into the map */
     uint64_t info_offset; /* byte offset of the tensor info in the file */
+    uint32_t shard;       /* the shard file holding it (0-based); 0 for one file */
 } tdm_gguf_tensor_t;
 
 typedef struct tdm_gguf tdm_gguf_t;
@@ -92,10 +111,14 @@ typedef struct tdm_gguf tdm_gguf_t;
  * is not NULL, a message naming the field and its byte offset is written to
  * err (also logged at debug level; callers log or print it once). Tensors of
  * types tandem cannot compute are refused (TDM_ERR_UNSUPPORTED) with a
- * message naming the tensor and its type, unless allow_any_type. */
+ * message naming the tensor and its type, unless allow_any_type.
+ * A file named PREFIX-00001-of-0000N.gguf (N > 1) or with split.count > 1 is
+ * the first shard of a split model: its siblings are opened too (above).
+ * A missing shard is TDM_ERR_IO; shards that disagree are TDM_ERR_FORMAT. */
 tdm_status_t tdm_gguf_open(const char *path, bool allow_any_type, char *err, size_t err_len,
                            tdm_gguf_t **out);
-/* The same over a caller's buffer (not copied; must outlive the handle). */
+/* The same over a caller's buffer (not copied; must outlive the handle).
+ * Always one file: a shard opens as a model of its own tensors. */
 tdm_status_t tdm_gguf_open_memory(const void *buf, size_t len, bool allow_any_type, char *err,
                                   size_t err_len, tdm_gguf_t **out);
 void tdm_gguf_close(tdm_gguf_t *g);
@@ -107,10 +130,25 @@ const tdm_gguf_kv_t *tdm_gguf_find_kv(const tdm_gguf_t *g, const char *key);
 uint64_t tdm_gguf_n_tensors(const tdm_gguf_t *g);
 const tdm_gguf_tensor_t *tdm_gguf_tensor(const tdm_gguf_t *g, uint64_t i);
 const tdm_gguf_tensor_t *tdm_gguf_find_tensor(const tdm_gguf_t *g, const char *name);
-/* The whole mapped file (for fingerprints). */
+/* The whole mapped file (for fingerprints): bytes [0, tdm_gguf_data_offset)
+ * are the header, kvs and tensor table, and a tensor's data is at
+ * data_offset + offset.
+ * A split model has no one file: this is then a buffer owned by g holding
+ * every shard's bytes before its data section (header, kvs, tensor infos,
+ * padding), concatenated in shard order, and *len and tdm_gguf_data_offset
+ * are both its length. So [0, data_offset) still covers all the metadata
+ * and every tensor table (the model fingerprint hashes it), but tensor data
+ * are not in it: use tensor->data, or tdm_gguf_shard_data. A model's
+ * fingerprint split and unsplit differs (the bytes differ). */
 const void *tdm_gguf_file_data(const tdm_gguf_t *g, size_t *len);
-/* Byte offset of the data section. */
+/* Byte offset of the data section (split: the length above). */
 uint64_t tdm_gguf_data_offset(const tdm_gguf_t *g);
+/* Shard files: 1 for one file. */
+uint32_t tdm_gguf_n_shards(const tdm_gguf_t *g);
+/* Shard i's whole mapped file (*len bytes) and the byte offset of its data
+ * section; for one file, shard 0 is the file. NULL if i is out of range. */
+const void *tdm_gguf_shard_data(const tdm_gguf_t *g, uint32_t i, size_t *len,
+                                uint64_t *data_offset);
 
 /* Bytes of one scalar of a GGUF type; 0 for string, array and unknown ids. */
 uint64_t tdm_gguf_type_size(uint32_t type);
@@ -158,6 +196,24 @@ tdm_status_t tdm_gguf_writer_write(const tdm_gguf_writer_t *w, const char *path)
 /* The same file into a buffer: *out (malloc'd, the caller frees it) of
  * *out_len bytes. */
 tdm_status_t tdm_gguf_writer_write_memory(const tdm_gguf_writer_t *w, void **out, size_t *out_len);
+/* Writes the model split as llama.cpp's gguf-split does (docs/gguf-split.md):
+ * PREFIX-00001-of-0000N.gguf .. PREFIX-0000N-of-0000N.gguf (PREFIX may hold
+ * a directory), the tensors in the order added, each shard filled while its
+ * whole file stays at or below max_bytes. A shard holds at least one tensor,
+ * so a tensor too big for max_bytes gets a shard of its own (over the
+ * limit). The first shard has every kv set on the writer (split.* ones
+ * excepted) then split.no (u16), split.count (u16) and split.tensors.count
+ * (i32); the others have only these three, after general.alignment when it
+ * is set (so every shard's data keeps that alignment). With no tensors there
+ * is one shard (split.count 1). Every shard goes to a temporary file first
+ * and all are renamed at the end; on failure none is left. *n_shards_out
+ * (may be NULL) gets N. Errors: TDM_ERR_INVALID (max_bytes 0, an empty
+ * prefix, more than 65535 shards, a bad general.alignment), TDM_ERR_IO,
+ * TDM_ERR_NOMEM, with a message in err (may be NULL). The tensor data are
+ * the copies the writer holds in memory. */
+tdm_status_t tdm_gguf_writer_write_split(const tdm_gguf_writer_t *w, const char *prefix,
+                                         uint64_t max_bytes, int *n_shards_out, char *err,
+                                         size_t err_len);
 
 #ifdef __cplusplus
 }

@@ -1,14 +1,18 @@
 /* Unit test of the GGUF reader and writer: a round trip through the writer,
  * then many broken files that the reader must refuse with a message that
- * names the byte offset, then (if present) the default model. */
+ * names the byte offset, then split models (written whole and split, and
+ * the errors of broken splits), then (if present) the default model. */
 #include "tandem/dtype.h"
 #include "tandem/gguf.h"
 
+#include <dirent.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "test_util.h"
@@ -283,7 +287,7 @@ static void test_round_trip(void)
     CHECK(tdm_gguf_writer_add_tensor(w, "x", 1, ne, TDM_DTYPE_Q8_0, zeros) == TDM_ERR_INVALID,
           "row not a block multiple");
     ne[0] = 32;
-    CHECK(tdm_gguf_writer_add_tensor(w, "x", 1, ne, 13, zeros) == TDM_ERR_INVALID,
+    CHECK(tdm_gguf_writer_add_tensor(w, "x", 1, ne, 16, zeros) == TDM_ERR_INVALID,
           "unsupported type");
     CHECK(tdm_gguf_writer_add_tensor(w, "x", 1, ne, TDM_DTYPE_F16, zeros) == TDM_OK, "add");
     CHECK(tdm_gguf_writer_add_tensor(w, "x", 1, ne, TDM_DTYPE_F16, zeros) == TDM_ERR_INVALID,
@@ -573,19 +577,20 @@ static void test_broken(void)
     put_le(b, l.t_type[2], 99, 4);
     CASE("type 99, any type allowed", l.len, true, TDM_ERR_FORMAT, "type id 99");
     b = dup_img(&l);
-    put_le(b, l.t_type[2], 13, 4);
-    CASE("unsupported type Q5_K", l.len, false, TDM_ERR_UNSUPPORTED, "tensor 'w_q40'");
+    /* 16 is IQ2_XXS, a GGML type tandem does not compute. */
+    put_le(b, l.t_type[2], 16, 4);
+    CASE("unsupported type IQ2_XXS", l.len, false, TDM_ERR_UNSUPPORTED, "tensor 'w_q40'");
     b = dup_img(&l);
-    put_le(b, l.t_type[2], 13, 4);
-    expect_bad("Q5_K names the type", b, l.len, false, TDM_ERR_UNSUPPORTED, "Q5_K");
+    put_le(b, l.t_type[2], 16, 4);
+    expect_bad("IQ2_XXS names the type", b, l.len, false, TDM_ERR_UNSUPPORTED, "IQ2_XXS");
     {
         /* With allow_any_type the same file opens; the tensor has no data. */
         g = NULL;
         tdm_status_t st = tdm_gguf_open_memory(b, l.len, true, err, sizeof(err), &g);
-        CHECK(st == TDM_OK, "Q5_K with allow_any_type: %s", err);
+        CHECK(st == TDM_OK, "IQ2_XXS with allow_any_type: %s", err);
         if (st == TDM_OK) {
             const tdm_gguf_tensor_t *t = tdm_gguf_find_tensor(g, "w_q40");
-            CHECK(t != NULL && t->type == 13 && t->nbytes == 0 && t->data == NULL,
+            CHECK(t != NULL && t->type == 16 && t->nbytes == 0 && t->data == NULL,
                   "unknown-size tensor");
             tdm_gguf_close(g);
         }
@@ -662,6 +667,348 @@ static void test_broken(void)
     free(l.img);
 }
 
+/* ---- split models ---- */
+
+#define SPLIT_T 6 /* tensors of the split test model */
+
+/* The split test model: SPLIT_T tensors alternating F32 [256, 4] (4096
+ * bytes) and Q8_0 [256, 4] (1088 bytes), named prefix.N in order, or in
+ * reverse order when reverse; data from a fixed seed. */
+static tdm_gguf_writer_t *make_split_writer(const char *prefix, int n, int reverse, uint64_t seed)
+{
+    tdm_gguf_writer_t *w;
+    if (tdm_gguf_writer_create(&w) != TDM_OK)
+        return NULL;
+    int ok = 1;
+    ok &= tdm_gguf_writer_set_str(w, "general.architecture", "llama") == TDM_OK;
+    ok &= tdm_gguf_writer_set_str(w, "general.name", prefix) == TDM_OK;
+    ok &= tdm_gguf_writer_set_u32(w, "llama.block_count", 2) == TDM_OK;
+    ok &= tdm_gguf_writer_set_f32(w, "llama.rope.freq_base", 10000.0f) == TDM_OK;
+    ok &= tdm_gguf_writer_set_bool(w, "test.bool", true) == TDM_OK;
+    ok &= tdm_gguf_writer_set_str_array(w, "tokenizer.ggml.tokens", tokens, 5) == TDM_OK;
+    ok &= tdm_gguf_writer_set_array(w, "test.arr_i32", TDM_GGUF_TYPE_INT32, arr_i32, 3) == TDM_OK;
+    float f[1024];
+    uint8_t q[1088];
+    for (int i = 0; i < n && ok; i++) {
+        for (int j = 0; j < 1024; j++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            f[j] = (float)((int64_t)(seed >> 40) - (1 << 23)) / (float)(1 << 22);
+        }
+        char name[32];
+        snprintf(name, sizeof(name), "%s.%d", prefix, reverse ? n - 1 - i : i);
+        uint64_t ne[2] = {256, 4};
+        if (i % 2 == 0) {
+            ok &= tdm_gguf_writer_add_tensor(w, name, 2, ne, TDM_DTYPE_F32, f) == TDM_OK;
+        } else {
+            tdm_dtype_from_f32(TDM_DTYPE_Q8_0, f, q, 1024);
+            ok &= tdm_gguf_writer_add_tensor(w, name, 2, ne, TDM_DTYPE_Q8_0, q) == TDM_OK;
+        }
+    }
+    if (!ok) {
+        tdm_gguf_writer_destroy(w);
+        return NULL;
+    }
+    return w;
+}
+
+/* Whether two kvs have the same key, type and value. */
+static int kv_same(const tdm_gguf_kv_t *a, const tdm_gguf_kv_t *b)
+{
+    if (a->key.len != b->key.len || memcmp(a->key.ptr, b->key.ptr, a->key.len) != 0 ||
+        a->type != b->type)
+        return 0;
+    if (a->type == TDM_GGUF_TYPE_STRING)
+        return a->strs[0].len == b->strs[0].len &&
+               memcmp(a->strs[0].ptr, b->strs[0].ptr, a->strs[0].len) == 0;
+    if (a->type != TDM_GGUF_TYPE_ARRAY)
+        return memcmp(a->data, b->data, tdm_gguf_type_size(a->type)) == 0;
+    if (a->arr_type != b->arr_type || a->arr_len != b->arr_len)
+        return 0;
+    if (a->arr_type != TDM_GGUF_TYPE_STRING)
+        return memcmp(a->data, b->data, a->arr_len * tdm_gguf_type_size(a->arr_type)) == 0;
+    for (uint64_t i = 0; i < a->arr_len; i++)
+        if (a->strs[i].len != b->strs[i].len ||
+            memcmp(a->strs[i].ptr, b->strs[i].ptr, a->strs[i].len) != 0)
+            return 0;
+    return 1;
+}
+
+/* The whole model and its split must be the same model. */
+static void check_split_equal(const tdm_gguf_t *gw, const tdm_gguf_t *gs)
+{
+    CHECK(tdm_gguf_n_shards(gw) == 1 && tdm_gguf_n_shards(gs) == 3, "shards %" PRIu32,
+          tdm_gguf_n_shards(gs));
+    CHECK(tdm_gguf_n_tensors(gs) == tdm_gguf_n_tensors(gw) && tdm_gguf_n_tensors(gs) == SPLIT_T,
+          "split tensors %" PRIu64, tdm_gguf_n_tensors(gs));
+    for (uint64_t i = 0; i < tdm_gguf_n_tensors(gw) && i < tdm_gguf_n_tensors(gs); i++) {
+        const tdm_gguf_tensor_t *a = tdm_gguf_tensor(gw, i), *b = tdm_gguf_tensor(gs, i);
+        CHECK(a->name.len == b->name.len && memcmp(a->name.ptr, b->name.ptr, a->name.len) == 0 &&
+                  a->type == b->type && a->n_dims == b->n_dims &&
+                  memcmp(a->ne, b->ne, sizeof(a->ne)) == 0 && a->nbytes == b->nbytes &&
+                  memcmp(a->data, b->data, (size_t)a->nbytes) == 0,
+              "tensor %" PRIu64 " equal", i);
+        /* Two tensors a shard at this size, each in its own shard's map. */
+        size_t len = 0;
+        uint64_t doff = 0;
+        const uint8_t *base = tdm_gguf_shard_data(gs, b->shard, &len, &doff);
+        CHECK(a->shard == 0 && b->shard == i / 2 && base != NULL &&
+                  (const uint8_t *)b->data == base + doff + b->offset &&
+                  doff + b->offset + b->nbytes <= len,
+              "tensor %" PRIu64 " in shard %" PRIu32, i, b->shard);
+        char name[32];
+        snprintf(name, sizeof(name), "%.*s", (int)b->name.len, b->name.ptr);
+        CHECK(tdm_gguf_find_tensor(gs, name) == b, "find %s", name);
+    }
+    CHECK(tdm_gguf_find_tensor(gs, "a.6") == NULL, "no such tensor");
+    CHECK(tdm_gguf_shard_data(gs, 3, NULL, NULL) == NULL, "shard out of range");
+
+    /* Metadata: the same kvs, in the same order, then the split.* ones. */
+    CHECK(tdm_gguf_n_kv(gs) == tdm_gguf_n_kv(gw) + 3, "split kvs %" PRIu64, tdm_gguf_n_kv(gs));
+    for (uint64_t i = 0; i < tdm_gguf_n_kv(gw); i++)
+        CHECK(kv_same(tdm_gguf_kv(gw, i), tdm_gguf_kv(gs, i)), "kv %" PRIu64 " equal", i);
+    const tdm_gguf_kv_t *kv = tdm_gguf_find_kv(gs, "split.no");
+    uint64_t u = 99;
+    CHECK(kv != NULL && kv->type == TDM_GGUF_TYPE_UINT16 && tdm_gguf_get_u64(gs, "split.no", &u) &&
+              u == 0,
+          "split.no");
+    kv = tdm_gguf_find_kv(gs, "split.count");
+    CHECK(kv != NULL && kv->type == TDM_GGUF_TYPE_UINT16 &&
+              tdm_gguf_get_u64(gs, "split.count", &u) && u == 3,
+          "split.count");
+    kv = tdm_gguf_find_kv(gs, "split.tensors.count");
+    CHECK(kv != NULL && kv->type == TDM_GGUF_TYPE_INT32 &&
+              tdm_gguf_get_u64(gs, "split.tensors.count", &u) && u == SPLIT_T,
+          "split.tensors.count");
+    tdm_str_t s;
+    CHECK(tdm_gguf_get_str(gs, "general.name", &s) && str_eq(s, "a"), "general.name");
+
+    /* file_data of a split: every shard's bytes before its data section. */
+    size_t flen = 0, sum = 0;
+    const uint8_t *file = tdm_gguf_file_data(gs, &flen);
+    int same = file != NULL;
+    for (uint32_t k = 0; k < 3 && same; k++) {
+        size_t len;
+        uint64_t doff;
+        const void *base = tdm_gguf_shard_data(gs, k, &len, &doff);
+        same = base != NULL && sum + doff <= flen && memcmp(file + sum, base, (size_t)doff) == 0;
+        sum += (size_t)doff;
+    }
+    CHECK(same && flen == sum && tdm_gguf_data_offset(gs) == sum, "split file_data (%zu bytes)",
+          flen);
+}
+
+/* Opens path (which must fail with status) and checks the message holds
+ * each of the NULL-terminated strings. */
+static void expect_split_bad(const char *label, const char *path, tdm_status_t status, ...)
+{
+    char err[1024] = "";
+    tdm_gguf_t *g = (tdm_gguf_t *)&n_pass; /* sentinel: must stay untouched */
+    tdm_status_t st = tdm_gguf_open(path, false, err, sizeof(err), &g);
+    CHECK(st == status, "%s: status %s, expected %s (%s)", label, tdm_status_str(st),
+          tdm_status_str(status), err);
+    CHECK(g == (tdm_gguf_t *)&n_pass, "%s: *out untouched", label);
+    if (st == TDM_OK && g != (tdm_gguf_t *)&n_pass)
+        tdm_gguf_close(g);
+    va_list ap;
+    va_start(ap, status);
+    for (const char *want = va_arg(ap, const char *); want != NULL; want = va_arg(ap, const char *))
+        CHECK(strstr(err, want) != NULL, "%s: message '%s' lacks '%s'", label, err, want);
+    va_end(ap);
+    printf("  ok %-28s %s\n", label, err);
+}
+
+static int copy_file(const char *from, const char *to)
+{
+    FILE *in = fopen(from, "rb"), *out = in ? fopen(to, "wb") : NULL;
+    int ok = in != NULL && out != NULL;
+    char buf[4096];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof(buf), in)) > 0)
+        ok = fwrite(buf, 1, n, out) == n;
+    if (in != NULL)
+        fclose(in);
+    if (out != NULL && fclose(out) != 0)
+        ok = 0;
+    return ok;
+}
+
+/* Removes every file in dir (flat), then dir. */
+static void remove_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d != NULL) {
+        struct dirent *e;
+        char p[512];
+        while ((e = readdir(d)) != NULL) {
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+                continue;
+            snprintf(p, sizeof(p), "%s/%s", dir, e->d_name);
+            unlink(p);
+        }
+        closedir(d);
+    }
+    CHECK(rmdir(dir) == 0, "rmdir %s", dir);
+}
+
+static void test_split(void)
+{
+    char dir[] = "/tmp/tandem-test-split-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    tdm_gguf_writer_t *w = make_split_writer("a", SPLIT_T, 0, 7);
+    CHECK(w != NULL, "split writer");
+    if (w == NULL) {
+        remove_dir(dir);
+        return;
+    }
+    char whole[256], prefix[64], sh[3][128], other[256];
+    snprintf(whole, sizeof(whole), "%s/whole.gguf", dir);
+    snprintf(prefix, sizeof(prefix), "%s/a", dir);
+    for (int k = 0; k < 3; k++)
+        snprintf(sh[k], sizeof(sh[k]), "%s-%05d-of-00003.gguf", prefix, k + 1);
+    CHECK(tdm_gguf_writer_write(w, whole) == TDM_OK, "write whole");
+    /* Two tensors (5184 bytes of data) and a header fit in 6000 bytes,
+     * three do not: 3 shards. */
+    const uint64_t max_bytes = 6000;
+    char err[1024] = "";
+    int n = 0;
+    tdm_status_t st = tdm_gguf_writer_write_split(w, prefix, max_bytes, &n, err, sizeof(err));
+    CHECK(st == TDM_OK && n == 3, "write split: %s, %d shards (%s)", tdm_status_str(st), n, err);
+    for (int k = 0; k < 3; k++) {
+        struct stat sb;
+        CHECK(stat(sh[k], &sb) == 0 && (uint64_t)sb.st_size <= max_bytes, "%s: %lld bytes", sh[k],
+              (long long)sb.st_size);
+    }
+
+    tdm_gguf_t *gw = NULL, *gs = NULL;
+    st = tdm_gguf_open(whole, false, err, sizeof(err), &gw);
+    CHECK(st == TDM_OK, "open whole: %s", err);
+    tdm_status_t st2 = tdm_gguf_open(sh[0], false, err, sizeof(err), &gs);
+    CHECK(st2 == TDM_OK, "open split: %s", err);
+    if (st == TDM_OK && st2 == TDM_OK)
+        check_split_equal(gw, gs);
+    tdm_gguf_close(gw);
+    tdm_gguf_close(gs);
+
+    /* A later shard alone: refused by path, a model of its own in memory. */
+    snprintf(other, sizeof(other), "a-00001-of-00003.gguf");
+    expect_split_bad("open shard 2", sh[1], TDM_ERR_FORMAT, "shard 2 of 3", "open the first shard",
+                     other, (const char *)NULL);
+    {
+        FILE *f = fopen(sh[1], "rb");
+        uint8_t *buf = malloc(8192);
+        size_t len = f != NULL && buf != NULL ? fread(buf, 1, 8192, f) : 0;
+        if (f != NULL)
+            fclose(f);
+        tdm_gguf_t *g = NULL;
+        st = tdm_gguf_open_memory(buf, len, false, err, sizeof(err), &g);
+        CHECK(st == TDM_OK && tdm_gguf_n_shards(g) == 1 && tdm_gguf_n_tensors(g) == 2 &&
+                  str_eq(tdm_gguf_tensor(g, 0)->name, "a.2"),
+              "shard 2 in memory: %s", err);
+        tdm_gguf_close(g);
+        free(buf);
+    }
+
+    /* A missing shard. */
+    CHECK(unlink(sh[1]) == 0, "unlink");
+    expect_split_bad("missing shard", sh[0], TDM_ERR_IO, "shard 2 of 3", "a-00002-of-00003.gguf",
+                     "is missing", (const char *)NULL);
+    CHECK(tdm_gguf_writer_write_split(w, prefix, max_bytes, &n, err, sizeof(err)) == TDM_OK,
+          "rewrite: %s", err);
+
+    /* A truncated shard: the message names the shard and the offset. */
+    {
+        struct stat sb;
+        CHECK(stat(sh[1], &sb) == 0 && truncate(sh[1], sb.st_size - 100) == 0, "truncate");
+        expect_split_bad("truncated shard", sh[0], TDM_ERR_FORMAT, "shard 2 of 3",
+                         "a-00002-of-00003.gguf", "runs past the end", "data offset",
+                         (const char *)NULL);
+        CHECK(tdm_gguf_writer_write_split(w, prefix, max_bytes, &n, err, sizeof(err)) == TDM_OK,
+              "rewrite: %s", err);
+    }
+
+    /* Shard 3 of another model with another tensor count. */
+    tdm_gguf_writer_t *wb = make_split_writer("b", 9, 0, 11);
+    char pb[64];
+    snprintf(pb, sizeof(pb), "%s/b", dir);
+    CHECK(wb != NULL &&
+              tdm_gguf_writer_write_split(wb, pb, 11000, &n, err, sizeof(err)) == TDM_OK && n == 3,
+          "write b: %d shards (%s)", n, err);
+    snprintf(other, sizeof(other), "%s/b-00003-of-00003.gguf", dir);
+    CHECK(copy_file(other, sh[2]), "copy b's shard 3");
+    expect_split_bad("shard of another model", sh[0], TDM_ERR_FORMAT, "shard 3 of 3",
+                     "a-00003-of-00003.gguf", "split.tensors.count is 9", (const char *)NULL);
+    tdm_gguf_writer_destroy(wb);
+
+    /* Shard 3 of a model with the same counts: its tensor names repeat. */
+    wb = make_split_writer("a", SPLIT_T, 1, 13);
+    snprintf(pb, sizeof(pb), "%s/c", dir);
+    CHECK(wb != NULL &&
+              tdm_gguf_writer_write_split(wb, pb, max_bytes, &n, err, sizeof(err)) == TDM_OK &&
+              n == 3,
+          "write c: %d shards (%s)", n, err);
+    snprintf(other, sizeof(other), "%s/c-00003-of-00003.gguf", dir);
+    CHECK(copy_file(other, sh[2]), "copy c's shard 3");
+    expect_split_bad("same counts, other model", sh[0], TDM_ERR_FORMAT, "shard 3 of 3",
+                     "a-00003-of-00003.gguf", "tensor 'a.0'", "also in shard 1",
+                     (const char *)NULL);
+    tdm_gguf_writer_destroy(wb);
+
+    /* Shard 3 in the place of shard 2; a one-file model in the place of 3. */
+    CHECK(tdm_gguf_writer_write_split(w, prefix, max_bytes, &n, err, sizeof(err)) == TDM_OK,
+          "rewrite: %s", err);
+    CHECK(copy_file(sh[2], sh[1]), "copy 3 over 2");
+    expect_split_bad("shards swapped", sh[0], TDM_ERR_FORMAT, "shard 2 of 3",
+                     "split.no is 2, expected 1", (const char *)NULL);
+    CHECK(tdm_gguf_writer_write_split(w, prefix, max_bytes, &n, err, sizeof(err)) == TDM_OK,
+          "rewrite: %s", err);
+    CHECK(copy_file(whole, sh[2]), "copy whole over 3");
+    expect_split_bad("one file as shard", sh[0], TDM_ERR_FORMAT, "shard 3 of 3", "has no split.no",
+                     (const char *)NULL);
+
+    /* The first shard under a name that disagrees, or follows no pattern. */
+    snprintf(other, sizeof(other), "%s/d-00001-of-00004.gguf", dir);
+    CHECK(copy_file(sh[0], other), "copy");
+    expect_split_bad("name disagrees", other, TDM_ERR_FORMAT, "named as shard 1 of 4",
+                     "split.count 3", (const char *)NULL);
+    snprintf(other, sizeof(other), "%s/plain.gguf", dir);
+    CHECK(copy_file(sh[0], other), "copy");
+    expect_split_bad("unnamed first shard", other, TDM_ERR_FORMAT, "plain.gguf",
+                     "-00001-of-00003.gguf", (const char *)NULL);
+    snprintf(other, sizeof(other), "%s/e-00001-of-00002.gguf", dir);
+    CHECK(copy_file(whole, other), "copy");
+    expect_split_bad("one file named as shard", other, TDM_ERR_FORMAT, "named as shard 1 of 2",
+                     "no split.count", (const char *)NULL);
+
+    /* A limit below every tensor: one tensor a shard. */
+    snprintf(pb, sizeof(pb), "%s/f", dir);
+    st = tdm_gguf_writer_write_split(w, pb, 1, &n, err, sizeof(err));
+    CHECK(st == TDM_OK && n == SPLIT_T, "limit 1: %d shards (%s)", n, err);
+    snprintf(other, sizeof(other), "%s/f-00001-of-%05d.gguf", dir, SPLIT_T);
+    gs = NULL;
+    st = tdm_gguf_open(other, false, err, sizeof(err), &gs);
+    CHECK(st == TDM_OK && tdm_gguf_n_shards(gs) == SPLIT_T && tdm_gguf_n_tensors(gs) == SPLIT_T &&
+              tdm_gguf_tensor(gs, 5)->shard == 5,
+          "open 6 shards: %s", err);
+    tdm_gguf_close(gs);
+    /* A limit that holds everything: one shard, a plain model. */
+    snprintf(pb, sizeof(pb), "%s/g", dir);
+    st = tdm_gguf_writer_write_split(w, pb, 1ull << 30, &n, err, sizeof(err));
+    CHECK(st == TDM_OK && n == 1, "one shard: %d (%s)", n, err);
+    snprintf(other, sizeof(other), "%s/g-00001-of-00001.gguf", dir);
+    gs = NULL;
+    st = tdm_gguf_open(other, false, err, sizeof(err), &gs);
+    CHECK(st == TDM_OK && tdm_gguf_n_shards(gs) == 1 && tdm_gguf_n_tensors(gs) == SPLIT_T,
+          "open one shard: %s", err);
+    tdm_gguf_close(gs);
+    err[0] = '\0';
+    CHECK(tdm_gguf_writer_write_split(w, pb, 0, &n, err, sizeof(err)) == TDM_ERR_INVALID &&
+              err[0] != '\0',
+          "limit 0");
+
+    tdm_gguf_writer_destroy(w);
+    remove_dir(dir);
+}
+
 /* ---- the default model ---- */
 
 static void test_default_model(void)
@@ -710,6 +1057,7 @@ int main(void)
     make_tensor_data();
     test_round_trip();
     test_broken();
+    test_split();
     test_default_model();
     for (int i = 0; i < N_TENSORS; i++)
         free(tensor_data[i]);
