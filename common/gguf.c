@@ -891,6 +891,9 @@ static tdm_status_t open_split(gguf_parser_t *p, const char *path, size_t stem, 
     }
     shards[0] = first;
     uint64_t sum = first->n_tensors;
+    /* tandem's writer marks every shard of one model with the same id */
+    uint64_t id = 0, kid = 0;
+    const int has_id = split_key(first, "split.tandem_id", &id) == 1;
     for (uint32_t k = 0; k < count && s == TDM_OK; k++) {
         paths[k] = shard_path(path, stem, k + 1, count);
         if (paths[k] == NULL)
@@ -931,6 +934,11 @@ static tdm_status_t open_split(gguf_parser_t *p, const char *path, size_t stem, 
                            "shard %" PRIu32 " of %" PRIu32 " '%s': split.tensors.count is %" PRIu64
                            " but the first shard '%s' says %" PRIu64 " (a shard of another model?)",
                            k + 1, count, sp, tot, paths[0], total);
+        else if (has_id && (split_key(shards[k], "split.tandem_id", &kid) != 1 || kid != id))
+            s = fail_plain(p, TDM_ERR_FORMAT,
+                           "shard %" PRIu32 " of %" PRIu32 " '%s' is a shard of another model: "
+                           "its split.tandem_id differs from the first shard's '%s'",
+                           k + 1, count, sp, paths[0]);
         sum += shards[k]->n_tensors;
     }
     if (s == TDM_OK && sum != total)

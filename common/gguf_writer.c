@@ -5,6 +5,7 @@
  * such files, each holding a run of the tensors (docs/gguf-split.md). */
 #include "tandem/dtype.h"
 #include "tandem/gguf.h"
+#include "tandem/hash.h"
 #include "tandem/log.h"
 
 #include <errno.h>
@@ -386,9 +387,10 @@ static void out_pad(gguf_out_t *o, uint64_t alignment)
  * kvs. A whole file has every kv as set and no split.* added. */
 typedef struct gguf_part {
     size_t t0, t1;
-    int split;     /* write split.no, split.count, split.tensors.count */
+    int split;     /* write split.no, split.count, split.tensors.count, split.tandem_id */
     int with_meta; /* every kv (split: but split.*), else only general.alignment */
     uint32_t no, count;
+    uint64_t id; /* split.tandem_id: the same in every shard of one model */
 } gguf_part_t;
 
 static int is_split_key(const char *key)
@@ -422,7 +424,32 @@ static uint64_t align_up(uint64_t n, uint64_t align)
 }
 
 /* The split.* kvs as written: key length, key, type, value. */
-#define SPLIT_KVS_BYTES ((8 + 8 + 4 + 2) + (8 + 11 + 4 + 2) + (8 + 19 + 4 + 4))
+#define SPLIT_KVS_BYTES ((8 + 8 + 4 + 2) + (8 + 11 + 4 + 2) + (8 + 19 + 4 + 4) + (8 + 15 + 4 + 8))
+
+/* split.tandem_id: a hash of everything the shards hold together (every
+ * kv but split.*, every tensor's info and data), so that a reader can tell
+ * a shard of another model, even one with the same tensor names and
+ * counts (another quantization of the same model, say). */
+static uint64_t split_id(const tdm_gguf_writer_t *w)
+{
+    tdm_hash128_t h = tdm_hash128("tandem split", 12, 0);
+    for (size_t i = 0; i < w->n_kv; i++) {
+        const gguf_wkv_t *kv = &w->kvs[i];
+        if (is_split_key(kv->key))
+            continue;
+        h = tdm_hash128_chain(h, kv->key, strlen(kv->key) + 1);
+        h = tdm_hash128_chain(h, &kv->type, sizeof(kv->type));
+        h = tdm_hash128_chain(h, kv->val.p, kv->val.len);
+    }
+    for (size_t i = 0; i < w->n_tensors; i++) {
+        const gguf_wtensor_t *t = &w->tensors[i];
+        h = tdm_hash128_chain(h, t->name, strlen(t->name) + 1);
+        h = tdm_hash128_chain(h, t->ne, sizeof(t->ne));
+        h = tdm_hash128_chain(h, &t->type, sizeof(t->type));
+        h = tdm_hash128_chain(h, t->data, t->nbytes);
+    }
+    return h.lo ^ h.hi;
+}
 
 /* Bytes of the part's header, kvs and tensor infos, before the padding. */
 static uint64_t part_header_bytes(const tdm_gguf_writer_t *w, const gguf_part_t *part)
@@ -455,7 +482,7 @@ static tdm_status_t write_part(const tdm_gguf_writer_t *w, const gguf_part_t *pa
     for (size_t i = 0; i < w->n_kv; i++)
         n_kv += (uint64_t)part_has_kv(part, &w->kvs[i]);
     if (part->split)
-        n_kv += 3;
+        n_kv += 4;
     out_put_le(&o, GGUF_MAGIC, 4);
     out_put_le(&o, GGUF_VERSION, 4);
     out_put_le(&o, part->t1 - part->t0, 8);
@@ -476,6 +503,10 @@ static tdm_status_t write_part(const tdm_gguf_writer_t *w, const gguf_part_t *pa
         for (unsigned i = 0; i < 4; i++)
             v[i] = (uint8_t)((uint64_t)w->n_tensors >> (8 * i));
         out_kv(&o, "split.tensors.count", TDM_GGUF_TYPE_INT32, v, 4);
+        uint8_t id[8];
+        for (unsigned i = 0; i < 8; i++)
+            id[i] = (uint8_t)(part->id >> (8 * i));
+        out_kv(&o, "split.tandem_id", TDM_GGUF_TYPE_UINT64, id, 8);
     }
     uint64_t offset = 0; /* of the next tensor, relative to the data section */
     for (size_t i = part->t0; i < part->t1; i++) {
@@ -667,7 +698,9 @@ tdm_status_t tdm_gguf_writer_write_split(const tdm_gguf_writer_t *w, const char 
         goto out;
     }
     size_t plen = strlen(prefix) + 32;
+    const uint64_t id = split_id(w);
     for (size_t i = 0; i < n_parts; i++) {
+        parts[i].id = id;
         parts[i].no = (uint32_t)i;
         parts[i].count = (uint32_t)n_parts;
         paths[i] = malloc(plen);

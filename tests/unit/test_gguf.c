@@ -762,8 +762,9 @@ static void check_split_equal(const tdm_gguf_t *gw, const tdm_gguf_t *gs)
     CHECK(tdm_gguf_find_tensor(gs, "a.6") == NULL, "no such tensor");
     CHECK(tdm_gguf_shard_data(gs, 3, NULL, NULL) == NULL, "shard out of range");
 
-    /* Metadata: the same kvs, in the same order, then the split.* ones. */
-    CHECK(tdm_gguf_n_kv(gs) == tdm_gguf_n_kv(gw) + 3, "split kvs %" PRIu64, tdm_gguf_n_kv(gs));
+    /* Metadata: the same kvs, in the same order, then the split.* ones
+     * (split.no, split.count, split.tensors.count, split.tandem_id). */
+    CHECK(tdm_gguf_n_kv(gs) == tdm_gguf_n_kv(gw) + 4, "split kvs %" PRIu64, tdm_gguf_n_kv(gs));
     for (uint64_t i = 0; i < tdm_gguf_n_kv(gw); i++)
         CHECK(kv_same(tdm_gguf_kv(gw, i), tdm_gguf_kv(gs, i)), "kv %" PRIu64 " equal", i);
     const tdm_gguf_kv_t *kv = tdm_gguf_find_kv(gs, "split.no");
@@ -949,7 +950,7 @@ static void test_split(void)
     snprintf(other, sizeof(other), "%s/c-00003-of-00003.gguf", dir);
     CHECK(copy_file(other, sh[2]), "copy c's shard 3");
     expect_split_bad("same counts, other model", sh[0], TDM_ERR_FORMAT, "shard 3 of 3",
-                     "a-00003-of-00003.gguf", "tensor 'a.0'", "also in shard 1",
+                     "a-00003-of-00003.gguf", "shard of another model", "split.tandem_id",
                      (const char *)NULL);
     tdm_gguf_writer_destroy(wb);
 
