@@ -1084,6 +1084,18 @@ void tdm_gguf_close(tdm_gguf_t *g)
     free(g);
 }
 
+void tdm_gguf_release_data(const tdm_gguf_t *g, const tdm_gguf_tensor_t *t)
+{
+    const tdm_gguf_t *owner = g->shards != NULL && t->shard < g->n_shards ? g->shards[t->shard] : g;
+    if (!owner->mapped || t->data == NULL || t->nbytes == 0)
+        return;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)t->data + page - 1) & ~(page - 1);
+    uintptr_t hi = ((uintptr_t)t->data + (uintptr_t)t->nbytes) & ~(page - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_DONTNEED); /* a hint: pages come back on a read */
+}
+
 uint32_t tdm_gguf_version(const tdm_gguf_t *g)
 {
     return g->version;

@@ -1571,6 +1571,15 @@ tdm_status_t tdm_engine_eval_split(tdm_engine_t *e, const int32_t *tokens, size_
     return st;
 }
 
+tdm_status_t tdm_engine_set_act_hook(tdm_engine_t *e, tdm_engine_act_fn fn, void *user)
+{
+    if (fn != NULL && e->be->ops->device_memory)
+        return TDM_ERR_UNSUPPORTED;
+    e->act_hook = fn;
+    e->act_user = user;
+    return TDM_OK;
+}
+
 tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits)
 {
     return tdm_engine_eval_split(e, tokens, n, 0, NULL, NULL, logits);

@@ -126,6 +126,10 @@ struct tdm_engine {
     void *act;
     float *h_logits; /* host copy of logits [max_logits][n_vocab] */
 
+    /* tdm_engine_set_act_hook (host backends only) */
+    tdm_engine_act_fn act_hook;
+    void *act_user;
+
     /* step-time bound (cfg.max_step_ms): measured wall time per row of
      * recent steps (0: none measured yet), stepping thread only */
     double ms_per_row;

@@ -26,10 +26,13 @@
 #include "engine_internal.h"
 
 /* Quantizes/copies x for weights of wtype into e->act, unless the previous
- * call left the same input prepared for the same type. */
-static void prepare(tdm_engine_t *e, uint32_t wtype, const float *x, int64_t n, int64_t k,
-                    uint32_t *prepared)
+ * call left the same input prepared for the same type; shows x to the
+ * activation hook as the input of matrix `which` of layer il. */
+static void prepare(tdm_engine_t *e, int32_t il, tdm_matrix_t which, uint32_t wtype, const float *x,
+                    int64_t n, int64_t k, uint32_t *prepared)
 {
+    if (e->act_hook != NULL)
+        e->act_hook(e->act_user, il, which, x, n, k);
     if (*prepared == wtype)
         return;
     e->be->ops->act_prepare(e->be, wtype, x, n, k, e->act);
@@ -63,30 +66,30 @@ static void forward_compute(void *arg)
         const tdm_layer_weights_t *L = &m->layers[il];
         uint32_t prepared = none;
         ops->rmsnorm(be, e->x, L->attn_norm, n, d, hp->norm_eps, e->xn);
-        prepare(e, L->q_type, e->xn, n, d, &prepared);
+        prepare(e, il, TDM_MATRIX_Q, L->q_type, e->xn, n, d, &prepared);
         ops->matmul(be, L->wq, e->act, n, e->q, qd);
-        prepare(e, L->k_type, e->xn, n, d, &prepared);
+        prepare(e, il, TDM_MATRIX_K, L->k_type, e->xn, n, d, &prepared);
         ops->matmul(be, L->wk, e->act, n, e->k, kvd);
-        prepare(e, L->v_type, e->xn, n, d, &prepared);
+        prepare(e, il, TDM_MATRIX_V, L->v_type, e->xn, n, d, &prepared);
         ops->matmul(be, L->wv, e->act, n, e->v, kvd);
         ops->rope(be, e->q, e->d_pos, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_theta);
         ops->rope(be, e->k, e->d_pos, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_theta);
         ops->kv_write(be, e->k, e->v, e->d_slot, n, kvd, e->cache_k[il], e->cache_v[il]);
         ops->attention(be, ap, e->q, e->cache_k[il], e->cache_v[il], e->att);
         prepared = none;
-        prepare(e, L->o_type, e->att, n, qd, &prepared);
+        prepare(e, il, TDM_MATRIX_O, L->o_type, e->att, n, qd, &prepared);
         ops->matmul(be, L->wo, e->act, n, e->tmp, d);
         ops->add(be, e->x, e->tmp, n * d);
 
         prepared = none;
         ops->rmsnorm(be, e->x, L->ffn_norm, n, d, hp->norm_eps, e->xn);
-        prepare(e, L->gate_type, e->xn, n, d, &prepared);
+        prepare(e, il, TDM_MATRIX_GATE, L->gate_type, e->xn, n, d, &prepared);
         ops->matmul(be, L->w_gate, e->act, n, e->gate, ff);
-        prepare(e, L->up_type, e->xn, n, d, &prepared);
+        prepare(e, il, TDM_MATRIX_UP, L->up_type, e->xn, n, d, &prepared);
         ops->matmul(be, L->w_up, e->act, n, e->up, ff);
         ops->swiglu(be, e->gate, e->up, n, ff, e->gate);
         prepared = none;
-        prepare(e, L->down_type, e->gate, n, ff, &prepared);
+        prepare(e, il, TDM_MATRIX_DOWN, L->down_type, e->gate, n, ff, &prepared);
         ops->matmul(be, L->w_down, e->act, n, e->tmp, d);
         ops->add(be, e->x, e->tmp, n * d);
     }
@@ -94,7 +97,7 @@ static void forward_compute(void *arg)
         uint32_t prepared = none;
         ops->gather_rows(be, e->x, e->d_logit_idx, a->n_logits, d, e->hid);
         ops->rmsnorm(be, e->hid, m->output_norm, a->n_logits, d, hp->norm_eps, e->hid);
-        prepare(e, m->output_type, e->hid, a->n_logits, d, &prepared);
+        prepare(e, -1, TDM_MATRIX_OUTPUT, m->output_type, e->hid, a->n_logits, d, &prepared);
         ops->matmul(be, m->output, e->act, a->n_logits, e->logits, hp->n_vocab);
     }
 }

@@ -77,6 +77,8 @@ static tdm_status_t load_matrix(tdm_model_t *m, const char *name, uint64_t ne0, 
     }
     *type = t->type;
     m->weight_bytes += t->nbytes;
+    if (m->be->ops->weight_uses_source != NULL && !m->be->ops->weight_uses_source(m->be, *out))
+        tdm_gguf_release_data(m->gguf, t); /* repacked: no second resident copy */
     return TDM_OK;
 }
 

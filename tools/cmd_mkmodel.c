@@ -243,7 +243,7 @@ static tdm_status_t copy_vocab(tdm_gguf_writer_t *w, const char *path, int *n_vo
         memcpy(key, kv->key.ptr, kv->key.len);
         key[kv->key.len] = 0;
         if (kv->type == TDM_GGUF_TYPE_STRING) {
-            const tdm_str_t *s = kv->data;
+            const tdm_str_t *s = &kv->strs[0];
             char *v = strndup(s->ptr, s->len);
             st = v ? tdm_gguf_writer_set_str(w, key, v) : TDM_ERR_NOMEM;
             free(v);

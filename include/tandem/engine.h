@@ -250,6 +250,29 @@ void tdm_engine_get_stats(tdm_engine_t *e, tdm_engine_stats_t *s);
  * a private sequence of the cache; chunked by max_num_batched_tokens. */
 tdm_status_t tdm_engine_eval(tdm_engine_t *e, const int32_t *tokens, size_t n, float *logits);
 
+/* The matrices of a layer, and the output matrix, as an activation hook
+ * names them. */
+typedef enum tdm_matrix {
+    TDM_MATRIX_Q,
+    TDM_MATRIX_K,
+    TDM_MATRIX_V,
+    TDM_MATRIX_O,
+    TDM_MATRIX_GATE,
+    TDM_MATRIX_UP,
+    TDM_MATRIX_DOWN,
+    TDM_MATRIX_OUTPUT, /* layer -1 */
+} tdm_matrix_t;
+
+/* Sees the input of each matmul of a forward: x is [n][k] f32 in host
+ * memory, read-only, valid during the call. */
+typedef void (*tdm_engine_act_fn)(void *user, int32_t layer, tdm_matrix_t which, const float *x,
+                                  int64_t n, int64_t k);
+
+/* Installs (fn != NULL) or removes an activation hook, called on the thread
+ * that runs the forward (tandem imatrix collects importance matrices with
+ * it). TDM_ERR_UNSUPPORTED on a backend whose buffers are device memory. */
+tdm_status_t tdm_engine_set_act_hook(tdm_engine_t *e, tdm_engine_act_fn fn, void *user);
+
 /* The chained keys of the full blocks of tokens[0, n) (as the prefix cache
  * computes them: seeded with the model fingerprint and the KV layout):
  * writes n / block_size keys to keys (room for that many) and returns how

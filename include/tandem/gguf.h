@@ -123,6 +123,11 @@ tdm_status_t tdm_gguf_open_memory(const void *buf, size_t len, bool allow_any_ty
                                   size_t err_len, tdm_gguf_t **out);
 void tdm_gguf_close(tdm_gguf_t *g);
 
+/* Drops the memory pages of tensor t's data from this process (the file
+ * stays mapped: a later read brings them back from the file). For a weight
+ * the backend copied or repacked, so that the process does not keep the
+ * file's pages as a second resident copy. No-op for an in-memory file. */
+void tdm_gguf_release_data(const tdm_gguf_t *g, const tdm_gguf_tensor_t *t);
 uint32_t tdm_gguf_version(const tdm_gguf_t *g);
 uint64_t tdm_gguf_n_kv(const tdm_gguf_t *g);
 const tdm_gguf_kv_t *tdm_gguf_kv(const tdm_gguf_t *g, uint64_t i);

@@ -92,6 +92,9 @@ typedef struct tdm_backend_ops {
     tdm_status_t (*weight_load)(tdm_backend_t *be, const void *data, uint32_t wtype, int64_t rows,
                                 int64_t k, tdm_bweight_t **out);
     void (*weight_free)(tdm_backend_t *be, tdm_bweight_t *w);
+    /* Optional (NULL: always): whether w still reads the data weight_load
+     * was given; when not, the engine drops the file's pages of it. */
+    int (*weight_uses_source)(tdm_backend_t *be, const tdm_bweight_t *w);
 
     /* ---- matmul: y[t][r] = sum_j W[r][j] * x[t][j], y row stride ldy ---- */
     size_t (*act_size)(uint32_t wtype, int64_t n, int64_t k);

@@ -218,6 +218,12 @@ static void cpu_weight_free(tdm_backend_t *be, tdm_bweight_t *w)
     free(w);
 }
 
+static int cpu_weight_uses_source(tdm_backend_t *be, const tdm_bweight_t *w)
+{
+    (void)be;
+    return w->owned == NULL; /* float weights are read where they are */
+}
+
 /* ---- activations ---- */
 
 static size_t cpu_act_size(uint32_t wtype, int64_t n, int64_t k)
@@ -865,6 +871,7 @@ tdm_status_t tdm_backend_cpu_create(int n_threads, tdm_cpu_isa_t isa, tdm_backen
         .sync = cpu_sync,
         .weight_load = cpu_weight_load,
         .weight_free = cpu_weight_free,
+        .weight_uses_source = cpu_weight_uses_source,
         .act_size = cpu_act_size,
         .act_prepare = cpu_act_prepare,
         .matmul = cpu_matmul,
