@@ -5,6 +5,8 @@
 #   make demo    set-up, build, model, then a local cluster (tandem up) and one streamed answer
 #   make test    set-up, Release and ASan+UBSan builds, every test on both
 #   make bench   tandem bench engine against llama.cpp on this machine
+#   make test-quants  tandem on GGUF files llama.cpp writes (Q4_K_M, IQ4_XS, ...)
+#   make quant-quality  perplexity of tandem's quantizer against llama.cpp's
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -12,7 +14,7 @@ TANDEM_HOME ?= $(HOME)/.cache/tandem
 export TANDEM_HOME
 FUZZ_SECONDS ?= 60
 
-.PHONY: all build deps model demo test test-release test-asan test-python fuzz bench clean format
+.PHONY: all build deps model demo test test-release test-asan test-python fuzz bench test-quants quant-quality clean format
 
 all: build
 
@@ -42,6 +44,12 @@ test: deps model build
 
 bench: deps model build
 	scripts/bench.sh $(BUILD)
+
+test-quants: deps model build
+	scripts/test-quant-files.sh $(BUILD)
+
+quant-quality: test-quants
+	scripts/quant-quality.sh $(BUILD)
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')

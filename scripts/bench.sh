@@ -10,15 +10,7 @@ BUILD=${1:-build}
 THREADS=${THREADS:-$(nproc)}
 out=$BUILD/bench
 mkdir -p "$out"
-req=tests/python/requirements-bench.txt
-stamp=.venv-bench/.requirements.sha256
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ ! -x .venv-bench/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "bench: building llama-cpp-python into .venv-bench (native CPU flags; takes minutes)"
-    python3 -m venv .venv-bench
-    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install -q --disable-pip-version-check -r "$req"
-    echo "$want" > "$stamp"
-fi
+scripts/bench-venv.sh
 echo "bench: tandem bench engine --threads $THREADS"
 "$BUILD/bin/tandem" bench engine --threads "$THREADS" --json | tee "$out/tandem.json"
 echo "bench: llama.cpp (llama-cpp-python) --threads $THREADS"

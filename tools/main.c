@@ -18,6 +18,8 @@ static void usage(FILE *f)
                "  drain        drain a prefill or decode node (as SIGTERM does)\n"
                "  ppl          perplexity of a text file\n"
                "  mkmodel      write a small Llama GGUF with random weights\n"
+               "  quantize     a GGUF model into another weight type or mix (Q4_K_M, ...)\n"
+               "  imatrix      an importance matrix from calibration text (for quantize)\n"
                "  logits       logits of a prompt's last position (for tests)\n");
 }
 
@@ -38,6 +40,8 @@ int main(int argc, char **argv)
         {"bench", cmd_bench},
         {"ppl", cmd_ppl},
         {"mkmodel", cmd_mkmodel},
+        {"quantize", cmd_quantize},
+        {"imatrix", cmd_imatrix},
         {"logits", cmd_logits},
         {"up", cmd_up},
         {"status", cmd_status},

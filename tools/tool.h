@@ -72,5 +72,7 @@ int cmd_down(int argc, char **argv);
 int cmd_drain(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
 int cmd_mkmodel(int argc, char **argv);
+int cmd_quantize(int argc, char **argv); /* tools/cmd_quantize.c */
+int cmd_imatrix(int argc, char **argv);  /* tools/cmd_imatrix.c */
 
 #endif
