@@ -1,6 +1,7 @@
 #include "tandem/dtype.h"
 #include "tandem/qform.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -445,4 +446,69 @@ void tdm_dtype_from_f32(uint32_t type, const float *src, void *dst, uint64_t n)
     }
     default: break;
     }
+}
+
+/* The f16 fields of a block of each quantized layout: byte offset and name
+ * (GGML's field names). */
+typedef struct f16_field {
+    uint16_t off;
+    const char *name;
+} f16_field_t;
+
+static int f16_fields(uint32_t type, f16_field_t f[2])
+{
+    switch (type) {
+    case TDM_DTYPE_Q4_0:
+    case TDM_DTYPE_Q5_0:
+    case TDM_DTYPE_Q8_0:
+    case TDM_DTYPE_IQ4_NL:
+    case TDM_DTYPE_IQ4_XS: f[0] = (f16_field_t){0, "d"}; return 1;
+    case TDM_DTYPE_Q4_1:
+    case TDM_DTYPE_Q5_1: f[0] = (f16_field_t){0, "d"}, f[1] = (f16_field_t){2, "m"}; return 2;
+    case TDM_DTYPE_Q4_K:
+    case TDM_DTYPE_Q5_K: f[0] = (f16_field_t){0, "d"}, f[1] = (f16_field_t){2, "dmin"}; return 2;
+    case TDM_DTYPE_Q2_K: f[0] = (f16_field_t){80, "d"}, f[1] = (f16_field_t){82, "dmin"}; return 2;
+    case TDM_DTYPE_Q3_K: f[0] = (f16_field_t){108, "d"}; return 1;
+    case TDM_DTYPE_Q6_K: f[0] = (f16_field_t){208, "d"}; return 1;
+    default: return 0;
+    }
+}
+
+int tdm_dtype_validate(uint32_t type, const void *data, uint64_t nbytes, uint64_t *bad_at,
+                       char *what, size_t what_len)
+{
+    const uint8_t *p = data;
+    if (type == TDM_DTYPE_F32 || type == TDM_DTYPE_F16 || type == TDM_DTYPE_BF16) {
+        const uint64_t es = type == TDM_DTYPE_F32 ? 4 : 2;
+        for (uint64_t i = 0; i + es <= nbytes; i += es) {
+            uint32_t u = es == 4 ? (uint32_t)p[i] | (uint32_t)p[i + 1] << 8 |
+                                       (uint32_t)p[i + 2] << 16 | (uint32_t)p[i + 3] << 24
+                                 : (uint32_t)(p[i] | p[i + 1] << 8);
+            bool bad = type == TDM_DTYPE_F32   ? (u & 0x7f800000u) == 0x7f800000u
+                       : type == TDM_DTYPE_F16 ? (u & 0x7c00u) == 0x7c00u
+                                               : (u & 0x7f80u) == 0x7f80u;
+            if (bad) {
+                *bad_at = i;
+                snprintf(what, what_len, "element %" PRIu64 " is not finite (bits 0x%0*x)", i / es,
+                         (int)(2 * es), u);
+                return 1;
+            }
+        }
+        return 0;
+    }
+    f16_field_t f[2];
+    const int nf = f16_fields(type, f);
+    const size_t bb = tdm_dtype_block_bytes(type);
+    for (uint64_t b = 0; nf > 0 && bb > 0 && (b + 1) * bb <= nbytes; b++)
+        for (int j = 0; j < nf; j++) {
+            const uint64_t at = b * bb + f[j].off;
+            const unsigned h = (unsigned)(p[at] | p[at + 1] << 8);
+            if ((h & 0x7c00u) == 0x7c00u) {
+                *bad_at = at;
+                snprintf(what, what_len, "block %" PRIu64 ": scale %s is not finite (f16 0x%04x)",
+                         b, f[j].name, h);
+                return 1;
+            }
+        }
+    return 0;
 }

@@ -1,4 +1,5 @@
 /* Loading a Llama-architecture GGUF model into a backend. */
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +57,22 @@ static tdm_status_t find_matrix(const tdm_gguf_t *g, const char *name, uint64_t 
     if (t->ne[0] % tdm_dtype_block_elems(t->type) != 0) {
         set_err(err, err_len, "tensor '%s': row length is not a multiple of the %s block size",
                 name, tdm_dtype_name(t->type));
+        return TDM_ERR_FORMAT;
+    }
+    /* A NaN or infinite scale (or float weight) would turn every answer
+     * into NaN: refuse it with where it is. */
+    uint64_t bad_at;
+    char what[128];
+    if (tdm_dtype_validate(t->type, t->data, t->nbytes, &bad_at, what, sizeof(what))) {
+        uint64_t data_off = 0;
+        uint32_t shard = tdm_gguf_n_shards(g) > 1 ? t->shard : 0;
+        (void)tdm_gguf_shard_data(g, shard, NULL, &data_off);
+        if (err != NULL)
+            snprintf(err, err_len,
+                     "tensor '%s' (%s, data at byte %" PRIu64 "%s): %s at byte %" PRIu64, name,
+                     tdm_dtype_name(t->type), data_off + t->offset,
+                     tdm_gguf_n_shards(g) > 1 ? " of its shard" : "", what,
+                     data_off + t->offset + bad_at);
         return TDM_ERR_FORMAT;
     }
     *out = t;

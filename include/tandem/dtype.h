@@ -101,6 +101,14 @@ uint16_t tdm_f32_to_f16(float f);
  * GGML's reference dequantization (and the PyPI gguf package) uses, so the
  * bits are the same. Reference code, not for hot paths. */
 void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n);
+/* Checks nbytes of a tensor's data of `type` for values no weight may
+ * have: a non-finite f16 scale (d, m, dmin) in a quantized block, a
+ * non-finite element of a float tensor. Returns 0 when none; else 1 with
+ * *bad_at the byte offset (within data) of the first and a description
+ * ("block 12: scale d is not finite (f16 0x7c00)") in what. */
+int tdm_dtype_validate(uint32_t type, const void *data, uint64_t nbytes, uint64_t *bad_at,
+                       char *what, size_t what_len);
+
 /* Quantizes n f32 values (a multiple of the block size) into a row of type
  * (any supported type). Used by mkmodel and tests. */
 void tdm_dtype_from_f32(uint32_t type, const float *src, void *dst, uint64_t n);

@@ -1,7 +1,9 @@
 /* libFuzzer target: tdm_gguf_open_memory on arbitrary bytes. A file that
  * opens is walked through every getter, so pointers the reader hands out
  * are read in full (ASan catches any that leave the buffer). */
+#include "tandem/dtype.h"
 #include "tandem/gguf.h"
+#include "tandem/qform.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -77,6 +79,35 @@ static uint64_t walk_kv(const tdm_gguf_t *g, const tdm_gguf_kv_t *kv)
     return sum;
 }
 
+/* What the model loader and the kernels' packing do with a tensor's
+ * bytes: the scale check, then the first rows (at most 4 of at most 4096
+ * elements) dequantized and split into their integer form. */
+static uint64_t decode(const tdm_gguf_tensor_t *t)
+{
+    uint64_t at = 0, sum = 0;
+    char what[128];
+    sum += (uint64_t)tdm_dtype_validate(t->type, t->data, t->nbytes, &at, what, sizeof(what)) + at;
+    const uint64_t k = t->ne[0];
+    const size_t rb = tdm_dtype_row_bytes(t->type, k);
+    if (rb == 0 || k > 4096 || t->nbytes < rb)
+        return sum;
+    static float y[4096], sc[4096 / 16], mn[4096 / 16];
+    static uint8_t u[4096];
+    tdm_qform_t f;
+    for (uint64_t r = 0; r < 4 && (r + 1) * rb <= t->nbytes; r++) {
+        const uint8_t *row = (const uint8_t *)t->data + r * rb;
+        tdm_dtype_to_f32(t->type, row, y, k);
+        sum += (uint64_t)(y[0] == y[0]) + (uint64_t)(y[k - 1] == y[k - 1]);
+        if (tdm_qform_of(t->type, &f)) {
+            tdm_qform_decode(t->type, row, k, u, sc, mn);
+            if (f.nib && u[k - 1] > 15)
+                abort();
+            sum += u[0] + u[k - 1];
+        }
+    }
+    return sum;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     /* The last byte's low bit picks the type policy, so both paths run. */
@@ -102,7 +133,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         const tdm_gguf_tensor_t *t = tdm_gguf_tensor(g, i);
         sum += touch(t->name.ptr, t->name.len) + t->n_dims + t->type;
         if (t->data != NULL)
-            sum += touch(t->data, t->nbytes);
+            sum += touch(t->data, t->nbytes) + decode(t);
         char *name = dup_name(t->name);
         if (name != NULL) {
             const tdm_gguf_tensor_t *found = tdm_gguf_find_tensor(g, name);

@@ -851,6 +851,115 @@ static void remove_dir(const char *dir)
     CHECK(rmdir(dir) == 0, "rmdir %s", dir);
 }
 
+/* Puts a NaN (k = 0) or an infinity (k = 1) into the first f16 scale of
+ * the block at p (or its first element, for BF16). */
+static void f16_or_bf16_poison(uint32_t type, uint8_t *p, int k)
+{
+    size_t off = 0;
+    switch (type) {
+    case TDM_DTYPE_Q2_K: off = 80; break;
+    case TDM_DTYPE_Q3_K: off = 108; break;
+    case TDM_DTYPE_Q6_K: off = 208; break;
+    default: off = 0; break;
+    }
+    if (type == TDM_DTYPE_BF16) {
+        p[0] = k ? 0x00 : 0xc0, p[1] = 0x7f; /* bf16 0x7fc0 NaN, 0x7f80 inf */
+        if (k)
+            p[0] = 0x80;
+        return;
+    }
+    p[off] = k ? 0x00 : 0x00, p[off + 1] = k ? 0x7c : 0x7e; /* f16 0x7e00 NaN, 0x7c00 inf */
+}
+
+/* Every quantized type tandem computes with: a file of two rows of 256
+ * (valid blocks: random codes, finite scales) opens; the same file cut
+ * short, with a row length that is not a multiple of the type's block,
+ * or with a NaN or infinite scale is refused with the field and the byte
+ * offset (the scale check is tdm_dtype_validate, which the model loader
+ * runs on every tensor). */
+static void test_quant_types_bad(void)
+{
+    static const uint32_t types[] = {TDM_DTYPE_Q5_0, TDM_DTYPE_Q5_1, TDM_DTYPE_IQ4_NL,
+                                     TDM_DTYPE_Q2_K, TDM_DTYPE_Q3_K, TDM_DTYPE_Q4_K,
+                                     TDM_DTYPE_Q5_K, TDM_DTYPE_Q6_K, TDM_DTYPE_IQ4_XS,
+                                     TDM_DTYPE_BF16, TDM_DTYPE_Q4_0, TDM_DTYPE_Q8_0};
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        const uint32_t type = types[ti];
+        const char *tn = tdm_dtype_name(type);
+        const uint64_t ne[2] = {256, 2};
+        const size_t rb = tdm_dtype_row_bytes(type, 256);
+        uint8_t *rows = malloc(2 * rb);
+        uint64_t st = 0x9e37 + type;
+        for (size_t i = 0; i < 2 * rb; i++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            rows[i] = (uint8_t)(st >> 56);
+        }
+        /* finite scales: the f16 fields tdm_dtype_validate knows */
+        uint64_t bad_at;
+        char what[128];
+        for (int guard = 0;
+             guard < 64 && tdm_dtype_validate(type, rows, 2 * rb, &bad_at, what, sizeof(what));
+             guard++)
+            rows[bad_at + (type == TDM_DTYPE_BF16 ? 1 : 1)] &= 0x3b; /* clear exponent bits */
+        CHECK(!tdm_dtype_validate(type, rows, 2 * rb, &bad_at, what, sizeof(what)),
+              "%s: could not make valid blocks (%s)", tn, what);
+        tdm_gguf_writer_t *w = NULL;
+        tdm_gguf_writer_create(&w);
+        tdm_gguf_writer_set_str(w, "general.architecture", "llama");
+        CHECK(tdm_gguf_writer_add_tensor(w, "w", 2, ne, type, rows) == TDM_OK, "%s: add", tn);
+        void *mem = NULL;
+        size_t len = 0;
+        CHECK(tdm_gguf_writer_write_memory(w, &mem, &len) == TDM_OK, "%s: write", tn);
+        tdm_gguf_writer_destroy(w);
+        tdm_gguf_t *g = NULL;
+        char err[512] = "";
+        CHECK(tdm_gguf_open_memory(mem, len, false, err, sizeof(err), &g) == TDM_OK,
+              "%s: a valid file is refused: %s", tn, err);
+        const tdm_gguf_tensor_t *t = g != NULL ? tdm_gguf_tensor(g, 0) : NULL;
+        if (t == NULL) {
+            free(mem);
+            free(rows);
+            continue;
+        }
+        const uint64_t data_at = tdm_gguf_data_offset(g) + t->offset;
+        const uint64_t ne_at = t->info_offset + 8 + t->name.len + 4;
+        tdm_gguf_close(g);
+        char label[64];
+        /* short data: the last block cut off */
+        snprintf(label, sizeof(label), "%s short data", tn);
+        expect_bad(label, mem, (size_t)(data_at + 2 * rb - 1), false, TDM_ERR_FORMAT, "data");
+        /* a row length that is not a multiple of the block */
+        uint8_t *img = malloc(len);
+        memcpy(img, mem, len);
+        const uint64_t odd = tdm_dtype_block_elems(type) > 1 ? 256 + 16 : 257;
+        for (int i = 0; i < 8; i++)
+            img[ne_at + (uint64_t)i] = (uint8_t)(odd >> (8 * i));
+        snprintf(label, sizeof(label), "%s misaligned row", tn);
+        if (type == TDM_DTYPE_BF16) /* any length is whole elements: the data no longer fits */
+            expect_bad(label, img, len, false, TDM_ERR_FORMAT, "data");
+        else
+            expect_bad(label, img, len, false, TDM_ERR_FORMAT, "not a multiple");
+        free(img);
+        /* a NaN (then infinite) scale or element in the second row */
+        for (int k = 0; k < 2; k++) {
+            img = malloc(len);
+            memcpy(img, mem, len);
+            uint8_t *d = img + data_at;
+            f16_or_bf16_poison(type, d + rb, k);
+            uint64_t at = 0;
+            int r = tdm_dtype_validate(type, d, 2 * rb, &at, what, sizeof(what));
+            CHECK(r == 1 && at >= rb && at < rb + tdm_dtype_block_bytes(type) + 2,
+                  "%s: a %s scale is not found (%d, byte %" PRIu64 ")", tn, k ? "infinite" : "NaN",
+                  r, at);
+            if (k == 0)
+                printf("  ok %-28s %s at byte %" PRIu64 " of the data\n", tn, what, at);
+            free(img);
+        }
+        free(mem);
+        free(rows);
+    }
+}
+
 static void test_split(void)
 {
     char dir[] = "/tmp/tandem-test-split-XXXXXX";
@@ -1055,6 +1164,7 @@ static void test_default_model(void)
 
 int main(void)
 {
+    test_quant_types_bad();
     make_tensor_data();
     test_round_trip();
     test_broken();
