@@ -60,11 +60,11 @@ r = gguf.GGUFReader(sys.argv[1])
 print(' '.join('%s:%d' % kv for kv in sorted(collections.Counter(t.tensor_type.name for t in r.tensors).items())))" "$f")
     echo "== $(basename "$f")  ($types)" | tee -a "$out/report.txt"
     if ! TANDEM_BIN=$TANDEM TANDEM_MODEL=$f timeout 900 .venv/bin/python -m pytest -q -s \
-        tests/python/test_reference.py -k "last_position or greedy" -p no:cacheprovider > "$out/run.log" 2>&1; then
+        tests/python/test_reference.py -k "last_position or greedy" -p no:cacheprovider > "$out/run-$(basename "$f" .gguf).log" 2>&1; then
         fail=1
     fi
-    grep -E "^\.?(logits|greedy) " "$out/run.log" | sed 's/^\.//' | sort -u | tee -a "$out/report.txt"
-    grep -E "passed|failed|error" "$out/run.log" | tail -1 | tee -a "$out/report.txt"
+    grep -E "^\.?(logits|greedy) " "$out/run-$(basename "$f" .gguf).log" | sed 's/^\.//' | sort -u | tee -a "$out/report.txt"
+    grep -E "passed|failed|error" "$out/run-$(basename "$f" .gguf).log" | tail -1 | tee -a "$out/report.txt"
 done
 [ "$fail" = 0 ] && echo "test-quants: every file passed" || echo "test-quants: FAILURES (see $out/report.txt)"
 exit $fail
