@@ -12,9 +12,11 @@
 #include "embed.cuh"
 #include "kv_transfer.cuh"
 #include "matmul.cuh"
+#include "quant.cuh"
 #include "rowops.cuh"
 #include "sample.cuh"
 #include "tandem/log.h"
+#include "tandem/qform.h"
 
 /* The tuned attention and row ops where their files are in the tree; the
  * plain ones (attention_basic.cu, rowops.cu: correct, batch invariant, not
@@ -179,33 +181,168 @@ static void cuda_host_free(tdm_backend_t *be, void *p)
 
 /* ---- weights ---- */
 
+/* The device type wtype computes as (quant.cuh): float types and Q4_0,
+ * Q4_1, Q8_0 as they are, other quantized types the layout of their
+ * integer form (tandem/qform.h); CUDA_DEV_NONE when the kernels have none
+ * (Q8_K, types tandem does not compute with). */
+#define CUDA_DEV_NONE UINT32_MAX
+static uint32_t cuda_dev_type(uint32_t wtype)
+{
+    tdm_qform_t f;
+    if (wtype == TDM_DTYPE_F32 || wtype == TDM_DTYPE_F16 || wtype == TDM_DTYPE_BF16)
+        return wtype;
+    if (!tdm_qform_of(wtype, &f) || (f.sub != 16 && f.sub != 32))
+        return CUDA_DEV_NONE;
+    const uint32_t dev = tdm_cuda_type_of_layout(
+        (f.nib ? TDM_CUDA_LY_NIB : 0) | (f.has_min ? TDM_CUDA_LY_MIN : 0) |
+        (f.sub == 16 ? TDM_CUDA_LY_SUB16 : 0) | (f.f16 ? TDM_CUDA_LY_SC16 : 0));
+    switch (dev) {
+#define DEV_CASE(T)                                                                                \
+    case T: return dev;
+        TDM_CUDA_FOR_EACH_QDEV(DEV_CASE)
+#undef DEV_CASE
+    default: return CUDA_DEV_NONE;
+    }
+}
+
+/* A scale or min into a block: f32, or f16 where the layout says so (the
+ * form promises such values are f16; one that is not fails the load). */
+static bool put_scale(uint8_t *dst, float v, int bytes)
+{
+    if (bytes == 4) {
+        memcpy(dst, &v, 4);
+        return true;
+    }
+    const uint16_t h = tdm_f32_to_f16(v);
+    const float back = tdm_f16_to_f32(h);
+    memcpy(dst, &h, 2);
+    return memcmp(&back, &v, 4) == 0 || (v != v && back != back);
+}
+
+/* One row of k elements of wtype into blocks of device type dev, from the
+ * row's integer form (u, sc, mn: room for k codes and k / 16 scales and
+ * mins). False when a value does not fit the layout (a code past its
+ * width, a scale that is not f16): never for the types tandem knows. */
+static bool repack_row(uint32_t wtype, uint32_t dev, const uint8_t *src, int64_t k, uint8_t *dst,
+                       uint8_t *u, float *sc, float *mn)
+{
+    tdm_qform_t f;
+    (void)tdm_qform_of(wtype, &f);
+    tdm_qform_decode(wtype, src, (uint64_t)k, u, sc, mn);
+    const uint32_t ly = tdm_cuda_layout(dev);
+    const int ns = tdm_cuda_nsub(dev), sb = tdm_cuda_scale_bytes(dev);
+    const int mo = tdm_cuda_min_off(dev), co = tdm_cuda_code_off(dev);
+    const int bb = tdm_cuda_block_bytes(dev), bias = f.has_min ? 0 : f.bias;
+    bool ok = true;
+    for (int64_t b = 0; b < k / 32; b++) {
+        uint8_t *o = dst + b * bb;
+        memset(o, 0, (size_t)bb);
+        for (int h = 0; h < ns; h++) {
+            ok &= put_scale(o + h * sb, sc[b * ns + h], sb);
+            if (ly & TDM_CUDA_LY_MIN)
+                ok &= put_scale(o + mo + h * sb, mn[b * ns + h], sb);
+        }
+        for (int e = 0; e < 32; e++) {
+            const int c = (int)u[b * 32 + e] - bias;
+            if (ly & TDM_CUDA_LY_NIB) {
+                const int v = ly & TDM_CUDA_LY_MIN ? c : c + 8;
+                ok &= v >= 0 && v < 16;
+                o[co + e % 16] |= (uint8_t)((v & 15) << (e / 16 * 4));
+            } else {
+                ok &= c >= -128 && c < 128;
+                o[co + e] = (uint8_t)(int8_t)c;
+            }
+        }
+    }
+    return ok;
+}
+
+/* Rows of a type the device does not keep as GGUF has them: repacked here
+ * in chunks of about 64 MiB and copied up one chunk at a time. */
+static tdm_status_t upload_repacked(tdm_cuda_backend_t *cb, tdm_bweight_t *w, const void *data)
+{
+    const size_t src_rb = tdm_dtype_row_bytes(w->wtype, (uint64_t)w->k);
+    int64_t chunk = (int64_t)(((size_t)64 << 20) / w->row_bytes);
+    chunk = chunk < 1 ? 1 : chunk > w->rows ? w->rows : chunk;
+    uint8_t *host = (uint8_t *)malloc((size_t)chunk * w->row_bytes);
+    uint8_t *u = (uint8_t *)malloc((size_t)w->k);
+    float *sc = (float *)malloc((size_t)(w->k / 16) * 2 * sizeof(float));
+    tdm_status_t st = host && u && sc ? TDM_OK : TDM_ERR_NOMEM;
+    for (int64_t r0 = 0; st == TDM_OK && r0 < w->rows; r0 += chunk) {
+        const int64_t nr = w->rows - r0 < chunk ? w->rows - r0 : chunk;
+        for (int64_t r = 0; r < nr && st == TDM_OK; r++)
+            if (!repack_row(w->wtype, w->dev, (const uint8_t *)data + (size_t)(r0 + r) * src_rb,
+                            w->k, host + (size_t)r * w->row_bytes, u, sc, sc + w->k / 16)) {
+                tdm_log_error(MOD, "row %lld of a %s weight does not fit its GPU layout",
+                              (long long)(r0 + r), tdm_dtype_name(w->wtype));
+                st = TDM_ERR_INVALID;
+            }
+        if (st != TDM_OK)
+            break;
+        const size_t bytes = (size_t)nr * w->row_bytes;
+        TDM_CUDA_CHECK(cudaMemcpyAsync((uint8_t *)w->data + (size_t)r0 * w->row_bytes, host, bytes,
+                                       cudaMemcpyHostToDevice, cb->stream));
+        TDM_CUDA_CHECK(cudaStreamSynchronize(cb->stream)); /* host is reused */
+    }
+    free(host);
+    free(u);
+    free(sc);
+    return st;
+}
+
 static tdm_status_t cuda_weight_load(tdm_backend_t *be, const void *data, uint32_t wtype,
                                      int64_t rows, int64_t k, tdm_bweight_t **out)
 {
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
-    size_t row_bytes = tdm_dtype_row_bytes(wtype, (uint64_t)k);
-    if (row_bytes == 0 || rows <= 0 ||
-        (wtype != TDM_DTYPE_F32 && wtype != TDM_DTYPE_F16 && wtype != TDM_DTYPE_Q4_0 &&
-         wtype != TDM_DTYPE_Q4_1 && wtype != TDM_DTYPE_Q8_0))
+    const uint32_t dev = cuda_dev_type(wtype);
+    if (dev == CUDA_DEV_NONE) {
+        tdm_log_error(MOD, "weight type %s is not supported on the GPU (it computes with %s)",
+                      tdm_dtype_name(wtype), tdm_dtype_supported_list());
         return TDM_ERR_UNSUPPORTED;
+    }
+    size_t row_bytes = tdm_dtype_row_bytes(wtype, (uint64_t)k);
+    if (row_bytes == 0 || rows <= 0 || (tdm_cuda_is_q(dev) && k % 32 != 0)) {
+        tdm_log_error(MOD, "%s weight of %lld x %lld: not whole blocks of the type",
+                      tdm_dtype_name(wtype), (long long)rows, (long long)k);
+        return TDM_ERR_UNSUPPORTED;
+    }
     tdm_bweight_t *w = (tdm_bweight_t *)calloc(1, sizeof(*w));
     if (w == NULL)
         return TDM_ERR_NOMEM;
     w->wtype = wtype;
+    w->dev = dev;
     w->rows = rows;
     w->k = k;
-    w->row_bytes = row_bytes;
-    size_t bytes = row_bytes * (size_t)rows;
+    w->row_bytes = dev == wtype ? row_bytes : (size_t)(k / 32) * (size_t)tdm_cuda_block_bytes(dev);
+    size_t bytes = w->row_bytes * (size_t)rows;
     w->data = cuda_buf_alloc(be, bytes);
     if (w->data == NULL) {
         free(w);
         return TDM_ERR_NOMEM;
+    }
+    if (dev != wtype) {
+        tdm_status_t st = upload_repacked(cb, w, data);
+        if (st != TDM_OK) {
+            cuda_buf_free(be, w->data);
+            free(w);
+            return st;
+        }
+        *out = w;
+        return TDM_OK;
     }
     /* synchronous: the GGUF map may be unmapped after the model loads */
     TDM_CUDA_CHECK(cudaMemcpyAsync(w->data, data, bytes, cudaMemcpyHostToDevice, cb->stream));
     TDM_CUDA_CHECK(cudaStreamSynchronize(cb->stream));
     *out = w;
     return TDM_OK;
+}
+
+/* Every weight lives in device memory: the host data is never read again. */
+static int cuda_weight_uses_source(tdm_backend_t *be, const tdm_bweight_t *w)
+{
+    (void)be;
+    (void)w;
+    return 0;
 }
 
 static void cuda_weight_free(tdm_backend_t *be, tdm_bweight_t *w)
@@ -333,6 +470,7 @@ extern "C" tdm_status_t tdm_backend_cuda_create(int device, tdm_backend_t **out)
     cb->ops.sync = cuda_sync;
     cb->ops.weight_load = cuda_weight_load;
     cb->ops.weight_free = cuda_weight_free;
+    cb->ops.weight_uses_source = cuda_weight_uses_source;
     cb->ops.act_size = cuda_act_size;
     cb->ops.act_prepare = cuda_act_prepare;
     cb->ops.matmul = cuda_matmul;

@@ -55,7 +55,7 @@ typedef struct tdm_cuda_backend {
     cudaStream_t stream;   /* every op runs here, in order */
     cudaStream_t copy;     /* KV block transfers (kv_out, kv_in: kv_transfer.cu) */
     tdm_scratch_t scratch; /* device scratch (tdm_cuda_scratch; lifetime rule in scratch.h) */
-    int mm_slots[16];      /* matmul.cu: decode CTAs resident at once, by weight type; 0: unknown */
+    int mm_slots[64];      /* matmul.cu: decode CTAs resident at once, by device type; 0: unknown */
     /* kv_transfer.cu: the copy stream's own device staging, the event that
      * orders it after the compute stream, and one event per ticket (a ring:
      * a slot reused by a later ticket is waited for as that one). */
@@ -66,12 +66,15 @@ typedef struct tdm_cuda_backend {
     uint64_t kv_ticket; /* the last ticket handed out; 0: none yet */
 } tdm_cuda_backend_t;
 
-/* A weight on the device: the GGUF rows as they are ([rows][k] of wtype,
- * blocks of 32 for quantized types), 256-byte aligned. */
+/* A weight on the device, 256-byte aligned: [rows][k] of the device type
+ * dev (quant.cuh): F32, F16, BF16, Q4_0, Q4_1 and Q8_0 rows as GGUF has
+ * them (dev == wtype), the other quantized types repacked at load from
+ * their integer form into 32-element blocks of a quant.cuh layout. */
 struct tdm_bweight {
-    uint32_t wtype;
+    uint32_t wtype; /* the GGUF type */
+    uint32_t dev;   /* the device type the kernels read */
     int64_t rows, k;
-    size_t row_bytes;
+    size_t row_bytes; /* of dev */
     void *data;
 };
 

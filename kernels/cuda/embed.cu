@@ -2,10 +2,11 @@
  *
  * Decomposition: thread j of block (x, y) writes element x * 256 + j of
  * tokens y, y + gridDim.y, ...; it decodes that one element (quant.cuh,
- * the CPU's arithmetic: d * (q - 8), d * q + m, d * q, f16 exact), so a
- * warp reads one 32-element block (18..64 bytes) and writes 128 contiguous
- * bytes. Bytes per call: n * (row_bytes + k * 4). No reduction, so nothing
- * depends on n beyond which rows are read. */
+ * tdm_dtype_to_f32's arithmetic: d * c, or d * c then + m, each rounded;
+ * F16 and BF16 exact), so a warp reads one 32-element block (18..128
+ * bytes) and writes 128 contiguous bytes. Bytes per call: n * (row_bytes
+ * + k * 4). No reduction, so nothing depends on n beyond which rows are
+ * read. */
 #include "cuda_internal.cuh"
 #include "embed.cuh"
 #include "quant.cuh"
@@ -22,7 +23,7 @@ __global__ void __launch_bounds__(256)
         const int64_t r = ids[t];
         float v = 0.0f; /* ids are checked by the engine; never read outside */
         if (r >= 0 && r < rows)
-            v = tdm_deq_elem(WT, w + r * row_bytes, j);
+            v = tdm_deq_elem<WT>(w + r * row_bytes, j);
         out[t * k + j] = v;
     }
 }
@@ -36,27 +37,16 @@ extern "C" void cuda_embed(tdm_backend_t *be, const tdm_bweight_t *w, const int3
     dim3 grid((unsigned)tdm_cuda_div_up(w->k, 256), (unsigned)(n < 65535 ? n : 65535));
     const uint8_t *data = (const uint8_t *)w->data;
     const int64_t rb = (int64_t)w->row_bytes;
-    switch (w->wtype) {
-    case TDM_DTYPE_F32:
-        embed_kernel<TDM_DTYPE_F32>
-            <<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);
+    switch (w->dev) {
+#define EMBED_CASE(T)                                                                              \
+    case T:                                                                                        \
+        embed_kernel<T><<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);       \
         break;
-    case TDM_DTYPE_F16:
-        embed_kernel<TDM_DTYPE_F16>
-            <<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);
-        break;
-    case TDM_DTYPE_Q4_0:
-        embed_kernel<TDM_DTYPE_Q4_0>
-            <<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);
-        break;
-    case TDM_DTYPE_Q4_1:
-        embed_kernel<TDM_DTYPE_Q4_1>
-            <<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);
-        break;
-    case TDM_DTYPE_Q8_0:
-        embed_kernel<TDM_DTYPE_Q8_0>
-            <<<grid, 256, 0, cb->stream>>>(data, w->rows, w->k, rb, ids, n, out);
-        break;
+        EMBED_CASE(TDM_DTYPE_F32)
+        EMBED_CASE(TDM_DTYPE_F16)
+        EMBED_CASE(TDM_DTYPE_BF16)
+        TDM_CUDA_FOR_EACH_QDEV(EMBED_CASE)
+#undef EMBED_CASE
     default: return; /* weight_load refuses other types */
     }
     TDM_CUDA_LAUNCHED("embed_kernel");

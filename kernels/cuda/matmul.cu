@@ -1,9 +1,11 @@
 /* tandem CUDA backend: matmul y[t][r] = sum_j W[r][j] x[t][j] and the
  * activation preparation it reads.
  *
- * Activations (act_prepare). F16/Q4_0/Q4_1/Q8_0 weights: x rounded to f16,
- * [n][kp] with kp = k rounded up to 32 (the pad is zeros), then for Q4_1
- * [n][kp/32] f32 block sums of those f16 values. F32 weights: x as is.
+ * Activations (act_prepare). F16 and quantized weights: x rounded to f16,
+ * [n][kp] with kp = k rounded up to 32 (the pad is zeros), then for types
+ * with mins (Q4_1, Q5_1, Q4_K, Q5_K: one per 32 elements; Q2_K: one per
+ * 16) [n][kp/32][NXS] f32 sums of those f16 values per sub-block. F32 and
+ * BF16 weights: x as is.
  *
  * The tensor-core kernel (mm_kernel), one code path for every n:
  *  - mma.m16n8k16 (f16 in, f32 accumulate) with the weights as M (16 rows)
@@ -11,16 +13,19 @@
  *    16-row tiles x NTW 8-token tiles; a block WM x WN warps, i.e. BM rows
  *    x BN tokens. Grid: x = token tiles, y = row tiles, z = K splits (or 1).
  *  - K is walked in stages of KD elements: the raw weight bytes of the
- *    block's rows (16-byte cp.async granules covering the stage at whatever
- *    alignment the GGUF row has) and the f16 activations of its tokens are
- *    staged into shared memory, NST stages in flight. Each warp decodes its
- *    own A fragments from the staged bytes into f16 registers (integer codes
- *    for quantized types, see quant.cuh) and reads B fragments with 8-byte
- *    loads; the K order inside a block is permuted the same way on both
- *    sides (lane t of a quad owns elements 16s + 4t + 0..3 of step s).
+ *    block's rows (32-element blocks of the device type, quant.cuh; 16-byte
+ *    cp.async granules covering the stage at whatever alignment the row
+ *    has) and the f16 activations of its tokens are staged into shared
+ *    memory, NST stages in flight. Each warp decodes its own A fragments
+ *    from the staged bytes into f16 registers (integer codes for quantized
+ *    types, see quant.cuh) and reads B fragments with 8-byte loads; the K
+ *    order inside a block is permuted the same way on both sides (lane t of
+ *    a quad owns elements 16s + 4t + 0..3 of step s).
  *  - Quantized: per 32-element block, p = mma(step 0) then mma(step 1) from
- *    zero; acc = fma(d, p, acc); Q4_1 also acc = fma(m, xsum, acc). F16:
- *    acc = mma(step) straight through.
+ *    zero; acc = fma(d, p, acc); with mins also acc = fma(m, xsum, acc).
+ *    Layouts with a scale per 16 elements (SUB16: Q2_K, Q3_K, Q6_K) do this
+ *    per step: p = mma(step s) from zero, acc = fma(d_s, p, acc) (then
+ *    fma(m_s, xsum_s, acc)), s = 0, 1. F16: acc = mma(step) straight through.
  *  - K splits: S = mm_splits(rows, k, slots) contiguous ranges of 256-element
  *    superchunks. Each split's sum starts from zero; the result is
  *    ((p0 + p1) + p2) + ... A block either walks all splits and adds them as
@@ -31,12 +36,13 @@
  *    n <= 32: 4 warps x (16 rows x 32 tokens), KD 128 (F16: 64), 4 stages
  *    larger:  2x2 warps x (32 rows x 64 tokens), KD 64, 3 stages
  *  The accumulators and the running sum of finished splits live in
- *  registers; only the prefill tile of the 4-bit types, where ptxas would
- *  spill at 255 registers, keeps the running sum in shared memory (touched
- *  at split ends only). Shared memory per prefill block: 90 KB for F16,
- *  78-81 KB (+32 KB of sums for Q4_0/Q4_1) for the others, two blocks per
- *  H100 SM, where registers cap it anyway (128 threads x 255). A is not
- *  read with ldmatrix: its K order is the permuted one above (which lets
+ *  registers; only the prefill tile of the 4-bit types and of the repacked
+ *  layouts, where ptxas would spill at 255 registers, keeps the running sum
+ *  in shared memory (touched at split ends only). Shared memory per
+ *  prefill block: 90 KB for F16, 81 KB for Q8_0, 75-84 KB + 32 KB of sums
+ *  for the others (107-116 KB: two blocks per H100 SM except Q5_1 and Q5_K,
+ *  one on an A100), where registers cap it at two anyway (128 threads x
+ *  255). A is not read with ldmatrix: its K order is the permuted one above (which lets
  *  quantized blocks decode 4 codes per 32-bit load), and ldmatrix would
  *  give the standard order, whose products the tensor cores may add in
  *  another order than the decode configurations do.
@@ -56,13 +62,15 @@
  * the decode configuration's blocks per SM). The products fma/add are written
  * with __fmaf_rn/__fadd_rn so no configuration contracts differently.
  *
- * F32 weights (rare, small): mm_f32_kernel, one warp per (row, token):
- * lane l sums j = l, l + 32, ... with fma, then a fixed xor-butterfly. */
+ * F32 and BF16 weights (rare, small): mm_f32_kernel on CUDA cores, one
+ * warp per (row, token): lane l sums j = l, l + 32, ... with fma (BF16
+ * widened to f32 in registers), then a fixed xor-butterfly. */
 #include <stdint.h>
 
 #include "cuda_internal.cuh"
 #include "matmul.cuh"
 #include "quant.cuh"
+#include "tandem/qform.h"
 
 /* Split rule (mm_splits): in decode a weight's row tiles alone leave most
  * SMs idle, so K is split over blocks; the count is chosen so that row
@@ -155,6 +163,19 @@ TDM_HD constexpr int mm_pad_stride(uint32_t wt, int min)
     return r;
 }
 
+/* What a device type's blocks hold (quant.cuh): NXS x-sums per block
+ * (the activation sums the mins multiply: one per sub-block), 0 without
+ * mins. */
+template <uint32_t WT> struct mm_ly {
+    static constexpr bool Q = tdm_cuda_is_q(WT);
+    static constexpr uint32_t L = Q ? tdm_cuda_layout(WT) : 0;
+    static constexpr bool NIB = (L & TDM_CUDA_LY_NIB) != 0, MIN = (L & TDM_CUDA_LY_MIN) != 0;
+    static constexpr int NS = L & TDM_CUDA_LY_SUB16 ? 2 : 1; /* scales per block */
+    static constexpr int NXS = MIN ? NS : 0;
+    /* repacked at load (not a GGUF layout) */
+    static constexpr bool PACK = Q && WT >= TDM_CUDA_PK_BASE;
+};
+
 template <uint32_t WT, int KD> struct mm_geom {
     static constexpr int BB = tdm_cuda_block_bytes(WT); /* bytes per block */
     static constexpr int KB = KD / 32;                  /* blocks per stage */
@@ -169,12 +190,12 @@ template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST> struct 
     static constexpr int BM = WM * MT * 16, BN = WN * NTW * 8, NT = WM * WN * 32;
     static constexpr int A_BYTES = BM * G::RA;
     static constexpr int B_BYTES = BN * G::RB;
-    static constexpr int S_BYTES = WT == TDM_DTYPE_Q4_1 ? BN * G::KB * 4 : 0;
+    static constexpr int S_BYTES = BN * G::KB * mm_ly<WT>::NXS * 4;
     static constexpr int STAGE = A_BYTES + B_BYTES + S_BYTES;
     /* the running sum of finished splits: registers, except in the
      * prefill tile of 4-bit types, where ptxas spills at 255 registers
      * with it (the smem copy is touched only at split ends) */
-    static constexpr bool TOT_REG = MT * NTW <= 4 || (WT != TDM_DTYPE_Q4_0 && WT != TDM_DTYPE_Q4_1);
+    static constexpr bool TOT_REG = MT * NTW <= 4 || !(mm_ly<WT>::NIB || mm_ly<WT>::PACK);
     static constexpr int TOT_SMEM = TOT_REG ? 0 : WM * WN * MT * NTW * 4 * 32 * 4;
     static constexpr int SMEM = NST * STAGE + TOT_SMEM;
     static_assert(KD % 32 == 0 && MM_SC_BLOCKS % (KD / 32) == 0, "stages must tile superchunks");
@@ -183,10 +204,11 @@ template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST> struct 
 };
 
 /* One lane's raw A data of one block row: w[step][lo/hi] (biased bits for
- * quantized types, final f16 pairs for F16), the scale d and Q4_1's m. */
+ * quantized types, final f16 pairs for F16), the scale d and min m of each
+ * step's elements (the same for both steps without SUB16). */
 struct mm_araw {
     uint32_t w[2][2];
-    uint16_t d, m;
+    float d[2], m[2];
 };
 
 TDM_HD uint32_t mm_ld16(const uint8_t *p)
@@ -199,12 +221,21 @@ TDM_HD uint32_t mm_ld16x2(const uint8_t *p) /* 2-byte aligned u32 */
     return mm_ld16(p) | (mm_ld16(p + 2) << 16);
 }
 
+/* A code word of a quantized block: blocks of a multiple of 4 bytes keep
+ * 4-byte alignment (rows and stages preserve the address mod 16). */
+template <uint32_t WT> TDM_HD uint32_t mm_ld_code(const uint8_t *p)
+{
+    if (tdm_cuda_block_bytes(WT) % 4 == 0)
+        return *(const uint32_t *)p;
+    return mm_ld16x2(p);
+}
+
 /* b: the block's first staged byte; t: lane % 4; al8: b is 8-byte aligned
  * (F16 only). */
 template <uint32_t WT> TDM_HD void mm_read_a(const uint8_t *b, int t, int al8, mm_araw *o)
 {
     if (WT == TDM_DTYPE_F16) {
-        o->d = o->m = 0;
+        o->d[0] = o->d[1] = o->m[0] = o->m[1] = 0.0f;
         for (int s = 0; s < 2; s++) {
             const uint8_t *q = b + 32 * s + 8 * t;
             if (al8) {
@@ -216,27 +247,28 @@ template <uint32_t WT> TDM_HD void mm_read_a(const uint8_t *b, int t, int al8, m
                 o->w[s][1] = mm_ld16x2(q + 4);
             }
         }
-    } else if (WT == TDM_DTYPE_Q8_0) {
-        o->d = (uint16_t)mm_ld16(b);
-        o->m = 0;
-        for (int s = 0; s < 2; s++) {
-            uint32_t qs = mm_ld16x2(b + 2 + 16 * s + 4 * t);
-            o->w[s][0] = tdm_q8_frag_bits(qs, 0);
-            o->w[s][1] = tdm_q8_frag_bits(qs, 1);
-        }
-    } else {
-        uint32_t qs;
-        o->d = (uint16_t)mm_ld16(b);
-        if (WT == TDM_DTYPE_Q4_1) {
-            o->m = (uint16_t)mm_ld16(b + 2);
-            qs = *(const uint32_t *)(b + 4 + 4 * t); /* 20-byte blocks keep 4-byte alignment */
-        } else {
-            o->m = 0;
-            qs = mm_ld16x2(b + 2 + 4 * t);
-        }
+        return;
+    }
+    typedef mm_ly<WT> Y;
+    constexpr int SB = tdm_cuda_scale_bytes(WT), CO = tdm_cuda_code_off(WT);
+    static_assert((tdm_cuda_layout(WT) & TDM_CUDA_LY_SC16) || tdm_cuda_block_bytes(WT) % 4 == 0,
+                  "f32 scales need 4-byte alignment");
+    for (int s = 0; s < 2; s++) {
+        const int h = Y::NS == 2 ? s : 0;
+        o->d[s] = tdm_deq_scale<WT>(b + h * SB);
+        o->m[s] = Y::MIN ? tdm_deq_scale<WT>(b + tdm_cuda_min_off(WT) + h * SB) : 0.0f;
+    }
+    if (Y::NIB) {
+        const uint32_t qs = mm_ld_code<WT>(b + CO + 4 * t);
         for (int s = 0; s < 2; s++) {
             o->w[s][0] = tdm_q4_frag_bits(qs, s, 0);
             o->w[s][1] = tdm_q4_frag_bits(qs, s, 1);
+        }
+    } else {
+        for (int s = 0; s < 2; s++) {
+            const uint32_t qs = mm_ld_code<WT>(b + CO + 16 * s + 4 * t);
+            o->w[s][0] = tdm_q8_frag_bits(qs, 0);
+            o->w[s][1] = tdm_q8_frag_bits(qs, 1);
         }
     }
 }
@@ -309,20 +341,19 @@ __device__ __forceinline__ void mm_mma(float *c, const uint32_t *a, uint32_t b0,
 
 template <uint32_t WT> __device__ __forceinline__ uint32_t mm_fin(uint32_t v, int step)
 {
-    if (WT == TDM_DTYPE_Q4_0)
-        return tdm_q4_0_fin(v, step);
-    if (WT == TDM_DTYPE_Q4_1)
-        return tdm_q4_1_fin(v, step);
-    if (WT == TDM_DTYPE_Q8_0)
+    typedef mm_ly<WT> Y;
+    if (!Y::Q)
+        return v; /* F16: the weights as they are */
+    if (!Y::NIB)
         return tdm_q8_0_fin(v);
-    return v; /* F16: the weights as they are */
+    return Y::MIN ? tdm_q4_1_fin(v, step) : tdm_q4_0_fin(v, step);
 }
 
 typedef struct mm_params {
     const uint8_t *w; /* [rows][row_bytes] GGUF rows */
     int64_t rows, row_bytes, wbytes;
     const uint16_t *x; /* [n][kp] f16 */
-    const float *xsum; /* [n][nb] block sums (Q4_1) */
+    const float *xsum; /* [n][nb][NXS] sub-block sums (types with mins) */
     int64_t n;
     int32_t k, kp, nb, nsc, S;
     int32_t split_z; /* block z computes split z alone (into out + z * zstride) */
@@ -373,17 +404,19 @@ __device__ __forceinline__ void mm_load_stage(const mm_params_t &p, uint32_t sbu
             }
         }
     }
-    if (WT == TDM_DTYPE_Q4_1) {
+    constexpr int NXS = mm_ly<WT>::NXS;
+    if (NXS > 0) {
         const uint32_t ssum = sb + C::B_BYTES;
+        constexpr int SX = G::KB * (NXS > 0 ? NXS : 1); /* sums per token of a full stage */
 #pragma unroll
-        for (int it = 0; it < (C::BN * G::KB + C::NT - 1) / C::NT; it++) {
+        for (int it = 0; it < (C::BN * SX + C::NT - 1) / C::NT; it++) {
             const int idx = tid + it * C::NT;
-            if (idx < C::BN * G::KB) {
-                const int r = idx / G::KB, bi = idx - r * G::KB;
-                if (bi < nblk) {
+            if (idx < C::BN * SX) {
+                const int r = idx / SX, q = idx - r * SX;
+                if (q < nblk * NXS) {
                     const int64_t tok = tok0 + r;
                     const bool ok = tok < p.n;
-                    const float *src = p.xsum + (ok ? tok : 0) * p.nb + blk0 + bi;
+                    const float *src = p.xsum + ((ok ? tok : 0) * p.nb + blk0) * NXS + q;
                     mm_cp4(ssum + idx * 4, src, ok ? 4 : 0);
                 }
             }
@@ -392,7 +425,9 @@ __device__ __forceinline__ void mm_load_stage(const mm_params_t &p, uint32_t sbu
 }
 
 /* One 32-element block (block bi of the stage in shared memory at sa) of a
- * warp's MT x NTW tiles, into acc. */
+ * warp's MT x NTW tiles, into acc. Per sub-block (the block, or each k16
+ * step with SUB16): the mma products of its codes from zero, p, then
+ * acc = fma(d, p, acc) and, with mins, acc = fma(m, xsum, acc). */
 template <uint32_t WT, int WM, int WN, int MT, int NTW, int KD, int NST>
 __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa, int bi, int blk0,
                                          const uint32_t (&rmis)[MT][2], uint32_t smis,
@@ -400,13 +435,15 @@ __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa
 {
     typedef mm_cfg<WT, WM, WN, MT, NTW, KD, NST> C;
     typedef typename C::G G;
+    typedef mm_ly<WT> Y;
+    constexpr int NS = Y::NS, NXS = Y::NXS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int wm = warp % WM, wn = warp / WM;
     const uint8_t *sb = sa + C::A_BYTES;
     const float *ss = (const float *)(sb + C::B_BYTES);
     uint32_t a[MT][2][4];
-    float dsc[MT][2], msc[MT][2];
+    float dsc[MT][2][NS], msc[MT][2][NS];
 #pragma unroll
     for (int i = 0; i < MT; i++)
 #pragma unroll
@@ -420,8 +457,11 @@ __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa
                 a[i][s][h] = mm_fin<WT>(raw.w[s][0], s);
                 a[i][s][2 + h] = mm_fin<WT>(raw.w[s][1], s);
             }
-            dsc[i][h] = tdm_h2f(raw.d);
-            msc[i][h] = tdm_h2f(raw.m);
+#pragma unroll
+            for (int s = 0; s < NS; s++) {
+                dsc[i][h][s] = raw.d[s];
+                msc[i][h][s] = raw.m[s];
+            }
         }
     if (WT == TDM_DTYPE_F16 && (p.k & 31) != 0 && blk0 + bi == p.nb - 1) {
         /* the last block runs past k: its staged bytes are the next
@@ -440,11 +480,14 @@ __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa
         const int tr = mm_frag_tok<NTW>(wn, j);
         const uint8_t *rb = sb + (tr + g) * G::RB + bi * 64 + 8 * t; /* B column g */
         const uint2 b0 = *(const uint2 *)rb, b1 = *(const uint2 *)(rb + 32);
-        float x0 = 0.0f, x1 = 0.0f;
-        if (WT == TDM_DTYPE_Q4_1) {
-            x0 = ss[(tr + mm_acc_tok(t, 0)) * G::KB + bi];
-            x1 = ss[(tr + mm_acc_tok(t, 1)) * G::KB + bi];
-        }
+        /* x-sums of the accumulator's two tokens (e & 1), per sub-block */
+        float xs[2][NS];
+#pragma unroll
+        for (int c = 0; c < 2; c++)
+#pragma unroll
+            for (int s = 0; s < NS; s++)
+                xs[c][s] =
+                    NXS > 0 ? ss[(tr + mm_acc_tok(t, c)) * (G::KB * NXS) + bi * NXS + s] : 0.0f;
 #pragma unroll
         for (int i = 0; i < MT; i++) {
             float *ac = acc[i][j];
@@ -452,18 +495,21 @@ __device__ __forceinline__ void mm_block(const mm_params_t &p, const uint8_t *sa
                 mm_mma(ac, a[i][0], b0.x, b0.y);
                 mm_mma(ac, a[i][1], b1.x, b1.y);
             } else {
-                float pc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mm_mma(pc, a[i][0], b0.x, b0.y);
-                mm_mma(pc, a[i][1], b1.x, b1.y);
-                ac[0] = __fmaf_rn(dsc[i][0], pc[0], ac[0]);
-                ac[1] = __fmaf_rn(dsc[i][0], pc[1], ac[1]);
-                ac[2] = __fmaf_rn(dsc[i][1], pc[2], ac[2]);
-                ac[3] = __fmaf_rn(dsc[i][1], pc[3], ac[3]);
-                if (WT == TDM_DTYPE_Q4_1) {
-                    ac[0] = __fmaf_rn(msc[i][0], x0, ac[0]);
-                    ac[1] = __fmaf_rn(msc[i][0], x1, ac[1]);
-                    ac[2] = __fmaf_rn(msc[i][1], x0, ac[2]);
-                    ac[3] = __fmaf_rn(msc[i][1], x1, ac[3]);
+#pragma unroll
+                for (int s = 0; s < NS; s++) {
+                    float pc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    if (NS == 1 || s == 0)
+                        mm_mma(pc, a[i][0], b0.x, b0.y);
+                    if (NS == 1 || s == 1)
+                        mm_mma(pc, a[i][1], b1.x, b1.y);
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        ac[e] = __fmaf_rn(dsc[i][e >> 1][s], pc[e], ac[e]);
+                    if (NXS > 0) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++)
+                            ac[e] = __fmaf_rn(msc[i][e >> 1][s], xs[e & 1][s], ac[e]);
+                    }
                 }
             }
         }
@@ -609,22 +655,24 @@ __global__ void mm_reduce(const float *part, int S, int64_t n, int64_t rows, flo
     }
 }
 
-/* F32 weights: warp w of the block owns row blockIdx.x * 8 + w; tokens
- * blockIdx.y, + gridDim.y, ... */
+/* F32 and BF16 weights (f32 activations): warp w of the block owns row
+ * blockIdx.x * 8 + w; tokens blockIdx.y, + gridDim.y, ... BF16 weights
+ * become f32 in registers (a 16-bit shift, exact). */
+template <uint32_t WT>
 __global__ void __launch_bounds__(256)
-    mm_f32_kernel(const float *w, int64_t rows, int64_t k, const float *x, int64_t n, float *y,
+    mm_f32_kernel(const uint8_t *w, int64_t rows, int64_t k, const float *x, int64_t n, float *y,
                   int64_t ldy)
 {
     const int lane = threadIdx.x & 31;
     const int64_t r = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (r >= rows)
         return;
-    const float *wr = w + r * k;
+    const uint8_t *wr = w + r * k * (WT == TDM_DTYPE_BF16 ? 2 : 4);
     for (int64_t t = blockIdx.y; t < n; t += gridDim.y) {
         const float *xr = x + t * k;
         float a = 0.0f;
         for (int64_t j = lane; j < k; j += 32)
-            a = __fmaf_rn(wr[j], xr[j], a);
+            a = __fmaf_rn(tdm_deq_elem<WT>(wr, j), xr[j], a);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
             a = __fadd_rn(a, __shfl_xor_sync(0xffffffffu, a, o));
@@ -635,10 +683,11 @@ __global__ void __launch_bounds__(256)
 
 /* f16 activations: warp w of the block converts block blockIdx.x * 8 + w
  * (32 elements, one per lane) of tokens blockIdx.y, + gridDim.y, ...; the
- * Q4_1 sum is a fixed xor-butterfly over the f16 values. */
+ * sums for weights with mins (nxs per block: of 32 or of 16 elements) are
+ * fixed xor-butterflies over the f16 values. */
 __global__ void __launch_bounds__(256)
     mm_act_kernel(const float *x, int64_t n, int32_t k, int32_t kp, int32_t nb, uint16_t *xh,
-                  float *xsum)
+                  float *xsum, int32_t nxs)
 {
     const int lane = threadIdx.x & 31;
     const int32_t b = blockIdx.x * 8 + (threadIdx.x >> 5);
@@ -651,45 +700,54 @@ __global__ void __launch_bounds__(256)
         xh[t * kp + j] = __half_as_ushort(h);
         if (xsum != NULL) {
             float s = __half2float(h);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
+            for (int o = nxs == 2 ? 8 : 16; o > 0; o >>= 1)
                 s = __fadd_rn(s, __shfl_xor_sync(0xffffffffu, s, o));
-            if (lane == 0)
-                xsum[t * nb + b] = s;
+            if ((lane & (32 / nxs - 1)) == 0)
+                xsum[(t * nb + b) * nxs + lane / (32 / nxs)] = s;
         }
     }
 }
 
 /* ---- host side ---- */
 
-static int mm_f16_act(uint32_t wtype)
+/* The activations a weight type (GGUF's) takes: 0: f32; 1: f16 (F16 and
+ * the quantized types), with *nxs sums per 32-element block (0 without
+ * mins); -1: none (a type the backend does not compute). */
+static int mm_act_kind(uint32_t wtype, int32_t *nxs)
 {
-    return wtype == TDM_DTYPE_F16 || wtype == TDM_DTYPE_Q4_0 || wtype == TDM_DTYPE_Q4_1 ||
-           wtype == TDM_DTYPE_Q8_0;
+    tdm_qform_t f;
+    *nxs = 0;
+    if (wtype == TDM_DTYPE_F32 || wtype == TDM_DTYPE_BF16)
+        return 0;
+    if (wtype == TDM_DTYPE_F16)
+        return 1;
+    if (!tdm_qform_of(wtype, &f))
+        return -1;
+    *nxs = f.has_min ? 32 / f.sub : 0;
+    return 1;
 }
 
 extern "C" size_t cuda_act_size(uint32_t wtype, int64_t n, int64_t k)
 {
-    if (n <= 0 || k <= 0)
+    int32_t nxs;
+    const int kind = mm_act_kind(wtype, &nxs);
+    if (n <= 0 || k <= 0 || kind < 0)
         return 0;
-    if (wtype == TDM_DTYPE_F32)
+    if (kind == 0)
         return (size_t)n * (size_t)k * sizeof(float);
-    if (!mm_f16_act(wtype))
-        return 0;
     const size_t nb = (size_t)mm_nblocks(k);
-    size_t bytes = (size_t)n * nb * 32 * sizeof(uint16_t);
-    if (wtype == TDM_DTYPE_Q4_1)
-        bytes += (size_t)n * nb * sizeof(float);
-    return bytes;
+    return (size_t)n * nb * (32 * sizeof(uint16_t) + (size_t)nxs * sizeof(float));
 }
 
 extern "C" void cuda_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n,
                                  int64_t k, void *act)
 {
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
-    if (n <= 0 || k <= 0)
+    int32_t nxs;
+    const int kind = mm_act_kind(wtype, &nxs);
+    if (n <= 0 || k <= 0 || kind < 0)
         return;
-    if (wtype == TDM_DTYPE_F32) {
+    if (kind == 0) {
         if (act != (const void *)x)
             TDM_CUDA_CHECK(cudaMemcpyAsync(act, x, (size_t)n * (size_t)k * sizeof(float),
                                            cudaMemcpyDeviceToDevice, cb->stream));
@@ -697,9 +755,9 @@ extern "C" void cuda_act_prepare(tdm_backend_t *be, uint32_t wtype, const float 
     }
     const int32_t nb = mm_nblocks(k), kp = nb * 32;
     uint16_t *xh = (uint16_t *)act;
-    float *xsum = wtype == TDM_DTYPE_Q4_1 ? (float *)(xh + (size_t)n * (size_t)kp) : NULL;
+    float *xsum = nxs > 0 ? (float *)(xh + (size_t)n * (size_t)kp) : NULL;
     dim3 grid((unsigned)((nb + 7) / 8), (unsigned)(n < 65535 ? n : 65535));
-    mm_act_kernel<<<grid, 256, 0, cb->stream>>>(x, n, (int32_t)k, kp, nb, xh, xsum);
+    mm_act_kernel<<<grid, 256, 0, cb->stream>>>(x, n, (int32_t)k, kp, nb, xh, xsum, nxs);
     TDM_CUDA_LAUNCHED("mm_act_kernel");
 }
 
@@ -769,14 +827,14 @@ static void mm_run(tdm_cuda_backend_t *cb, const tdm_bweight_t *w, const void *a
     mm_optin<WT, 4, 1, 1, 4, KD_M, 4>(cb->device);
     mm_optin<WT, 2, 2, 2, 8, KD_P, NST_P>(cb->device);
     /* the device's resident decode blocks, which the split count fits */
-    int slots = cb->mm_slots[WT & 15];
+    int slots = cb->mm_slots[WT & 63];
     if (slots == 0) {
         int per_sm = 0;
         TDM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, mm_kernel<WT, 4, 1, 1, 1, KD_D, 4>, 128,
             (size_t)mm_cfg<WT, 4, 1, 1, 1, KD_D, 4>::SMEM));
         slots = (per_sm > 0 ? per_sm : 1) * (cb->n_sm > 0 ? cb->n_sm : 1);
-        cb->mm_slots[WT & 15] = slots;
+        cb->mm_slots[WT & 63] = slots;
     }
     mm_params_t p;
     p.w = (const uint8_t *)w->data;
@@ -789,7 +847,7 @@ static void mm_run(tdm_cuda_backend_t *cb, const tdm_bweight_t *w, const void *a
     p.nsc = (p.nb + MM_SC_BLOCKS - 1) / MM_SC_BLOCKS;
     p.S = mm_splits(w->rows, w->k, slots);
     p.x = (const uint16_t *)act;
-    p.xsum = WT == TDM_DTYPE_Q4_1 ? (const float *)(p.x + (size_t)n * (size_t)p.kp) : NULL;
+    p.xsum = mm_ly<WT>::NXS > 0 ? (const float *)(p.x + (size_t)n * (size_t)p.kp) : NULL;
     p.n = n;
     p.al8 = (w->row_bytes & 7) == 0;
     p.out = y;
@@ -810,18 +868,24 @@ extern "C" void cuda_matmul(tdm_backend_t *be, const tdm_bweight_t *w, const voi
     tdm_cuda_backend_t *cb = tdm_cuda_of(be);
     if (n <= 0 || w->rows <= 0)
         return;
-    switch (w->wtype) {
+    const dim3 fgrid((unsigned)tdm_cuda_div_up(w->rows, 8), (unsigned)(n < 1024 ? n : 1024));
+    const uint8_t *wd = (const uint8_t *)w->data;
+    switch (w->dev) {
     case TDM_DTYPE_F16: mm_run<TDM_DTYPE_F16>(cb, w, act, n, y, ldy); break;
-    case TDM_DTYPE_Q4_0: mm_run<TDM_DTYPE_Q4_0>(cb, w, act, n, y, ldy); break;
-    case TDM_DTYPE_Q4_1: mm_run<TDM_DTYPE_Q4_1>(cb, w, act, n, y, ldy); break;
-    case TDM_DTYPE_Q8_0: mm_run<TDM_DTYPE_Q8_0>(cb, w, act, n, y, ldy); break;
-    case TDM_DTYPE_F32: {
-        dim3 grid((unsigned)tdm_cuda_div_up(w->rows, 8), (unsigned)(n < 1024 ? n : 1024));
-        mm_f32_kernel<<<grid, 256, 0, cb->stream>>>((const float *)w->data, w->rows, w->k,
-                                                    (const float *)act, n, y, ldy);
+#define MM_CASE(T)                                                                                 \
+    case T: mm_run<T>(cb, w, act, n, y, ldy); break;
+        TDM_CUDA_FOR_EACH_QDEV(MM_CASE)
+#undef MM_CASE
+    case TDM_DTYPE_F32:
+        mm_f32_kernel<TDM_DTYPE_F32>
+            <<<fgrid, 256, 0, cb->stream>>>(wd, w->rows, w->k, (const float *)act, n, y, ldy);
         TDM_CUDA_LAUNCHED("mm_f32_kernel");
         break;
-    }
+    case TDM_DTYPE_BF16:
+        mm_f32_kernel<TDM_DTYPE_BF16>
+            <<<fgrid, 256, 0, cb->stream>>>(wd, w->rows, w->k, (const float *)act, n, y, ldy);
+        TDM_CUDA_LAUNCHED("mm_f32_kernel");
+        break;
     default: break; /* weight_load refuses other types */
     }
 }

@@ -10,8 +10,10 @@
 extern "C" {
 #endif
 
-/* F16/Q4_0/Q8_0 weights: n * kp * 2 bytes (kp = k rounded up to 32); Q4_1
- * adds n * kp / 32 floats of block sums; F32: n * k * 4. */
+/* F16 and quantized weights (wtype: the GGUF type): n * kp * 2 bytes (kp =
+ * k rounded up to 32); types with mins add n * kp / 32 floats of block
+ * sums (Q2_K: n * kp / 16, per half block); F32, BF16: n * k * 4; types
+ * the backend does not compute with: 0. */
 size_t cuda_act_size(uint32_t wtype, int64_t n, int64_t k);
 void cuda_act_prepare(tdm_backend_t *be, uint32_t wtype, const float *x, int64_t n, int64_t k,
                       void *act);

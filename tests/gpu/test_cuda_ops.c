@@ -96,36 +96,144 @@ static double rel_err(const float *a, const float *b, size_t n, size_t *bad)
 }
 
 static int n_ops;
-static char table[512][160];
+#define MAX_OPS 4096
+static char table[MAX_OPS][160];
 
 static void report(const char *what, double err, double limit, size_t bad)
 {
     CHECK(bad == 0 && err <= limit, "%s: rel err %.3g (limit %.1g), %zu unwritten/non-finite", what,
           err, limit, bad);
-    if (n_ops < 512)
+    if (n_ops < MAX_OPS)
         snprintf(table[n_ops++], sizeof(table[0]), "%-58s %10.3g %8.1g %s", what, err, limit,
                  bad == 0 && err <= limit ? "ok" : "FAIL");
 }
 
 /* ---- matmul and embedding ---- */
 
+/* The f16 fields of a block of the types tdm_dtype_from_f32 does not
+ * write: their byte offsets (one or two: the scale, then the min's scale)
+ * and a bound for their values that keeps weights within about +-1 (1 /
+ * the largest code times integer sub-scale). Random bytes elsewhere are
+ * valid codes and sub-scales; random f16 scales would be NaN or huge. */
+static int f16_fields(uint32_t t, int off[2], float *amp)
+{
+    static const struct {
+        uint32_t type;
+        int nf, off0, off1;
+        float amp;
+    } tab[] = {
+        {TDM_DTYPE_Q5_0, 1, 0, 0, 1.0f / 16},
+        {TDM_DTYPE_Q5_1, 2, 0, 2, 1.0f / 31},
+        {TDM_DTYPE_IQ4_NL, 1, 0, 0, 1.0f / 127},
+        {TDM_DTYPE_IQ4_XS, 1, 0, 0, 1.0f / (127 * 32)},
+        {TDM_DTYPE_Q2_K, 2, 80, 82, 1.0f / (15 * 3)},
+        {TDM_DTYPE_Q3_K, 1, 108, 0, 1.0f / (32 * 4)},
+        {TDM_DTYPE_Q4_K, 2, 0, 2, 1.0f / (63 * 15)},
+        {TDM_DTYPE_Q5_K, 2, 0, 2, 1.0f / (63 * 31)},
+        {TDM_DTYPE_Q6_K, 1, 208, 0, 1.0f / (128 * 32)},
+    };
+    for (size_t i = 0; i < sizeof(tab) / sizeof(tab[0]); i++)
+        if (tab[i].type == t) {
+            off[0] = tab[i].off0;
+            off[1] = tab[i].off1;
+            *amp = tab[i].amp;
+            return tab[i].nf;
+        }
+    return 0;
+}
+
+/* A random [rows][k] weight of wtype (host bytes): values in about [-1, 1]
+ * through tdm_dtype_from_f32 where it writes the type; BF16 truncated from
+ * them; the other quantized types random bytes with small f16 scales. */
+static void *rand_weight(uint32_t wtype, int64_t rows, int64_t k)
+{
+    const size_t rb = tdm_dtype_row_bytes(wtype, (uint64_t)k), bb = tdm_dtype_block_bytes(wtype);
+    uint8_t *wq = malloc(rb * (size_t)rows);
+    int off[2];
+    float amp = 1.0f;
+    const int nf = f16_fields(wtype, off, &amp);
+    if (nf > 0) {
+        for (size_t i = 0; i < rb * (size_t)rows; i++)
+            wq[i] = (uint8_t)next_u64();
+        for (size_t b = 0; b < rb * (size_t)rows / bb; b++)
+            for (int f = 0; f < nf; f++) {
+                const uint16_t h = tdm_f32_to_f16(uniform(-amp, amp));
+                memcpy(wq + b * bb + (size_t)off[f], &h, 2);
+            }
+        return wq;
+    }
+    float *wf = rand_f32((size_t)rows * (size_t)k, -1.0f, 1.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *row = wq + (size_t)r * rb;
+        if (wtype == TDM_DTYPE_BF16) {
+            for (int64_t j = 0; j < k; j++) {
+                uint32_t u;
+                memcpy(&u, &wf[r * k + j], 4);
+                row[2 * j] = (uint8_t)(u >> 16);
+                row[2 * j + 1] = (uint8_t)(u >> 24);
+            }
+        } else {
+            tdm_dtype_from_f32(wtype, wf + r * k, row, (uint64_t)k);
+        }
+    }
+    free(wf);
+    return wq;
+}
+
+/* The weight of the cases of one type and shape (every n), made and loaded
+ * on both backends once: the 4096 x 4096 ones take a while to make and to
+ * repack. weights(0, 0, 0, ...) frees the last one. */
+static struct {
+    uint32_t wtype;
+    int64_t rows, k;
+    void *wq;
+    tdm_bweight_t *w[2];
+} wcache;
+
+static void *weights(uint32_t wtype, int64_t rows, int64_t k, tdm_bweight_t *w[2])
+{
+    tdm_backend_t *bes[2] = {cpu, gpu};
+    if (wcache.wq != NULL && wcache.wtype == wtype && wcache.rows == rows && wcache.k == k) {
+        w[0] = wcache.w[0];
+        w[1] = wcache.w[1];
+        return wcache.wq;
+    }
+    if (wcache.wq != NULL) {
+        for (int b = 0; b < 2; b++)
+            if (wcache.w[b] != NULL)
+                bes[b]->ops->weight_free(bes[b], wcache.w[b]);
+        free(wcache.wq);
+        wcache.wq = NULL;
+    }
+    if (rows == 0)
+        return NULL;
+    wcache.wtype = wtype;
+    wcache.rows = rows;
+    wcache.k = k;
+    wcache.wq = rand_weight(wtype, rows, k);
+    for (int b = 0; b < 2; b++) {
+        wcache.w[b] = NULL;
+        CHECK(bes[b]->ops->weight_load(bes[b], wcache.wq, wtype, rows, k, &wcache.w[b]) == TDM_OK,
+              "weight_load %s %s", bes[b]->ops->name, tdm_dtype_name(wtype));
+        w[b] = wcache.w[b];
+    }
+    return wcache.wq;
+}
+
 static void test_matmul(uint32_t wtype, int64_t rows, int64_t k, int64_t n, double limit)
 {
-    float *wf = rand_f32((size_t)rows * (size_t)k, -1.0f, 1.0f);
     size_t rb = tdm_dtype_row_bytes(wtype, (uint64_t)k);
-    void *wq = malloc(rb * (size_t)rows);
-    for (int64_t r = 0; r < rows; r++)
-        tdm_dtype_from_f32(wtype, wf + r * k, (char *)wq + (size_t)r * rb, (uint64_t)k);
+    tdm_bweight_t *w[2];
+    const void *wq = weights(wtype, rows, k, w);
+    if (w[0] == NULL || w[1] == NULL)
+        return;
     float *x = rand_f32((size_t)n * (size_t)k, -2.0f, 2.0f);
     for (int64_t i = 0; i < n * k; i += 97)
         x[i] *= 20.0f; /* a few outliers, as real activations have */
     tdm_backend_t *bes[2] = {cpu, gpu};
     float *y[2];
-    tdm_bweight_t *w[2];
     for (int b = 0; b < 2; b++) {
         tdm_backend_t *be = bes[b];
-        CHECK(be->ops->weight_load(be, wq, wtype, rows, k, &w[b]) == TDM_OK, "weight_load %s",
-              be->ops->name);
         float *dx = put(be, x, (size_t)n * (size_t)k * sizeof(float));
         void *act = be->ops->buf_alloc(be, be->ops->act_size(wtype, n, k));
         float *dy = poisoned(be, (size_t)n * (size_t)rows * sizeof(float));
@@ -161,11 +269,16 @@ static void test_matmul(uint32_t wtype, int64_t rows, int64_t k, int64_t n, doub
     snprintf(what, sizeof(what), "matmul %s %lldx%lld n=%lld", tdm_dtype_name(wtype),
              (long long)rows, (long long)k, (long long)n);
     report(what, err, limit, bad);
-    /* embedding: rows of the same weight */
+    /* embedding: rows of the same weight, against each other and, bit for
+     * bit, against tdm_dtype_to_f32 */
     if (n <= 64) {
         int32_t *ids = malloc((size_t)n * sizeof(int32_t));
-        for (int64_t t = 0; t < n; t++)
+        float *ref = malloc((size_t)n * (size_t)k * sizeof(float));
+        for (int64_t t = 0; t < n; t++) {
             ids[t] = (int32_t)(next_u64() % (uint64_t)rows);
+            tdm_dtype_to_f32(wtype, (const char *)wq + (size_t)ids[t] * rb, ref + t * k,
+                             (uint64_t)k);
+        }
         float *e[2];
         for (int b = 0; b < 2; b++) {
             tdm_backend_t *be = bes[b];
@@ -180,16 +293,19 @@ static void test_matmul(uint32_t wtype, int64_t rows, int64_t k, int64_t n, doub
         snprintf(what, sizeof(what), "embed %s k=%lld n=%lld", tdm_dtype_name(wtype), (long long)k,
                  (long long)n);
         report(what, err, 1e-6, bad);
+        const bool same = memcmp(e[1], ref, (size_t)n * (size_t)k * sizeof(float)) == 0;
+        CHECK(same, "embed %s k=%lld n=%lld: not the bits of tdm_dtype_to_f32",
+              tdm_dtype_name(wtype), (long long)k, (long long)n);
+        snprintf(what, sizeof(what), "embed %s k=%lld n=%lld = tdm_dtype_to_f32 (bits)",
+                 tdm_dtype_name(wtype), (long long)k, (long long)n);
+        report(what, same ? 0 : 1, 0, 0);
         free(e[0]);
         free(e[1]);
+        free(ref);
         free(ids);
     }
-    for (int b = 0; b < 2; b++) {
-        bes[b]->ops->weight_free(bes[b], w[b]);
+    for (int b = 0; b < 2; b++)
         free(y[b]);
-    }
-    free(wf);
-    free(wq);
     free(x);
 }
 
@@ -662,38 +778,64 @@ int main(void)
     }
     rng = t_seed("test_cuda_ops");
 
-    static const uint32_t types[] = {TDM_DTYPE_F16, TDM_DTYPE_Q8_0, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,
-                                     TDM_DTYPE_F32};
+    /* every type the backend computes with: the float types, the GGUF
+     * layouts it keeps (Q8_0, Q4_0, Q4_1) and, from N_FIRST on, BF16 and
+     * the types it repacks at load */
+    static const uint32_t types[] = {
+        TDM_DTYPE_F16,  TDM_DTYPE_Q8_0, TDM_DTYPE_Q4_0, TDM_DTYPE_Q4_1,   TDM_DTYPE_F32,
+        TDM_DTYPE_BF16, TDM_DTYPE_Q5_0, TDM_DTYPE_Q5_1, TDM_DTYPE_IQ4_NL, TDM_DTYPE_Q2_K,
+        TDM_DTYPE_Q3_K, TDM_DTYPE_Q4_K, TDM_DTYPE_Q5_K, TDM_DTYPE_Q6_K,   TDM_DTYPE_IQ4_XS};
     /* rows x k: model shapes, then tails: rows not a multiple of the 64-row
      * tile (77, 100, 200), k not a multiple of a 256-element superchunk
-     * (608: 19 blocks), and for F16 k not a multiple of 32 (100: the k-tail
-     * mask); quantized types need k in whole 32-element blocks */
+     * (608: 19 blocks), and for float types k not a multiple of 32 (100:
+     * the k-tail mask); quantized types need k in whole blocks of 32
+     * (shapes) or 256 (the K-quants and IQ4_XS: shapes256, the same kinds
+     * of shapes and tails where 256 allows) */
     static const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {4096, 4096},
                                         {77, 576},  {200, 608},  {100, 100}};
+    static const int64_t shapes256[][2] = {{576, 512},   {1536, 512}, {576, 1536},
+                                           {4096, 4096}, {77, 768},   {200, 512}};
     /* n: decode (1, 3, 8), the 9..32 configuration (17), the prefill
      * tile (33, 64, 300), each with token tails */
     static const int64_t ns[] = {1, 3, 8, 17, 33, 64, 300};
+    const size_t N_FIRST = 5;
     /* TANDEM_TEST_QUICK: fewer, smaller cases (compute-sanitizer runs
      * kernels tens of times slower), but every configuration and tail:
      * n = 1, 3, 17, 33 and one prefill-sized n = 300 on small rows */
+    /* (the types from N_FIRST on, which share the kernels' code: each
+     * configuration once, with row tails, and a decode split over blocks:
+     * rows 77 with n = 1, 17, 300; rows 200 with n = 3, 33; 576 x 1536
+     * with n = 1) */
     /* TANDEM_TEST_QUICK=2 (racecheck, synccheck: slower still): one small
-     * case per kernel configuration */
+     * case per kernel configuration (from N_FIRST on: the decode and the
+     * prefill tile on rows 77) */
     const char *qenv = getenv("TANDEM_TEST_QUICK");
     bool quick = qenv != NULL, quick2 = quick && strcmp(qenv, "2") == 0;
-    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++)
-        for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+        const bool b256 = tdm_dtype_block_elems(types[t]) == 256;
+        const size_t nshapes =
+            b256 ? sizeof(shapes256) / sizeof(shapes256[0]) : sizeof(shapes) / sizeof(shapes[0]);
+        for (size_t s = 0; s < nshapes; s++)
             for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
-                const int64_t rows = shapes[s][0], k = shapes[s][1], n = ns[i];
+                const int64_t rows = b256 ? shapes256[s][0] : shapes[s][0];
+                const int64_t k = b256 ? shapes256[s][1] : shapes[s][1], n = ns[i];
                 if (tdm_dtype_row_bytes(types[t], (uint64_t)k) == 0)
                     continue; /* k not in whole blocks of this type */
                 if (rows == 4096 && (n > 64 || quick))
                     continue; /* the CPU reference would take long */
                 if (quick && (n == 8 || n == 64 || (n == 300 && rows * k > 600 * 600)))
                     continue;
+                if (quick && t >= N_FIRST && !(rows == 77 && (n == 1 || n == 17 || n == 300)) &&
+                    !(rows == 200 && (n == 3 || n == 33)) && !(rows == 576 && k == 1536 && n == 1))
+                    continue;
                 if (quick2 && (rows > 200 || (n != 1 && n != 17 && n != 33)))
+                    continue;
+                if (quick2 && t >= N_FIRST && (rows != 77 || n == 17))
                     continue;
                 test_matmul(types[t], rows, k, n, 3e-3);
             }
+    }
+    (void)weights(0, 0, 0, NULL);
     test_row_op(ROW_RMSNORM, 1, 100, 1e-5);
     test_row_op(ROW_SWIGLU, 3, 33, 1e-5);
     test_row_op(ROW_ADD, 17, 33, 1e-7);
