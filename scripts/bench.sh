@@ -53,3 +53,25 @@ print(f"{'GET, 16 in flight, hot':28s}{k['get_hot_gbps']:8.2f}")
 print(f"{'ucx_perftest ucp_am_bw':28s}{pt:8.2f}   GET 16 / perftest = {k['get_vs_perftest']:.2f}, hot {k['get_hot_vs_perftest']:.2f} (target >= 0.8)")
 print(json.dumps(c, indent=1)[:2000])
 PY
+
+# The GGUF quantizations people download (issue 15): tandem and llama.cpp on
+# the same files llama.cpp wrote, same threads, back to back. Needs the
+# files of make test-quants; skipped (and said so) without them.
+echo
+qdir=${TANDEM_HOME:-$HOME/.cache/tandem}/quants
+for f in smollm2-Q4_K_M smollm2-Q6_K synth256-Q4_K_M synth256-Q6_K; do
+    m=$qdir/$f.gguf
+    if [ ! -f "$m" ]; then
+        echo "bench: no $m (make test-quants writes it): skipped"
+        continue
+    fi
+    echo "bench: $f: tandem, then llama.cpp, --threads $THREADS"
+    "$BUILD/bin/tandem" bench engine -m "$m" --threads "$THREADS" --batches 1 --json > "$out/tandem-$f.json"
+    .venv-bench/bin/python tests/python/bench_llamacpp.py -m "$m" --threads "$THREADS" --batched --json > "$out/llamacpp-$f.json"
+    .venv/bin/python - "$f" "$out/tandem-$f.json" "$out/llamacpp-$f.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[2])); l = json.load(open(sys.argv[3]))
+for what, key in [("prefill 512", "prefill_tok_s"), ("decode batch 1", "decode_tok_s")]:
+    print(f"{sys.argv[1]:18s} {what:16s} tandem {t[key]:9.1f}  llama.cpp {l[key]:9.1f}  ratio {t[key]/l[key]:5.2f}  (target >= 1.5)")
+PY
+done
