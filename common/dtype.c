@@ -297,10 +297,38 @@ static void deq_q5_k(const uint8_t *b, float *y)
     deq_q45_k(b, y, true);
 }
 
+static void deq_q4_0(const uint8_t *b, float *y)
+{
+    const float d = h2f(b);
+    for (int j = 0; j < TDM_QK / 2; j++) {
+        y[j] = d * (float)((b[2 + j] & 0x0f) - 8);
+        y[j + TDM_QK / 2] = d * (float)((b[2 + j] >> 4) - 8);
+    }
+}
+
+static void deq_q4_1(const uint8_t *b, float *y)
+{
+    const float d = h2f(b), m = h2f(b + 2);
+    for (int j = 0; j < TDM_QK / 2; j++) {
+        y[j] = d * (float)(b[4 + j] & 0x0f) + m;
+        y[j + TDM_QK / 2] = d * (float)(b[4 + j] >> 4) + m;
+    }
+}
+
+static void deq_q8_0(const uint8_t *b, float *y)
+{
+    const float d = h2f(b);
+    for (int j = 0; j < TDM_QK; j++)
+        y[j] = d * (float)(int8_t)b[2 + j];
+}
+
 /* The block dequantizer of a layout above; NULL for the others. */
 static void (*block_dequant(uint32_t type))(const uint8_t *b, float *y)
 {
     switch (type) {
+    case TDM_DTYPE_Q4_0: return deq_q4_0;
+    case TDM_DTYPE_Q4_1: return deq_q4_1;
+    case TDM_DTYPE_Q8_0: return deq_q8_0;
     case TDM_DTYPE_Q5_0: return deq_q5_0;
     case TDM_DTYPE_Q5_1: return deq_q5_1;
     case TDM_DTYPE_IQ4_NL: return deq_iq4_nl;
@@ -320,43 +348,10 @@ void tdm_dtype_to_f32(uint32_t type, const void *src, float *dst, uint64_t n)
     const uint8_t *s8 = src;
     switch (type) {
     case TDM_DTYPE_F32: memcpy(dst, src, n * sizeof(float)); break;
-    case TDM_DTYPE_F16: {
-        const uint16_t *s = src;
+    case TDM_DTYPE_F16: /* bytes: the data may sit at any address */
         for (uint64_t i = 0; i < n; i++)
-            dst[i] = tdm_f16_to_f32(s[i]);
+            dst[i] = h2f(s8 + 2 * i);
         break;
-    }
-    case TDM_DTYPE_Q4_0: {
-        const tdm_block_q4_0_t *b = src;
-        for (uint64_t i = 0; i < n / TDM_QK; i++) {
-            float d = tdm_f16_to_f32(b[i].d);
-            for (int j = 0; j < TDM_QK / 2; j++) {
-                dst[i * TDM_QK + j] = d * (float)((b[i].qs[j] & 0x0f) - 8);
-                dst[i * TDM_QK + j + TDM_QK / 2] = d * (float)((b[i].qs[j] >> 4) - 8);
-            }
-        }
-        break;
-    }
-    case TDM_DTYPE_Q4_1: {
-        const tdm_block_q4_1_t *b = src;
-        for (uint64_t i = 0; i < n / TDM_QK; i++) {
-            float d = tdm_f16_to_f32(b[i].d), m = tdm_f16_to_f32(b[i].m);
-            for (int j = 0; j < TDM_QK / 2; j++) {
-                dst[i * TDM_QK + j] = d * (float)(b[i].qs[j] & 0x0f) + m;
-                dst[i * TDM_QK + j + TDM_QK / 2] = d * (float)(b[i].qs[j] >> 4) + m;
-            }
-        }
-        break;
-    }
-    case TDM_DTYPE_Q8_0: {
-        const tdm_block_q8_0_t *b = src;
-        for (uint64_t i = 0; i < n / TDM_QK; i++) {
-            float d = tdm_f16_to_f32(b[i].d);
-            for (int j = 0; j < TDM_QK; j++)
-                dst[i * TDM_QK + j] = d * (float)b[i].qs[j];
-        }
-        break;
-    }
     case TDM_DTYPE_BF16:
         for (uint64_t i = 0; i < n; i++) {
             uint32_t u = (uint32_t)(s8[2 * i] | s8[2 * i + 1] << 8) << 16;
