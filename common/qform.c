@@ -228,3 +228,25 @@ void tdm_qform_decode(uint32_t type, const void *row, uint64_t n, uint8_t *u, fl
         fn((const uint8_t *)row + i * bb, u + i * be, scale + i * ns,
            f.has_min ? min + i * ns : dummy);
 }
+
+int tdm_qform_super(uint32_t type, const void *row, uint64_t n, float *d, float *dmin)
+{
+    int d_at, m_at = -1;
+    switch (type) {
+    case TDM_DTYPE_Q2_K: d_at = 80, m_at = 82; break;
+    case TDM_DTYPE_Q3_K: d_at = 108; break;
+    case TDM_DTYPE_Q4_K:
+    case TDM_DTYPE_Q5_K: d_at = 0, m_at = 2; break;
+    case TDM_DTYPE_Q6_K: d_at = 208; break;
+    case TDM_DTYPE_IQ4_XS: d_at = 0; break;
+    default: return 0;
+    }
+    const size_t bb = tdm_dtype_block_bytes(type);
+    for (uint64_t i = 0; i < n / 256; i++) {
+        const uint8_t *b = (const uint8_t *)row + i * bb;
+        d[i] = h2f(b + d_at);
+        if (dmin != NULL)
+            dmin[i] = m_at >= 0 ? h2f(b + m_at) : 0.0f;
+    }
+    return 1;
+}

@@ -37,6 +37,13 @@ int tdm_qform_of(uint32_t type, tdm_qform_t *f);
 void tdm_qform_decode(uint32_t type, const void *row, uint64_t n, uint8_t *u, float *scale,
                       float *min);
 
+/* The super-block scales of the types with 256-element blocks (K-quants,
+ * IQ4_XS): for each block of the row, d and (for types with mins) the
+ * dmin whose negation times a small integer is each min; every scale of
+ * the integer form is d times an integer (|k| < 128) and every min is
+ * -dmin times one, exactly. Returns 0 for other types. dmin may be NULL. */
+int tdm_qform_super(uint32_t type, const void *row, uint64_t n, float *d, float *dmin);
+
 #ifdef __cplusplus
 }
 #endif

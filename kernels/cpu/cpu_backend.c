@@ -106,40 +106,66 @@ static void cpu_sync(tdm_backend_t *be) {}
 
 /* ---- weights ---- */
 
-/* Packs a quantized weight (see cpu_internal.h) from its integer form. */
+/* k with d * k == v bit for bit, |k| < 128; 0 when there is none. */
+static int int_of(float v, float d, int8_t *k)
+{
+    if (d == 0.0f) { /* v is a zero: +0 = d * 0, and -0 = d * -1 for d = +0 */
+        *k = (int8_t)(signbit(v) != signbit(d) ? -1 : 0);
+        float back = d * (float)*k;
+        return memcmp(&back, &v, 4) == 0;
+    }
+    float q = v / d;
+    if (!(q >= -128.0f && q < 128.0f))
+        return 0;
+    *k = (int8_t)lrintf(q);
+    float back = d * (float)*k;
+    return memcmp(&back, &v, 4) == 0;
+}
+
+/* Packs a quantized weight (see cpu_internal.h) from its integer form.
+ * TDM_ERR_INVALID: an SC8 pack met a scale that is not its super-scale
+ * times a small integer (the caller packs again with SC32). */
 static tdm_status_t pack_weight(tdm_bweight_t *w, const void *data)
 {
     const uint32_t pk = w->pk;
     const int64_t nb = w->k / TDM_QK, k = w->k;
     const int nsub = pk & TDM_CPU_PK_SUB16 ? 2 : 1;
+    const int has_min = (pk & TDM_CPU_PK_MIN) != 0, sc8 = (pk & TDM_CPU_PK_SC8) != 0;
     const size_t qbytes = pk & TDM_CPU_PK_NIB ? 256 : 512; /* packed qs per block of 16 rows */
-    const size_t ssz = pk & TDM_CPU_PK_SC32 ? 4 : 2;
+    const size_t ssz = sc8 ? 1 : pk & TDM_CPU_PK_SC32 ? 4 : 2;
     const size_t table = (size_t)nb * (size_t)nsub * TDM_CPU_RG * ssz;
+    const size_t super = sc8 ? (size_t)(nb / 8) * TDM_CPU_RG * 4 : 0;
     w->nb = nb;
     w->n_groups = (w->rows + TDM_CPU_RG - 1) / TDM_CPU_RG;
     w->d_off = (size_t)nb * qbytes;
     w->m_off = w->d_off + table;
-    size_t end = pk & TDM_CPU_PK_MIN ? w->m_off + table : w->m_off;
+    w->s_off = w->m_off + (has_min ? table : 0);
+    w->t_off = w->s_off + super;
+    size_t end = w->t_off + (has_min ? super : 0);
     w->group_bytes = (end + 63) & ~(size_t)63;
     const size_t total = (size_t)w->n_groups * w->group_bytes;
     w->owned = cpu_alloc(total);
     uint8_t *u = malloc((size_t)k);
-    float *sc = malloc((size_t)(k / 16) * sizeof(float) * 2), *mn = sc + k / 16;
+    float *sc = malloc((size_t)(k / 16) * sizeof(float) * 2 + (size_t)(k / 256 + 1) * 8);
+    float *mn = sc != NULL ? sc + k / 16 : NULL, *sd = mn != NULL ? mn + k / 16 : NULL;
+    float *sm = sd != NULL ? sd + k / 256 + 1 : NULL;
+    tdm_status_t st = TDM_OK;
     if (w->owned == NULL || u == NULL || sc == NULL) {
-        free(w->owned);
-        w->owned = NULL;
-        free(u);
-        free(sc);
-        return TDM_ERR_NOMEM;
+        st = TDM_ERR_NOMEM;
+        goto out;
     }
     memset(w->owned, 0, total);
     const size_t row_bytes = tdm_dtype_row_bytes(w->wtype, (uint64_t)k);
-    for (int64_t r = 0; r < w->rows; r++) {
+    for (int64_t r = 0; r < w->rows && st == TDM_OK; r++) {
         uint8_t *grp = (uint8_t *)w->owned + (size_t)(r / TDM_CPU_RG) * w->group_bytes;
         const int64_t i = r % TDM_CPU_RG;
-        tdm_qform_decode(w->wtype, (const uint8_t *)data + (size_t)r * row_bytes, (uint64_t)k, u,
-                         sc, mn);
-        for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *src = (const uint8_t *)data + (size_t)r * row_bytes;
+        tdm_qform_decode(w->wtype, src, (uint64_t)k, u, sc, mn);
+        if (sc8 && !tdm_qform_super(w->wtype, src, (uint64_t)k, sd, sm)) {
+            st = TDM_ERR_INVALID;
+            break;
+        }
+        for (int64_t b = 0; b < nb && st == TDM_OK; b++) {
             uint8_t *qs = grp + (size_t)b * qbytes + (size_t)i * 4;
             const uint8_t *ub = u + b * TDM_QK;
             for (int e = 0; e < TDM_QK; e++) {
@@ -148,13 +174,26 @@ static tdm_status_t pack_weight(tdm_bweight_t *w, const void *data)
                 else
                     qs[e / 4 * 64 + e % 4] = ub[e];
             }
+            if (sc8 && b % 8 == 0) {
+                const float nd = -sm[b / 8];
+                memcpy(grp + w->s_off + 4 * (size_t)((b / 8) * TDM_CPU_RG + i), &sd[b / 8], 4);
+                if (has_min)
+                    memcpy(grp + w->t_off + 4 * (size_t)((b / 8) * TDM_CPU_RG + i), &nd, 4);
+            }
             for (int h = 0; h < nsub; h++) {
                 const size_t si = (size_t)((b * nsub + h) * TDM_CPU_RG + i);
                 const float *pair[2] = {sc, mn};
-                for (int m = 0; m < (pk & TDM_CPU_PK_MIN ? 2 : 1); m++) {
+                for (int m = 0; m < (has_min ? 2 : 1); m++) {
                     float v = pair[m][b * nsub + h];
                     uint8_t *dst = grp + (m ? w->m_off : w->d_off);
-                    if (ssz == 4) {
+                    if (sc8) {
+                        int8_t kv;
+                        if (!int_of(v, m ? -sm[b / 8] : sd[b / 8], (int8_t *)&kv)) {
+                            st = TDM_ERR_INVALID;
+                            break;
+                        }
+                        dst[si] = (uint8_t)kv;
+                    } else if (ssz == 4) {
                         memcpy(dst + 4 * si, &v, 4);
                     } else {
                         uint16_t hv = tdm_f32_to_f16(v); /* exact: the form says f16 */
@@ -164,8 +203,14 @@ static tdm_status_t pack_weight(tdm_bweight_t *w, const void *data)
             }
         }
     }
+out:
     free(u);
     free(sc);
+    if (st != TDM_OK) {
+        free(w->owned);
+        w->owned = NULL;
+        return st;
+    }
     w->data = w->owned;
     return TDM_OK;
 }
@@ -199,7 +244,15 @@ static tdm_status_t cpu_weight_load(tdm_backend_t *be, const void *data, uint32_
         *out = w;
         return TDM_OK;
     }
+    /* TANDEM_CPU_PACK_SC32=1: f32 scales instead of SC8 (tests run both) */
+    const char *force = getenv("TANDEM_CPU_PACK_SC32");
+    if ((w->pk & TDM_CPU_PK_SC8) && force != NULL && force[0] == '1')
+        w->pk = (w->pk & ~TDM_CPU_PK_SC8) | TDM_CPU_PK_SC32;
     tdm_status_t st = pack_weight(w, data);
+    if (st == TDM_ERR_INVALID) { /* scales that are not d times an integer */
+        w->pk = (w->pk & ~TDM_CPU_PK_SC8) | TDM_CPU_PK_SC32;
+        st = pack_weight(w, data);
+    }
     if (st != TDM_OK) {
         free(w);
         tdm_log_error("kernels", "out of memory packing a %lld x %lld %s weight", (long long)rows,
@@ -369,21 +422,9 @@ static void embed_row(const tdm_bweight_t *w, int64_t r, float *out)
     for (int64_t b = 0; b < w->nb; b++) {
         const uint8_t *qs = grp + (size_t)b * (pk & TDM_CPU_PK_NIB ? 256 : 512) + (size_t)i * 4;
         for (int e = 0; e < TDM_QK; e++) {
-            const size_t si = (size_t)((b * nsub + e / (TDM_QK / nsub)) * TDM_CPU_RG + i);
-            float d, m = 0.0f;
-            if (pk & TDM_CPU_PK_SC32) {
-                memcpy(&d, grp + w->d_off + 4 * si, 4);
-                if (pk & TDM_CPU_PK_MIN)
-                    memcpy(&m, grp + w->m_off + 4 * si, 4);
-            } else {
-                uint16_t h;
-                memcpy(&h, grp + w->d_off + 2 * si, 2);
-                d = tdm_f16_to_f32(h);
-                if (pk & TDM_CPU_PK_MIN) {
-                    memcpy(&h, grp + w->m_off + 2 * si, 2);
-                    m = tdm_f16_to_f32(h);
-                }
-            }
+            const int h = e / (TDM_QK / nsub);
+            float d = tdm_cpu_wscale(w, grp, 0, b, h, i);
+            float m = pk & TDM_CPU_PK_MIN ? tdm_cpu_wscale(w, grp, 1, b, h, i) : 0.0f;
             int32_t u;
             if (pk & TDM_CPU_PK_NIB)
                 u = (qs[(e % 16) / 4 * 64 + e % 4] >> (e / 16 * 4)) & 15;

@@ -59,10 +59,11 @@
 
 /* How a quantized weight is packed (tdm_bweight.pk): from its type's
  * integer form (tandem/qform.h). */
-#define TDM_CPU_PK_NIB   1u /* 4-bit codes (else one byte each) */
-#define TDM_CPU_PK_MIN   2u /* a min per scale */
-#define TDM_CPU_PK_SC32  4u /* scales and mins as f32 (else f16) */
-#define TDM_CPU_PK_SUB16 8u /* a scale per 16 elements (else per 32) */
+#define TDM_CPU_PK_NIB   1u  /* 4-bit codes (else one byte each) */
+#define TDM_CPU_PK_MIN   2u  /* a min per scale */
+#define TDM_CPU_PK_SC32  4u  /* scales and mins as f32 (else f16) */
+#define TDM_CPU_PK_SUB16 8u  /* a scale per 16 elements (else per 32) */
+#define TDM_CPU_PK_SC8   16u /* int8 sub-scales (and mins) times f32 per 256 elements */
 
 /* A weight as the CPU backend keeps it.
  *
@@ -73,9 +74,13 @@
  *       codes of elements 4c..4c+3 in the low nibbles and 16+4c..16+4c+3
  *       in the high nibbles (for Q4_0/Q4_1 the GGUF bytes qs[4c..4c+3]);
  *   bytes: qs [nb][8 chunks][16 rows][4 bytes], elements 4c..4c+3;
- *   then the scales [nb][S][16] at d_off (S = 2 with SUB16, else 1; f16
- *   or f32 as SC32 says) and, with MIN, the mins in the same shape at
- *   m_off. The codes are the integer form's u (code + bias).
+ *   then the scales [nb][S][16] at d_off (S = 2 with SUB16, else 1; f16,
+ *   f32 with SC32, int8 with SC8) and, with MIN, the mins in the same shape
+ *   at m_off. With SC8 the f32 super-scales [nb / 8][16] follow at s_off
+ *   (d) and t_off (-dmin): a scale is d * (float)k, a min -dmin * (float)k,
+ *   products that are exact in f32 (an f16 times |k| < 128), so kernels
+ *   form them in registers and get the integer form's bits. The codes are
+ *   the integer form's u (code + bias).
  * One 64-byte chunk is one zmm (or two ymm): 16 rows x 4 bytes; an in-lane
  * byte shuffle makes it two zmm of 16 rows x 2 u16 (elements 4c, 4c+1 and
  * 4c+2, 4c+3), the shape vpdpwssd wants with a broadcast of 2 activations. */
@@ -88,33 +93,60 @@ struct tdm_bweight {
     int32_t bias;        /* of the integer form (for embed) */
     size_t group_bytes;  /* stride between packed groups */
     size_t d_off, m_off; /* offsets of the scales and mins in a group */
+    size_t s_off, t_off; /* SC8: of the super-scales d and -dmin */
     const void *data;    /* F32/F16/BF16 rows, or the packed groups */
     void *owned;         /* what weight_free frees (the packed groups) */
 };
 
-/* Every pack some type uses, for the SIMD kernels' one function per pack:
- * X(name, pk). Q4_0; Q4_1; Q8_0, Q5_0, IQ4_NL; Q5_1; IQ4_XS; Q5_K; Q4_K;
- * Q6_K; Q3_K; Q2_K. */
+/* The flags that shape a kernel's inner loop; how scales are stored (f16,
+ * SC32, SC8) is a branch per block instead, so that there are fewer
+ * kernels to compile. */
+#define TDM_CPU_PK_SHAPE (TDM_CPU_PK_NIB | TDM_CPU_PK_MIN | TDM_CPU_PK_SUB16)
+
+/* Every shape some type has, for the SIMD kernels' one function per
+ * shape: X(name, shape). Q4_0; Q4_1 and Q4_K; Q8_0, Q5_0, IQ4_NL and
+ * IQ4_XS; Q5_1 and Q5_K; Q6_K; Q3_K; Q2_K. */
 #define TDM_CPU_FOR_EACH_PACK(X)                                                                   \
     X(qmm_pk1, 1)                                                                                  \
     X(qmm_pk3, 3)                                                                                  \
     X(qmm_pk0, 0)                                                                                  \
     X(qmm_pk2, 2)                                                                                  \
-    X(qmm_pk4, 4)                                                                                  \
-    X(qmm_pk6, 6)                                                                                  \
-    X(qmm_pk7, 7)                                                                                  \
-    X(qmm_pk12, 12)                                                                                \
-    X(qmm_pk13, 13)                                                                                \
-    X(qmm_pk15, 15)
+    X(qmm_pk8, 8)                                                                                  \
+    X(qmm_pk9, 9)                                                                                  \
+    X(qmm_pk11, 11)
 
-/* The pack of a quantized type and its bias; 0 for types not packed. */
+/* Scale (m = 0) or min (m = 1) h of block b of row i of a packed group. */
+static inline float tdm_cpu_wscale(const tdm_bweight_t *w, const uint8_t *grp, int m, int64_t b,
+                                   int h, int64_t i)
+{
+    const int nsub = w->pk & TDM_CPU_PK_SUB16 ? 2 : 1;
+    const size_t si = (size_t)((b * nsub + h) * TDM_CPU_RG + i);
+    const uint8_t *t = grp + (m ? w->m_off : w->d_off);
+    if (w->pk & TDM_CPU_PK_SC8) {
+        float sup;
+        memcpy(&sup, grp + (m ? w->t_off : w->s_off) + 4 * (size_t)((b / 8) * TDM_CPU_RG + i), 4);
+        return sup * (float)(int8_t)t[si];
+    }
+    if (w->pk & TDM_CPU_PK_SC32) {
+        float v;
+        memcpy(&v, t + 4 * si, 4);
+        return v;
+    }
+    uint16_t hv;
+    memcpy(&hv, t + 2 * si, 2);
+    return tdm_f16_to_f32(hv);
+}
+
+/* The pack of a quantized type and its bias; 0 for types not packed. The
+ * types without f16 scales get SC8 (pack_weight falls back to SC32 when a
+ * weight's scales are not its super-scale times an integer). */
 static inline int tdm_cpu_pack_of(uint32_t wtype, uint32_t *pk, int32_t *bias)
 {
     tdm_qform_t f;
     if (!tdm_qform_of(wtype, &f))
         return 0;
     *pk = (f.nib ? TDM_CPU_PK_NIB : 0) | (f.has_min ? TDM_CPU_PK_MIN : 0) |
-          (f.f16 ? 0 : TDM_CPU_PK_SC32) | (f.sub == 16 ? TDM_CPU_PK_SUB16 : 0);
+          (f.f16 ? 0 : TDM_CPU_PK_SC8) | (f.sub == 16 ? TDM_CPU_PK_SUB16 : 0);
     *bias = f.bias;
     return 1;
 }

@@ -98,12 +98,21 @@ AI void dot_pairs(__m512i acc[8][4], int j, int hf, const int S, const int sub16
         acc[t][s] = _mm512_dpwssd_epi32(acc[t][s], wv, _mm512_set1_epi32(load32(ap + t * astride)));
 }
 
-/* 16 scales (or mins) of one block half at p: f32 or f16. */
-AI __m512 wscales(const uint8_t *p, const int sc32)
+/* The 16 rows' scales (m = 0) or mins (m = 1) of block b, half h: f16,
+ * f32, or int8 times the f32 super-scale (an exact product). */
+AI __m512 wscales(const tdm_bweight_t *w, const uint8_t *grp, int m, int64_t b, int h,
+                  const int nsub, uint32_t pk)
 {
-    if (sc32)
-        return _mm512_load_ps((const void *)p);
-    return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p));
+    const size_t si = ((size_t)b * nsub + h) * TDM_CPU_RG;
+    const uint8_t *t = grp + (m ? w->m_off : w->d_off);
+    if (pk & TDM_CPU_PK_SC8) {
+        const uint8_t *sp = grp + (m ? w->t_off : w->s_off) + 4 * (size_t)(b / 8) * TDM_CPU_RG;
+        __m512i k = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t + si)));
+        return _mm512_mul_ps(_mm512_loadu_ps((const void *)sp), _mm512_cvtepi32_ps(k));
+    }
+    if (pk & TDM_CPU_PK_SC32)
+        return _mm512_load_ps((const void *)(t + 4 * si));
+    return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(t + 2 * si)));
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, size_t astride,
@@ -115,12 +124,11 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
     const int nib = (pk & TDM_CPU_PK_NIB) != 0, has_min = (pk & TDM_CPU_PK_MIN) != 0;
-    const int sc32 = (pk & TDM_CPU_PK_SC32) != 0, sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
+    const int sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
     const int nsub = sub16 ? 2 : 1;
     const int S = T == 1 ? 4 : T <= 4 ? 2 : 1;
     const int sh = sub16 ? (S >= 2 ? S / 2 : 1) : S; /* accumulators per half */
     const __m512i m4 = _mm512_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
-    const size_t ssz = sc32 ? 4 : 2;
     const size_t qbytes = nib ? 256 : 512;
     const size_t doff = TDM_CPU_ACT_D(nb);
     const size_t xoff = sub16 ? TDM_CPU_ACT_AUX16(nb) : TDM_CPU_ACT_AUX(nb);
@@ -175,11 +183,10 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, const uint8_t *act, si
         }
 #pragma GCC unroll 2
         for (int h = 0; h < nsub; h++) {
-            const size_t si = ((size_t)b * nsub + h) * TDM_CPU_RG * ssz;
-            __m512 dw = wscales(grp + w->d_off + si, sc32);
+            __m512 dw = wscales(w, grp, 0, b, h, nsub, w->pk);
             __m512 mw = _mm512_setzero_ps();
             if (has_min)
-                mw = wscales(grp + w->m_off + si, sc32);
+                mw = wscales(w, grp, 1, b, h, nsub, w->pk);
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 const uint8_t *arow = act + t * astride;
@@ -238,18 +245,20 @@ AI void qmatmul_pack(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
             qtile(w, grp, act + t * astride, astride, 8, pk, yg + t * ldy, ldy, smask, pf);
             pf = NULL;
         }
-        const uint8_t *at = act + t * astride;
-        float *yt = yg + t * ldy;
-        switch (n - t) {
-        case 7: qtile(w, grp, at, astride, 7, pk, yt, ldy, smask, pf); break;
-        case 6: qtile(w, grp, at, astride, 6, pk, yt, ldy, smask, pf); break;
-        case 5: qtile(w, grp, at, astride, 5, pk, yt, ldy, smask, pf); break;
-        case 4: qtile(w, grp, at, astride, 4, pk, yt, ldy, smask, pf); break;
-        case 3: qtile(w, grp, at, astride, 3, pk, yt, ldy, smask, pf); break;
-        case 2: qtile(w, grp, at, astride, 2, pk, yt, ldy, smask, pf); break;
-        case 1: qtile(w, grp, at, astride, 1, pk, yt, ldy, smask, pf); break;
-        default: break;
+        /* The rest in tiles of 4, 2 and 1 tokens: fewer kernels to compile
+         * than one per count, the same bits (tokens are independent). */
+        if (n - t >= 4) {
+            qtile(w, grp, act + t * astride, astride, 4, pk, yg + t * ldy, ldy, smask, pf);
+            pf = NULL;
+            t += 4;
         }
+        if (n - t >= 2) {
+            qtile(w, grp, act + t * astride, astride, 2, pk, yg + t * ldy, ldy, smask, pf);
+            pf = NULL;
+            t += 2;
+        }
+        if (n - t >= 1)
+            qtile(w, grp, act + t * astride, astride, 1, pk, yg + t * ldy, ldy, smask, pf);
     }
 }
 
@@ -267,7 +276,7 @@ static void qmatmul_avx512(const tdm_bweight_t *w, const uint8_t *act, int64_t n
 {
 #define PACK_CASE(name, pk)                                                                        \
     case pk: name(w, act, n, y, ldy, g0, g1); break;
-    switch (w->pk) {
+    switch (w->pk & TDM_CPU_PK_SHAPE) {
         TDM_CPU_FOR_EACH_PACK(PACK_CASE)
     default: break;
     }

@@ -9,19 +9,6 @@
 
 /* ---- quantized matmul ---- */
 
-/* Scale (or min) h of block b of row i in a group's table at off. */
-static float wscale(const uint8_t *grp, size_t off, uint32_t pk, int64_t idx)
-{
-    if (pk & TDM_CPU_PK_SC32) {
-        float v;
-        memcpy(&v, grp + off + 4 * (size_t)idx, 4);
-        return v;
-    }
-    uint16_t h;
-    memcpy(&h, grp + off + 2 * (size_t)idx, 2);
-    return tdm_f16_to_f32(h);
-}
-
 /* Packed code of element e of row i in a block's qs. */
 static int32_t wcode(const uint8_t *qs, uint32_t pk, int64_t i, int e)
 {
@@ -57,7 +44,6 @@ static void qmatmul_scalar(const tdm_bweight_t *w, const uint8_t *act, int64_t n
                     const uint8_t *qs = grp + (size_t)b * bbytes;
                     const int16_t *a = aq + b * TDM_QK;
                     for (int h = 0; h < nsub; h++) {
-                        const int64_t si = (b * nsub + h) * TDM_CPU_RG + i;
                         int32_t corr;
                         float dsa;
                         memcpy(&corr, aux + 4 * (b * nsub + h), 4);
@@ -65,10 +51,10 @@ static void qmatmul_scalar(const tdm_bweight_t *w, const uint8_t *act, int64_t n
                         int32_t isum = pk & TDM_CPU_PK_MIN ? 0 : corr;
                         for (int e = h * sub; e < (h + 1) * sub; e++)
                             isum += wcode(qs, pk, i, e) * a[e];
-                        float cc = wscale(grp, w->d_off, pk, si) * ad[b];
+                        float cc = tdm_cpu_wscale(w, grp, 0, b, h, i) * ad[b];
                         acc = fmaf(cc, (float)isum, acc);
                         if (pk & TDM_CPU_PK_MIN)
-                            acc = fmaf(wscale(grp, w->m_off, pk, si), dsa, acc);
+                            acc = fmaf(tdm_cpu_wscale(w, grp, 1, b, h, i), dsa, acc);
                     }
                 }
                 y[t * ldy + g * TDM_CPU_RG + i] = acc;

@@ -83,12 +83,22 @@ AI void dot_pairs(__m256i acc[4][4], int j, int hf, const int S, const int sub16
         acc[t][s] = dp_s16(acc[t][s], wv, _mm256_set1_epi32(load32(ap + t * astride)), vnni);
 }
 
-/* 8 scales (or mins) at p: f32 or f16. */
-AI __m256 wscales(const uint8_t *p, const int sc32)
+/* Rows 8h..8h+7's scales (m = 0) or mins (m = 1) of block b, half hf:
+ * f16, f32, or int8 times the f32 super-scale (an exact product). */
+AI __m256 wscales(const tdm_bweight_t *w, const uint8_t *grp, int m, int64_t b, int hf, int h,
+                  const int nsub, uint32_t pk)
 {
-    if (sc32)
-        return _mm256_load_ps((const float *)p);
-    return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p));
+    const size_t si = ((size_t)b * nsub + hf) * TDM_CPU_RG + 8 * (size_t)h;
+    const uint8_t *t = grp + (m ? w->m_off : w->d_off);
+    if (pk & TDM_CPU_PK_SC8) {
+        const uint8_t *sp =
+            grp + (m ? w->t_off : w->s_off) + 4 * ((size_t)(b / 8) * TDM_CPU_RG + 8 * (size_t)h);
+        __m256i k = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(t + si)));
+        return _mm256_mul_ps(_mm256_loadu_ps((const float *)sp), _mm256_cvtepi32_ps(k));
+    }
+    if (pk & TDM_CPU_PK_SC32)
+        return _mm256_load_ps((const float *)(t + 4 * si));
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(t + 2 * si)));
 }
 
 AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *act, size_t astride,
@@ -99,12 +109,11 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
     const size_t pf_step = w->group_bytes / (size_t)w->nb;
     const int64_t nb = w->nb;
     const int nib = (pk & TDM_CPU_PK_NIB) != 0, has_min = (pk & TDM_CPU_PK_MIN) != 0;
-    const int sc32 = (pk & TDM_CPU_PK_SC32) != 0, sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
+    const int sub16 = (pk & TDM_CPU_PK_SUB16) != 0;
     const int nsub = sub16 ? 2 : 1;
     const int S = T == 1 ? 4 : T == 2 ? 2 : 1;
     const int sh = sub16 ? (S >= 2 ? S / 2 : 1) : S; /* accumulators per half */
     const __m256i m4 = _mm256_set1_epi8(0x0f), p01 = pairs01(), p23 = pairs23();
-    const size_t ssz = sc32 ? 4 : 2;
     const size_t qbytes = nib ? 256 : 512;
     const size_t doff = TDM_CPU_ACT_D(nb);
     const size_t xoff = sub16 ? TDM_CPU_ACT_AUX16(nb) : TDM_CPU_ACT_AUX(nb);
@@ -159,11 +168,10 @@ AI void qtile(const tdm_bweight_t *w, const uint8_t *grp, int h, const uint8_t *
         }
 #pragma GCC unroll 2
         for (int hf = 0; hf < nsub; hf++) {
-            const size_t si = (((size_t)b * nsub + hf) * TDM_CPU_RG + 8 * (size_t)h) * ssz;
-            __m256 dw = wscales(grp + w->d_off + si, sc32);
+            __m256 dw = wscales(w, grp, 0, b, hf, h, nsub, w->pk);
             __m256 mw = _mm256_setzero_ps();
             if (has_min)
-                mw = wscales(grp + w->m_off + si, sc32);
+                mw = wscales(w, grp, 1, b, hf, h, nsub, w->pk);
 #pragma GCC unroll 4
             for (int t = 0; t < T; t++) {
                 const uint8_t *arow = act + t * astride;
@@ -228,14 +236,17 @@ AI void qmatmul_pack(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
                       pf);
                 pf = NULL;
             }
-            const uint8_t *at = act + t * astride;
-            float *yt = yg + t * ldy;
-            switch (n - t) {
-            case 3: qtile(w, grp, h, at, astride, 3, pk, vnni, yt, ldy, nvalid, pf); break;
-            case 2: qtile(w, grp, h, at, astride, 2, pk, vnni, yt, ldy, nvalid, pf); break;
-            case 1: qtile(w, grp, h, at, astride, 1, pk, vnni, yt, ldy, nvalid, pf); break;
-            default: break;
+            /* the rest in tiles of 2 and 1 (fewer kernels to compile; the
+             * same bits: tokens are independent) */
+            if (n - t >= 2) {
+                qtile(w, grp, h, act + t * astride, astride, 2, pk, vnni, yg + t * ldy, ldy, nvalid,
+                      pf);
+                pf = NULL;
+                t += 2;
             }
+            if (n - t >= 1)
+                qtile(w, grp, h, act + t * astride, astride, 1, pk, vnni, yg + t * ldy, ldy, nvalid,
+                      pf);
         }
     }
 }
@@ -257,7 +268,7 @@ AI void qmatmul_pack(const tdm_bweight_t *w, const uint8_t *act, int64_t n, floa
     storage void name(const tdm_bweight_t *w, const uint8_t *act, int64_t n, float *y,             \
                       int64_t ldy, int64_t g0, int64_t g1)                                         \
     {                                                                                              \
-        switch (w->pk) {                                                                           \
+        switch (w->pk & TDM_CPU_PK_SHAPE) {                                                        \
             TDM_CPU_FOR_EACH_PACK(QMATMUL_PACK_CASE)                                               \
         default: break;                                                                            \
         }                                                                                          \

@@ -345,6 +345,13 @@ static void test_matmul_shape(uint32_t type, int64_t rows, int64_t k)
 
 static void test_matmul(void)
 {
+    /* The K-quants and IQ4_XS also in the pack with f32 scales that the CPU
+     * backend falls back to when scales are not an f16 times an integer. */
+    setenv("TANDEM_CPU_PACK_SC32", "1", 1);
+    for (int ti = 0; ti < N_WTYPES; ti++)
+        if (blk(wtypes[ti]) == 256)
+            test_matmul_shape(wtypes[ti], 37, 256);
+    unsetenv("TANDEM_CPU_PACK_SC32");
     for (int ti = 0; ti < N_WTYPES; ti++) {
         uint32_t type = wtypes[ti];
         if (blk(type) <= 32) {
