@@ -498,9 +498,9 @@ static int bench_codec(int argc, char **argv)
     static const char *const names[CODEC_BENCH_N] = {"f16", "f16+lz4", "q8", "q8+lz4"};
     codec_result_t res[CODEC_BENCH_N];
     memset(res, 0, sizeof(res));
-    int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
-    size_t off = bos >= 0 ? 1 : 0, nt = 0;
-    int32_t *toks = malloc((len + 16) * sizeof(int32_t));
+    int32_t bos;
+    size_t nt = 0;
+    int32_t *toks = tool_tokenize_text(tok, text, len, &nt, &bos);
     int32_t *win = malloc((size_t)ctx * sizeof(int32_t));
     float *logits = malloc((size_t)ctx * (size_t)V * sizeof(float));
     codec_pass_t cp = {0};
@@ -508,18 +508,14 @@ static int bench_codec(int argc, char **argv)
     uint8_t *payloads = NULL;
     size_t *lens = NULL;
     rc = TOOL_EXIT_FAIL;
-    if (toks == NULL || win == NULL || logits == NULL ||
-        tdm_kv_codec_ctx_create(&layout, &cp.ctx) != TDM_OK) {
+    if (toks == NULL) {
+        fprintf(stderr, "tandem bench codec: cannot tokenize %s (or out of memory)\n", which);
+        goto out;
+    }
+    if (win == NULL || logits == NULL || tdm_kv_codec_ctx_create(&layout, &cp.ctx) != TDM_OK) {
         fprintf(stderr, "tandem bench codec: out of memory\n");
         goto out;
     }
-    if (bos >= 0)
-        toks[0] = bos;
-    if (tdm_tokenizer_encode(tok, text, len, false, toks + off, len + 16 - off, &nt) != TDM_OK) {
-        fprintf(stderr, "tandem bench codec: cannot tokenize %s\n", which);
-        goto out;
-    }
-    nt += off;
     int n_win = (int)(nt / (size_t)ctx) < chunks ? (int)(nt / (size_t)ctx) : chunks;
     if (n_win < 1) {
         fprintf(stderr, "tandem bench codec: %s has %zu tokens, under one window of %d\n", which,

@@ -162,21 +162,16 @@ int cmd_imatrix(int argc, char **argv)
         acc.rows[i] = calloc((size_t)hp->n_layer + 1, sizeof(uint64_t));
         ok = ok && acc.sum[i] != NULL && acc.rows[i] != NULL;
     }
-    size_t cap = len + 16, nt = 0;
-    int32_t *toks = malloc(cap * sizeof(int32_t));
+    size_t nt = 0;
+    int32_t bos;
+    int32_t *toks = tool_tokenize_text(tok, text, len, &nt, &bos);
     int32_t *win = malloc((size_t)ctx * sizeof(int32_t));
     float *logits = malloc((size_t)ctx * (size_t)hp->n_vocab * sizeof(float));
-    int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
-    size_t off = bos >= 0 ? 1 : 0;
     rc = TOOL_EXIT_FAIL;
-    if (!ok || toks == NULL || win == NULL || logits == NULL ||
-        tdm_tokenizer_encode(tok, text, len, false, toks + off, cap - off, &nt) != TDM_OK) {
+    if (!ok || toks == NULL || win == NULL || logits == NULL) {
         fprintf(stderr, "tandem imatrix: out of memory or cannot tokenize\n");
         goto out;
     }
-    if (bos >= 0)
-        toks[0] = bos;
-    nt += off;
     size_t n_chunks = nt / (size_t)ctx;
     if (max_chunks > 0 && n_chunks > (size_t)max_chunks)
         n_chunks = (size_t)max_chunks;
@@ -205,20 +200,9 @@ int cmd_imatrix(int argc, char **argv)
     }
     fprintf(stderr, "\n");
     /* the output matrix's name: output.weight, or the tied token embedding */
-    const char *out_name = "output.weight";
-    {
-        char err[256], path[1024];
-        tdm_gguf_t *g = NULL;
-        if (eo.model != NULL)
-            snprintf(path, sizeof(path), "%s", eo.model);
-        else
-            tool_default_model_path(path, sizeof(path));
-        if (tdm_gguf_open(path, false, err, sizeof(err), &g) == TDM_OK) {
-            if (tdm_gguf_find_tensor(g, "output.weight") == NULL)
-                out_name = "token_embd.weight";
-            tdm_gguf_close(g);
-        }
-    }
+    const char *out_name = tdm_gguf_find_tensor(tdm_model_gguf(m), "output.weight") != NULL
+                               ? "output.weight"
+                               : "token_embd.weight";
     const char *base = strrchr(file, '/');
     tdm_status_t st = imat_write(&acc, out_name, out, base ? base + 1 : file, n_chunks, ctx);
     if (st != TDM_OK) {

@@ -113,21 +113,16 @@ int cmd_ppl(int argc, char **argv)
             return TOOL_EXIT_FAIL;
         }
     }
-    size_t cap = len + 16, nt = 0;
-    int32_t *toks = malloc(cap * sizeof(int32_t));
-    int32_t bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
-    size_t off = bos >= 0 ? 1 : 0;
-    if (bos >= 0 && toks != NULL)
-        toks[0] = bos;
+    size_t nt = 0;
+    int32_t bos;
+    int32_t *toks = tool_tokenize_text(tok, text, len, &nt, &bos);
     float *logits = malloc((size_t)ctx * (size_t)V * sizeof(float));
     int32_t *win = malloc((size_t)ctx * sizeof(int32_t));
-    if (toks == NULL || logits == NULL || win == NULL ||
-        tdm_tokenizer_encode(tok, text, len, false, toks + off, cap - off, &nt) != TDM_OK) {
+    if (toks == NULL || logits == NULL || win == NULL) {
         fprintf(stderr, "tandem ppl: out of memory or cannot tokenize\n");
         rc = TOOL_EXIT_FAIL;
         goto out;
     }
-    nt += off;
     size_t n_chunks = nt / (size_t)ctx;
     if (max_chunks > 0 && n_chunks > (size_t)max_chunks)
         n_chunks = (size_t)max_chunks;

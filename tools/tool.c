@@ -147,6 +147,24 @@ bool tool_parse(const char *cmd, const char *summary, const tdm_flag_t *flags, s
     return true;
 }
 
+int32_t *tool_tokenize_text(const tdm_tokenizer_t *tok, const char *text, size_t len, size_t *n,
+                            int32_t *bos)
+{
+    *bos = tdm_tokenizer_add_bos(tok) ? tdm_tokenizer_bos(tok) : -1;
+    const size_t off = *bos >= 0 ? 1 : 0, cap = len + 16;
+    int32_t *toks = malloc(cap * sizeof(int32_t));
+    size_t nt = 0;
+    if (toks == NULL ||
+        tdm_tokenizer_encode(tok, text, len, false, toks + off, cap - off, &nt) != TDM_OK) {
+        free(toks);
+        return NULL;
+    }
+    if (off)
+        toks[0] = *bos;
+    *n = nt + off;
+    return toks;
+}
+
 char *tool_read_all(FILE *f, size_t *len)
 {
     size_t cap = 1 << 16, n = 0;

@@ -49,6 +49,13 @@ int tool_engine_create(const tool_engine_opts_t *o, tdm_engine_t **out);
 bool tool_parse(const char *cmd, const char *summary, const tdm_flag_t *flags, size_t n, int argc,
                 char **argv, const char **pos, size_t max_pos, size_t *n_pos, int *exit_code);
 
+/* A document's tokens as perplexity tools score it: the model's BOS first
+ * when it asks for one (*bos gets its id, or -1), then text tokenized
+ * without parsing special tokens. malloc'd (*n tokens); NULL when out of
+ * memory or the text does not tokenize. */
+int32_t *tool_tokenize_text(const tdm_tokenizer_t *tok, const char *text, size_t len, size_t *n,
+                            int32_t *bos);
+
 /* Reads all of a stream into a malloc'd buffer (NUL-terminated). */
 char *tool_read_all(FILE *f, size_t *len);
 double tool_now(void); /* monotonic seconds */
