@@ -115,6 +115,19 @@ struct tdm_bweight {
     X(qmm_pk9, 9)                                                                                  \
     X(qmm_pk11, 11)
 
+/* The SIMD kernels' accumulator of pair vector j (in half hf of a block)
+ * of a token with S accumulators: with one scale per block the pairs
+ * rotate over all S; with one per half each half has its own S / 2 (at
+ * least 1). Integer sums are exact, so this only shortens dependency
+ * chains. */
+static inline int tdm_cpu_acc_slot(int j, int hf, int S, int sub16)
+{
+    if (!sub16)
+        return j % S;
+    const int sh = S >= 2 ? S / 2 : 1;
+    return hf * sh + j % sh;
+}
+
 /* Scale (m = 0) or min (m = 1) h of block b of row i of a packed group. */
 static inline float tdm_cpu_wscale(const tdm_bweight_t *w, const uint8_t *grp, int m, int64_t b,
                                    int h, int64_t i)

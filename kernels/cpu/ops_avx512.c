@@ -76,23 +76,12 @@ AI __m512i pairs23(void)
         _mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128, 14, -128, 15, -128));
 }
 
-/* Accumulator of pair vector j (in half hf of the block) of each token:
- * with one scale per block the pairs rotate over all S; with one per half
- * each half has its own S / 2 (at least 1). */
-AI int acc_slot(int j, int hf, const int S, const int sub16)
-{
-    if (!sub16)
-        return j % S;
-    const int sh = S >= 2 ? S / 2 : 1;
-    return hf * sh + j % sh;
-}
-
 /* Pair vector j of a block (16 rows x 2 u16) times the 2 activations at
  * ap (+ t * astride for token t), into its accumulator of each token. */
 AI void dot_pairs(__m512i acc[8][4], int j, int hf, const int S, const int sub16, const int T,
                   __m512i wv, const uint8_t *ap, size_t astride)
 {
-    const int s = acc_slot(j, hf, S, sub16);
+    const int s = tdm_cpu_acc_slot(j, hf, S, sub16);
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
         acc[t][s] = _mm512_dpwssd_epi32(acc[t][s], wv, _mm512_set1_epi32(load32(ap + t * astride)));

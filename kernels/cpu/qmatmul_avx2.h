@@ -61,23 +61,12 @@ AI __m256i dp_s16(__m256i acc, __m256i w, __m256i a, const int vnni)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(w, a));
 }
 
-/* Accumulator of pair vector j (in half hf of the block) of each token:
- * with one scale per block the pairs rotate over all S; with one per half
- * each half has its own S / 2 (at least 1). */
-AI int acc_slot(int j, int hf, const int S, const int sub16)
-{
-    if (!sub16)
-        return j % S;
-    const int sh = S >= 2 ? S / 2 : 1;
-    return hf * sh + j % sh;
-}
-
 /* Pair vector j of a block (8 rows x 2 u16) times the 2 activations at ap
  * (+ t * astride for token t), into its accumulator of each token. */
 AI void dot_pairs(__m256i acc[4][4], int j, int hf, const int S, const int sub16, const int T,
                   const int vnni, __m256i wv, const uint8_t *ap, size_t astride)
 {
-    const int s = acc_slot(j, hf, S, sub16);
+    const int s = tdm_cpu_acc_slot(j, hf, S, sub16);
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++)
         acc[t][s] = dp_s16(acc[t][s], wv, _mm256_set1_epi32(load32(ap + t * astride)), vnni);

@@ -15,17 +15,6 @@
 #include "tandem/qform.h"
 #include "test_util.h"
 
-static const char *python(void)
-{
-    static char path[1024];
-    const char *env = getenv("TANDEM_PYTHON");
-    if (env != NULL && env[0] != '\0')
-        return env;
-    const char *src = getenv("TANDEM_SOURCE_DIR");
-    snprintf(path, sizeof(path), "%s/.venv/bin/python", src != NULL ? src : ".");
-    return access(path, X_OK) == 0 ? path : NULL;
-}
-
 /* The reference for n_blocks random blocks of type: the raw bytes, then
  * the f32 values, in one file. */
 static int reference(const char *py, uint32_t type, int n_blocks, const char *out)
@@ -150,7 +139,7 @@ int main(void)
           "supported: every integer form and BF16, not Q8_K");
     if (n_fail > 0)
         return t_finish();
-    const char *py = python();
+    const char *py = t_python();
     char probe[1200];
     snprintf(probe, sizeof(probe), "'%s' -c 'import gguf, numpy' 2>/dev/null", py ? py : "false");
     if (py == NULL || system(probe) != 0) {

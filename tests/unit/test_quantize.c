@@ -401,20 +401,10 @@ static void test_floats(void)
 
 /* 6. GGML's reference formulas (gguf.quants.quantize), where there is a
  * Python with the gguf package. */
-static const char *python(void)
-{
-    static char path[1024];
-    const char *env = getenv("TANDEM_PYTHON");
-    if (env != NULL && env[0] != '\0')
-        return env;
-    const char *src = getenv("TANDEM_SOURCE_DIR");
-    snprintf(path, sizeof(path), "%s/.venv/bin/python", src != NULL ? src : ".");
-    return access(path, X_OK) == 0 ? path : NULL;
-}
 
 static void test_gguf(void)
 {
-    const char *py = python();
+    const char *py = t_python();
     char cmd[4096];
     snprintf(cmd, sizeof(cmd), "'%s' -c 'import gguf, numpy' 2>/dev/null", py ? py : "false");
     if (py == NULL || system(cmd) != 0) {

@@ -42,6 +42,20 @@ static inline int t_finish(void)
     return n_fail == 0 ? 0 : 1;
 }
 
+/* The Python that has the reference packages (numpy, gguf): TANDEM_PYTHON,
+ * else the project's .venv (under TANDEM_SOURCE_DIR, else the current
+ * directory); NULL when there is none. */
+static inline const char *t_python(void)
+{
+    static char path[1024];
+    const char *env = getenv("TANDEM_PYTHON");
+    if (env != NULL && env[0] != '\0')
+        return env;
+    const char *src = getenv("TANDEM_SOURCE_DIR");
+    snprintf(path, sizeof(path), "%s/.venv/bin/python", src != NULL ? src : ".");
+    return access(path, X_OK) == 0 ? path : NULL;
+}
+
 /* The default model if it is present, else NULL. */
 static inline const char *t_default_model(void)
 {
