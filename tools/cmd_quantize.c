@@ -56,15 +56,6 @@ static void qjob_fn(void *arg, int ith, int nth)
     free(x);
 }
 
-/* The tensor's name as a C string (names are at most 64 bytes in GGUF
- * files llama.cpp writes; longer ones are cut for messages only). */
-static void tensor_name(const tdm_gguf_tensor_t *t, char *buf, size_t cap)
-{
-    size_t n = t->name.len < cap - 1 ? (size_t)t->name.len : cap - 1;
-    memcpy(buf, t->name.ptr, n);
-    buf[n] = '\0';
-}
-
 int cmd_quantize(int argc, char **argv)
 {
     const char *type_name = NULL, *imatrix = NULL;
@@ -139,7 +130,7 @@ int cmd_quantize(int argc, char **argv)
     for (uint64_t i = 0; i < tdm_gguf_n_tensors(g); i++) {
         const tdm_gguf_tensor_t *t = tdm_gguf_tensor(g, i);
         char name[128];
-        tensor_name(t, name, sizeof(name));
+        quant_tensor_name(t, name, sizeof(name));
         int fallback = 0;
         uint32_t type = quant_plan_type(&plan, t, name, &fallback);
         n_fallback += (uint64_t)fallback;

@@ -97,14 +97,19 @@ void quant_plan_init(quant_plan_t *p, const tdm_gguf_t *g, const quant_mix_t *mi
     for (uint64_t i = 0; i < tdm_gguf_n_tensors(g); i++) {
         const tdm_gguf_tensor_t *t = tdm_gguf_tensor(g, i);
         char name[128];
-        size_t n = t->name.len < sizeof(name) - 1 ? (size_t)t->name.len : sizeof(name) - 1;
-        memcpy(name, t->name.ptr, n);
-        name[n] = '\0';
+        quant_tensor_name(t, name, sizeof(name));
         if (ends_with(name, "attn_v.weight"))
             p->n_attn_v++;
         if (t->n_dims >= 2)
             p->n_elements += t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
     }
+}
+
+void quant_tensor_name(const tdm_gguf_tensor_t *t, char *buf, size_t cap)
+{
+    size_t n = t->name.len < cap - 1 ? (size_t)t->name.len : cap - 1;
+    memcpy(buf, t->name.ptr, n);
+    buf[n] = '\0';
 }
 
 /* llama.cpp's "use more bits" layers: the first and last eighth, and every

@@ -10,6 +10,9 @@
 #include "tandem/gguf.h"
 #include "tandem/status.h"
 
+/* A tensor's name as a C string into buf (cut to cap - 1 bytes). */
+void quant_tensor_name(const tdm_gguf_tensor_t *t, char *buf, size_t cap);
+
 /* ---- mixes: which type each tensor gets ---- */
 
 typedef enum quant_rule {
