@@ -104,6 +104,11 @@ int cmd_quantize(int argc, char **argv)
         tdm_gguf_close(g);
         return TOOL_EXIT_USAGE;
     }
+    if (im != NULL && !quant_uses_imp(mix->base))
+        fprintf(stderr,
+                "quantize: note: --imatrix has no effect on %s (its types round to nearest "
+                "without a search)\n",
+                mix->name);
     if (threads <= 0) {
         long nc = sysconf(_SC_NPROCESSORS_ONLN);
         threads = nc < 1 ? 1 : nc > 64 ? 64 : (int)nc;
